@@ -1,0 +1,259 @@
+"""The ``tampu`` command: serve, check, plugins, queue; plugins add their own (user, aliases)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from tampu.config import Config, load_config
+from tampu.errors import ConfigError, QueueError
+from tampu.registry import available_entry_points, build_registry
+
+PIDFILE = "tampu.pid"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-line chatter
+
+
+def _load(config_dir: str) -> Config:
+    return load_config(config_dir)
+
+
+def _print_problems(exc: ConfigError) -> None:
+    print("tampu: the configuration has problems:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  - {problem}", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config_dir)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 2
+    _setup_logging(config.server.log_level)
+    from tampu.server import Server
+
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def run() -> int:
+        try:
+            server = Server(config)
+            server.bind()
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            pidfile = config.data_dir / PIDFILE
+            pidfile.write_text(f"{os.getpid()}\n")
+            try:
+                await server.serve()
+            finally:
+                pidfile.unlink(missing_ok=True)
+        except ConfigError as exc:
+            _print_problems(exc)
+            return 2
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config_dir)
+        from tampu.context import ServerContext
+        from tampu.tls import load_certificates
+
+        build_registry(config, ServerContext(config))
+        load_certificates(config.certs_dir)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 2
+    print(f"configuration in {config.config_dir} is valid "
+          f"({len(config.files)} file(s), {sum(t.enabled for t in config.plugins.values())} "
+          "plugin(s) enabled)")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from tampu.context import ServerContext
+
+    try:
+        config = _load(args.config_dir)
+        registry = build_registry(config, ServerContext(config))
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 2
+    print("Plugins:")
+    for info in sorted(registry.plugins.values(), key=lambda i: (not i.enabled, i.priority,
+                                                                 i.order, i.name)):
+        state = "enabled " if info.enabled else "disabled"
+        kind = "built-in" if info.builtin else "third-party"
+        hooks = ", ".join(info.hooks) if info.enabled else ""
+        print(f"  {info.name:<16} {state} {kind:<11} {info.distribution} {info.version}"
+              f"  priority={info.priority}" + (f"  hooks: {hooks}" if hooks else ""))
+    print("Order per hook:")
+    for hook, names in registry.order_by_hook().items():
+        if names:
+            print(f"  {hook:<24} {' -> '.join(names)}")
+    return 0
+
+
+def _queue(config_dir: str):  # type: ignore[no-untyped-def]
+    from tampu.caller import HookCaller, Hooks
+    from tampu.queue import Queue
+    from tampu.registry import new_plugin_manager
+
+    config = _load(config_dir)
+    hooks = Hooks(HookCaller(new_plugin_manager(), {}, timeout=30))
+    return config, Queue(config.data_dir / "queue", hooks, config.server.max_queue_items)
+
+
+def _signal_server(config: Config, sig: signal.Signals) -> bool:
+    pidfile = config.data_dir / PIDFILE
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, sig)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    try:
+        config, queue = _queue(args.config_dir)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 2
+    now = time.time()
+    if args.queue_command == "list":
+        ids = queue.ids()
+        if not ids:
+            print("queue is empty")
+        for qid in ids:
+            try:
+                item = queue.load(qid)
+            except QueueError as exc:
+                print(f"{qid}  (unreadable: {exc})")
+                continue
+            print(f"{item.id}  age={_age(now - item.created)}  from=<{item.mail_from}>  "
+                  f"attempts={item.attempts}")
+            for r in item.recipients:
+                err = f"  last error: {r.last_error}" if r.last_error else ""
+                print(f"    <{r.address}>  {r.status.value}{err}")
+        return 0
+    if args.queue_command == "show":
+        try:
+            item = queue.load(args.id)
+        except QueueError as exc:
+            print(f"tampu: {exc}", file=sys.stderr)
+            return 1
+        import json
+
+        print(json.dumps({**item.header_json(), **item.state_json()}, indent=2))
+        print()
+        sys.stdout.write(queue.read_message(item.id).decode("utf-8", "replace"))
+        return 0
+    if args.queue_command == "delete":
+        rc = 0
+        for qid in args.ids:
+            if not queue.item_path(qid).exists():
+                print(f"tampu: no queue item {qid}", file=sys.stderr)
+                rc = 1
+                continue
+            queue._remove_files(qid)
+            print(f"deleted {qid}")
+        _signal_server(config, signal.SIGUSR1)
+        return rc
+    if args.queue_command == "retry":
+        retry_dir = queue.dir / "retry"
+        retry_dir.mkdir(exist_ok=True)
+        for qid in args.ids or ["all"]:
+            (retry_dir / qid).touch()
+        if _signal_server(config, signal.SIGUSR1):
+            print(f"asked the server to retry {' '.join(args.ids) or 'every item'} now")
+            return 0
+        print("tampu: no running server found (data_dir/tampu.pid); items will be retried at "
+              "its next start", file=sys.stderr)
+        return 1
+    return 2
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config_dir)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 2
+    if _signal_server(config, signal.SIGHUP):
+        print("reload requested (see the server log for the outcome)")
+        return 0
+    print(f"tampu: no running server (no {config.data_dir / PIDFILE})", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tampu", description="tampu mail server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config-dir", default=".", help="configuration directory (holds "
+                       "conf.d/, domains/, certs/); default: current directory")
+        return p
+
+    with_config(sub.add_parser("serve", help="run the server")).set_defaults(func=cmd_serve)
+    with_config(sub.add_parser("check", help="validate the configuration")).set_defaults(
+        func=cmd_check)
+    with_config(sub.add_parser("plugins", help="list plugins and hook order")).set_defaults(
+        func=cmd_plugins)
+    with_config(sub.add_parser("reload", help="make the running server re-read its "
+                               "configuration")).set_defaults(func=cmd_reload)
+    q = with_config(sub.add_parser("queue", help="inspect and act on the queue"))
+    qs = q.add_subparsers(dest="queue_command", required=True)
+    qs.add_parser("list", help="items with age, sender, recipients and last error")
+    qs.add_parser("show", help="one item with its message").add_argument("id")
+    qs.add_parser("retry", help="deliver now (all items, or the IDs given)").add_argument(
+        "ids", nargs="*")
+    qs.add_parser("delete", help="remove items").add_argument("ids", nargs="+")
+    q.set_defaults(func=cmd_queue)
+    for name, ep in sorted(available_entry_points().items()):
+        try:
+            obj = ep.load()
+        except Exception:  # a broken plugin must not break the CLI
+            continue
+        module = sys.modules.get(getattr(obj, "__module__", "") or "", obj)
+        register = getattr(obj, "register_cli", None) or getattr(module, "register_cli", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""conf.d loading and validation.
+
+A configuration directory holds ``conf.d/*.toml``, read in lexical order and merged (a later
+file overrides keys of an earlier one, tables merge key by key). ``[server]`` configures the
+core (ServerSettings); ``[plugins.NAME]`` enables (``enabled = true``) and configures plugin
+NAME against that plugin's ``Settings`` model. Every error names the file, the key and the
+problem; nothing is started until the whole configuration is valid.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tampu.errors import ConfigError
+
+ListenerKindName = Literal["smtp", "submission", "submissions"]
+DEFAULT_PORTS: dict[str, int] = {"smtp": 25, "submission": 587, "submissions": 465}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerSettings(_Strict):
+    kind: ListenerKindName = Field(description="smtp (MX, port 25), submission (587, AUTH "
+                                   "required), or submissions (465, implicit TLS, AUTH required).")
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="host:port pairs to listen on; [::1]:25 for IPv6. Empty: the kind's "
+        "default port on all addresses.",
+    )
+    proxy_protocol: bool = Field(
+        default=False, description="Expect a PROXY protocol header (v1 or v2) first."
+    )
+
+    @field_validator("addresses")
+    @classmethod
+    def _check_addresses(cls, value: list[str]) -> list[str]:
+        for addr in value:
+            split_hostport(addr)
+        return value
+
+
+def split_hostport(addr: str) -> tuple[str, int]:
+    """``127.0.0.1:25`` / ``[::1]:25`` / ``:25`` → (host, port); raises ValueError."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{addr!r} is not host:port")
+    host = host.strip("[]")
+    return host, int(port)
+
+
+class ServerSettings(_Strict):
+    """``[server]``: the core's settings."""
+
+    hostname: str = Field(default="localhost", description="Name in the greeting, in "
+                          "Received headers and in the HELO of outgoing mail.")
+    data_dir: str = Field(default="data", description="Queue and state; relative paths are "
+                          "relative to the configuration directory.")
+    local_domains: list[str] = Field(
+        default_factory=list,
+        description="Domains delivered locally, in addition to each domains/<domain>/ folder.",
+    )
+    suffix_separators: str = Field(
+        default="+", description="Characters that start an address suffix (user+tag): "
+        "ignored when looking up local users and aliases.")
+    drop_characters: str = Field(
+        default=".", description="Characters ignored in the user part of local addresses "
+        "when looking up users and aliases (j.doe = jdoe).")
+    listeners: dict[str, ListenerSettings] = Field(
+        default_factory=dict, description="Listeners by name: [server.listeners.NAME]."
+    )
+    certs_dir: str = Field(default="certs", description="Certificates: <certs_dir>/<name>/"
+                           "fullchain.pem and privkey.pem, chosen by SNI.")
+    self_signed_cert: bool = Field(
+        default=False,
+        description="Make a self-signed certificate for hostname at start if certs_dir has "
+        "none (for trying tampu out; real servers use real certificates).",
+    )
+    max_message_size: int = Field(default=50 * 1024 * 1024, gt=0,
+                                  description="Largest message in bytes, advertised in SIZE.")
+    max_recipients: int = Field(default=100, gt=0, description="Recipients per message.")
+    max_line_length: int = Field(default=1000, ge=512,
+                                 description="Longest command or text line, CRLF included.")
+    idle_timeout: float = Field(default=300.0, gt=0,
+                                description="Seconds a client may stay silent.")
+    max_connections: int = Field(default=1000, gt=0,
+                                 description="Concurrent connections per process.")
+    max_unknown_commands: int = Field(default=10, gt=0,
+                                      description="Unknown commands before the session is closed.")
+    max_queue_items: int = Field(default=200, gt=0,
+                                 description="Items in the queue before new mail gets 452.")
+    plugin_timeout: float = Field(default=30.0, gt=0,
+                                  description="Seconds one hook implementation may take.")
+    shutdown_timeout: float = Field(default=30.0, ge=0,
+                                    description="Seconds open transactions get at shutdown.")
+    workers: int = Field(default=1, ge=1, le=64,
+                         description="Reception processes sharing the listeners (SO_REUSEPORT).")
+    retry_schedule: list[float] = Field(
+        default_factory=lambda: [60.0, 300.0, 600.0, 1200.0],
+        description="Delays between delivery rounds in seconds; the last one repeats.",
+    )
+    give_up_after: float = Field(default=20 * 3600.0, gt=0,
+                                 description="Seconds after which undelivered mail bounces.")
+    dns_servers: list[str] = Field(
+        default_factory=list,
+        description="DNS servers as host or host:port; empty: the system's resolv.conf.",
+    )
+    dns_timeout: float = Field(default=5.0, gt=0, description="Seconds per DNS query.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Level of the server log."
+    )
+
+    @field_validator("dns_servers")
+    @classmethod
+    def _check_dns(cls, value: list[str]) -> list[str]:
+        for server in value:
+            if ":" in server.strip("[]") and not server.startswith("[") and server.count(":") == 1:
+                split_hostport(server)
+        return value
+
+
+class PluginSettings(BaseModel):
+    """Base of every plugin's ``Settings``: ``[plugins.NAME]`` is validated against it.
+
+    ``enabled`` and ``priority`` are the core's; add your own fields with a ``description``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=False, description="Load this plugin.")
+    priority: int = Field(default=100, description="Order on each hook: lower runs first; ties "
+                          "go by conf.d order.")
+
+    secret_fields: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass
+class PluginTable:
+    """One ``[plugins.NAME]`` table as merged from conf.d, not yet validated."""
+
+    name: str
+    values: dict[str, Any]
+    order: int
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return self.values.get("enabled") is True
+
+
+@dataclass
+class Config:
+    """A validated server configuration plus the raw plugin tables."""
+
+    config_dir: Path
+    server: ServerSettings
+    plugins: dict[str, PluginTable]
+    files: list[Path]
+    origins: dict[tuple[str, ...], Path] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return (self.config_dir / self.server.data_dir).resolve()
+
+    @property
+    def certs_dir(self) -> Path:
+        return (self.config_dir / self.server.certs_dir).resolve()
+
+    @property
+    def domains_dir(self) -> Path:
+        return self.config_dir / "domains"
+
+    def origin_of(self, loc: tuple[str, ...]) -> Path | None:
+        """The conf.d file that set the key at ``loc`` (or its closest parent)."""
+        for n in range(len(loc), 0, -1):
+            found = self.origins.get(tuple(loc[:n]))
+            if found is not None:
+                return found
+        return None
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any], path: tuple[str, ...], src: Path,
+           origins: dict[tuple[str, ...], Path]) -> None:
+    for key, value in new.items():
+        here = (*path, key)
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            origins.setdefault(here, src)
+            _merge(into[key], value, here, src, origins)
+        else:
+            into[key] = value
+            origins[here] = src
+            if isinstance(value, dict):
+                _record(value, here, src, origins)
+
+
+def _record(table: dict[str, Any], path: tuple[str, ...], src: Path,
+            origins: dict[tuple[str, ...], Path]) -> None:
+    for key, value in table.items():
+        origins[(*path, key)] = src
+        if isinstance(value, dict):
+            _record(value, (*path, key), src, origins)
+
+
+def format_validation_error(err: ValidationError, prefix: tuple[str, ...],
+                            origin: Any) -> list[str]:
+    """One line per problem: ``FILE: key a.b.c: message``."""
+    out = []
+    for e in err.errors():
+        loc = (*prefix, *(str(p) for p in e["loc"]))
+        src = origin(loc)
+        where = str(src) if src else "conf.d"
+        key = ".".join(loc)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append(f"{where}: key {key}: {msg}")
+    return out
+
+
+def resolve_secrets(values: dict[str, Any], config_dir: Path) -> dict[str, Any]:
+    """Replace ``{"$env": "NAME"}`` and ``{"$file": "path"}`` values by what they point at."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and set(value) == {"$env"}:
+            env = value["$env"]
+            if env not in os.environ:
+                raise ValueError(f"key {key}: environment variable {env} is not set")
+            out[key] = os.environ[env]
+        elif isinstance(value, dict) and set(value) == {"$file"}:
+            path = config_dir / value["$file"]
+            try:
+                out[key] = path.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"key {key}: cannot read {path}: {exc.strerror}") from exc
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(config_dir: Path | str) -> Config:
+    """Read, merge and validate ``config_dir/conf.d/*.toml``. Raises ConfigError."""
+    cdir = Path(config_dir).resolve()
+    confd = cdir / "conf.d"
+    problems: list[str] = []
+    if not confd.is_dir():
+        raise ConfigError([f"{confd}: no such directory (expected conf.d/*.toml)"])
+    files = sorted(p for p in confd.iterdir() if p.suffix == ".toml" and not p.name.startswith("."))
+    merged: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], Path] = {}
+    plugin_order: list[str] = []
+    for path in files:
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            problems.append(f"{path}: cannot read: {exc.strerror}")
+            continue
+        except tomllib.TOMLDecodeError as exc:
+            problems.append(f"{path}: not valid TOML: {exc}")
+            continue
+        for top in data:
+            if top not in ("server", "plugins"):
+                problems.append(f"{path}: key {top}: unknown section (expected [server] or "
+                                "[plugins.NAME])")
+        plugins = data.get("plugins", {})
+        if not isinstance(plugins, dict):
+            problems.append(f"{path}: key plugins: must be a table of [plugins.NAME] tables")
+            continue
+        for name, table in plugins.items():
+            if not isinstance(table, dict):
+                problems.append(f"{path}: key plugins.{name}: must be a table")
+            elif name not in plugin_order:
+                plugin_order.append(name)
+        _merge(merged, {k: v for k, v in data.items() if k in ("server", "plugins")},
+               (), path, origins)
+    if problems:
+        raise ConfigError(problems)
+
+    def origin(loc: tuple[str, ...]) -> Path | None:
+        for n in range(len(loc), 0, -1):
+            if tuple(loc[:n]) in origins:
+                return origins[tuple(loc[:n])]
+        return None
+
+    try:
+        server = ServerSettings.model_validate(merged.get("server", {}))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, ("server",), origin)) from None
+
+    tables: dict[str, PluginTable] = {}
+    for i, name in enumerate(plugin_order):
+        table = merged["plugins"][name]
+        srcs = sorted({p for loc, p in origins.items() if loc[:2] == ("plugins", name)})
+        tables[name] = PluginTable(name=name, values=dict(table), order=i, files=srcs)
+    return Config(config_dir=cdir, server=server, plugins=tables, files=files, origins=origins)

@@ -1,0 +1,465 @@
+"""The hook catalogue: tampu's public API for plugins.
+
+Every hook tampu fires is specified here, in banner sections by stage. A plugin implements a
+hook by defining a function or method of the same name decorated with ``@tampu.hookimpl``; a
+misspelt name fails at start-up. Implementations may be ``async def``; a synchronous one that
+blocks (file or network I/O, pyspf) is marked ``@tampu.blocking`` and runs in a thread.
+
+Two kinds of hooks:
+
+* **verdict** hooks stop at the first implementation that returns something other than None
+  ("first verdict wins"); None means "no opinion, ask the next plugin";
+* **notification** and **collecting** hooks run every implementation; collecting hooks merge
+  the returned lists.
+
+Plugins run in ascending ``priority`` (conf.d ``[plugins.NAME] priority``, default 100), ties
+broken by the order the plugins' tables appear in conf.d. An exception or a timeout
+(``[server] plugin_timeout``) in any implementation is logged with the plugin's name; at
+reception the core then answers ``451 4.3.0`` (never a silent accept), in the queue the attempt
+counts as a temporary failure.
+
+Firing order for one SMTP session::
+
+    smtp_connect -> smtp_helo -> smtp_ehlo_capabilities -> [STARTTLS: smtp_starttls]
+      -> [smtp_auth] -> ( smtp_mail_from -> smtp_rcpt_to* -> smtp_data
+                          -> queue_expand_recipient* -> queue_enqueued )* -> smtp_disconnect
+
+Firing order for one queue item::
+
+    queue_enqueued -> ( deliver -> delivery_attempted )* per pending recipient
+      -> [some temporary: retry_delay, wait, again] -> [failures: queue_give_up -> make_dsn]
+      -> queue_done
+
+Lifecycle: ``tampu_startup`` (before listeners open), ``tampu_reload`` (SIGHUP),
+``tampu_shutdown`` (after listeners closed and sessions drained).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tampu._markers import hookspec
+
+if TYPE_CHECKING:
+    from tampu.context import ServerContext
+    from tampu.envelope import AuthResult, Envelope, Message, Session
+    from tampu.item import DeliveryResult, QueueItem, Recipient
+    from tampu.reply import Reply
+
+
+# --------------------------------------------------------------------------------------------
+# tampu_: lifecycle
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def tampu_startup(context: ServerContext) -> None:
+    """The server is starting; listeners are not open yet.
+
+    **Fires:** once per server process, after configuration is validated and plugins are
+    registered.
+
+    :param context: the server context (settings, config and data directories, hooks).
+
+    **Result:** none. An exception stops start-up: tampu does not serve.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec
+def tampu_reload(context: ServerContext) -> None:
+    """The configuration files were re-read (SIGHUP, ``tampu reload``).
+
+    **Fires:** once per reload, after the new configuration validated.
+
+    :param context: the server context.
+
+    **Result:** none. An exception is logged; other plugins still reload.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec
+def tampu_shutdown(context: ServerContext) -> None:
+    """The server is stopping: listeners are closed and sessions drained.
+
+    **Fires:** once, at the end of ``serve``.
+
+    :param context: the server context.
+
+    **Result:** none; exceptions are logged.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# smtp_: reception
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def smtp_connect(session: Session) -> Reply | None:
+    """A client connected; the greeting is not sent yet.
+
+    **Fires:** once per connection, after accept (and after the TLS handshake on an
+    implicit-TLS listener).
+
+    :param session: the new session (peer address, listener).
+
+    **Result:** verdict. None: go on. A 4xx/5xx Reply is sent instead of the greeting and the
+    connection is closed. If no plugin answers, the greeting is sent.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def smtp_helo(session: Session, hostname: str) -> Reply | None:
+    """The client sent HELO or EHLO.
+
+    **Fires:** on each HELO/EHLO; ``session.esmtp`` tells which.
+
+    :param session: the session.
+    :param hostname: the argument the client gave.
+
+    **Result:** verdict. None: accepted. A 4xx/5xx Reply refuses it (the session stays
+    without a HELO identity). If no plugin answers, the greeting is accepted.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec
+def smtp_ehlo_capabilities(session: Session) -> list[str] | None:
+    """Build the EHLO keyword list.
+
+    **Fires:** on each EHLO, after ``smtp_helo`` accepted it.
+
+    :param session: the session.
+
+    **Result:** collecting. Each implementation may return extra keywords (``["DSN"]``);
+    all are merged after the core's own (PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES,
+    SMTPUTF8, STARTTLS, AUTH).
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec
+def smtp_starttls(session: Session) -> None:
+    """The TLS handshake completed (STARTTLS or an implicit-TLS listener).
+
+    **Fires:** once per session that has TLS; ``session.tls`` is set.
+
+    :param session: the session.
+
+    **Result:** notification; every implementation runs.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def smtp_auth(session: Session, mechanism: str, login: str, password: str) -> AuthResult | None:
+    """The client sent AUTH (PLAIN or LOGIN) over TLS.
+
+    **Fires:** on each AUTH, only on TLS sessions (the core refuses AUTH before TLS with
+    ``538 5.7.11`` and does not advertise it).
+
+    :param session: the session.
+    :param mechanism: ``PLAIN`` or ``LOGIN``.
+    :param login: the login as sent (``user@domain``).
+    :param password: the password. Never log it.
+
+    **Result:** verdict. None: not this plugin's user, ask the next. ``AuthResult(success=
+    True, user=...)`` authenticates the session (235); ``AuthResult(success=False)`` answers
+    ``535 5.7.8``. If no plugin answers, ``535 5.7.8``.
+
+    **Async:** ``async def`` allowed, or ``@blocking`` (password hashing is slow: use it).
+
+    **Since:** 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def smtp_mail_from(
+    session: Session, envelope: Envelope, address: str, params: dict[str, str | bool]
+) -> Reply | None:
+    """The client sent MAIL FROM.
+
+    **Fires:** once per transaction, after the core checked syntax, SIZE and (on submission
+    listeners) that the session is authenticated.
+
+    :param session: the session.
+    :param envelope: the new transaction (``mail_from`` not yet set).
+    :param address: the reverse path; ``""`` for the null sender ``<>``.
+    :param params: the ESMTP parameters, upper-cased names (``SIZE``, ``BODY``, ``SMTPUTF8``).
+
+    **Result:** verdict. None or a 2xx Reply: go on (the first 2xx ends the stage). A 4xx/5xx
+    Reply refuses the sender. If no plugin answers: ``250 2.1.0``.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def smtp_rcpt_to(
+    session: Session, envelope: Envelope, address: str, params: dict[str, str | bool]
+) -> Reply | None:
+    """The client sent RCPT TO.
+
+    **Fires:** once per recipient, after the core checked syntax and the recipient limit.
+
+    :param session: the session.
+    :param envelope: the transaction (``rcpt_to`` holds the recipients accepted so far).
+    :param address: the forward path.
+    :param params: the ESMTP parameters.
+
+    **Result:** verdict. A 2xx Reply accepts the recipient; a 4xx/5xx Reply refuses it; None:
+    no opinion. **No plugin accepting means 550 5.1.1: fail closed**, so with every plugin
+    disabled tampu relays nothing.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def smtp_data(session: Session, envelope: Envelope, message: Message) -> Reply | None:
+    """The client finished DATA; the message is not queued yet.
+
+    **Fires:** once per transaction that reached the final ``.`` within the size limit.
+
+    :param session: the session.
+    :param envelope: the transaction.
+    :param message: the received bytes; ``message.add_header(name, value)`` asks the core to
+        add a header on top (e.g. ``Received-SPF``). Headers from all plugins that ran are added.
+
+    **Result:** verdict. None: go on. A 4xx/5xx Reply refuses the message (nothing is queued).
+    If no plugin refuses, the core adds its ``Received:`` header, queues durably and answers
+    ``250 2.0.0 Queued as ID``.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec
+def smtp_transaction_done(
+    session: Session, envelope: Envelope, reply: Reply, queue_id: str | None
+) -> None:
+    """A transaction ended with the final reply to DATA (or a refusal at DATA).
+
+    **Fires:** once per DATA command that got a final reply.
+
+    :param session: the session.
+    :param envelope: the transaction.
+    :param reply: what the client was told.
+    :param queue_id: the queue ID when accepted, else None.
+
+    **Result:** notification (logs, metrics); every implementation runs.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec
+def smtp_disconnect(session: Session) -> None:
+    """The connection closed, for any reason.
+
+    **Fires:** once per connection that reached ``smtp_connect``.
+
+    :param session: the session.
+
+    **Result:** notification; every implementation runs.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# queue_: the queue
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def queue_expand_recipient(
+    envelope: Envelope | None, item: QueueItem, recipient: str
+) -> list[Recipient] | None:
+    """Turn one recipient into its final recipients (alias expansion) before enqueueing.
+
+    **Fires:** once per recipient of a new item, before the item is written.
+
+    :param envelope: the SMTP transaction, or None for mail the server makes (DSNs).
+    :param item: the item being built (``mail_from``, ``auth_user``, ``origin``).
+    :param recipient: the address as accepted at RCPT TO.
+
+    **Result:** verdict. None: the recipient is final as it is. A list of ``Recipient``
+    (possibly with ``route`` hints like ``{"pipe": "cmd"}``) replaces it; an empty list drops
+    it. Duplicates across recipients are merged by the core.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec
+def queue_enqueued(item: QueueItem) -> None:
+    """An item is durable on disk.
+
+    **Fires:** once per new item, after fsync and rename, before the ``250``.
+
+    :param item: the item.
+
+    **Result:** notification; every implementation runs.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def deliver(item: QueueItem, recipient: Recipient, message: bytes) -> DeliveryResult | None:
+    """Attempt delivery of an item to one pending recipient.
+
+    **Fires:** on each attempt, once per pending recipient, in the item's task.
+
+    :param item: the queue item (envelope, ``auth_user``, ``origin``).
+    :param recipient: the final recipient (``address`` and ``route`` hints).
+    :param message: the message bytes as queued.
+
+    **Result:** verdict. The first backend that claims the recipient returns a
+    ``DeliveryResult`` (``sent``, ``temporary``, ``permanent``); None means "not mine". If no
+    backend claims it, the core records a permanent failure ``no delivery backend accepts
+    this recipient``. The result is written to the item on disk before the next recipient.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec
+def delivery_attempted(item: QueueItem, recipient: Recipient, result: DeliveryResult) -> None:
+    """A delivery attempt finished.
+
+    **Fires:** after each ``deliver`` (and after the core's own failures).
+
+    :param item: the queue item.
+    :param recipient: the recipient, already updated with the result.
+    :param result: what the backend answered.
+
+    **Result:** notification (logs, metrics); every implementation runs.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def retry_delay(item: QueueItem, attempt: int) -> float | None:
+    """How long to wait before the next attempt, after some recipients failed temporarily.
+
+    **Fires:** after each round that left recipients pending.
+
+    :param item: the queue item.
+    :param attempt: how many rounds ran so far (1 after the first).
+
+    **Result:** verdict. Seconds to wait; None: the core's schedule (``[server]
+    retry_schedule``, with jitter).
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec
+def queue_give_up(item: QueueItem, failed: list[Recipient]) -> None:
+    """An item is finished and some recipients failed for good (or timed out).
+
+    **Fires:** once per item, before it is removed, when ``failed`` is not empty.
+
+    :param item: the queue item.
+    :param failed: recipients that failed permanently or were still pending at give-up time.
+
+    **Result:** notification; every implementation runs.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def make_dsn(item: QueueItem, failed: list[Recipient], message: bytes) -> bytes | None:
+    """Build the delivery status notification for failed recipients.
+
+    **Fires:** once per item with failures, after ``queue_give_up``, unless the item's sender
+    is the null sender ``<>`` (no bounce loops).
+
+    :param item: the queue item.
+    :param failed: the recipients to report.
+    :param message: the original message bytes.
+
+    **Result:** verdict. The DSN message bytes; the core queues it from ``<>`` to the sender
+    with origin ``dsn``. None: no DSN is sent.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+@hookspec
+def queue_done(item: QueueItem) -> None:
+    """An item left the queue (all recipients done, or given up).
+
+    **Fires:** once per item, after its files are removed.
+
+    :param item: the queue item.
+
+    **Result:** notification; every implementation runs.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.1
+    """
+
+
+def _catalogue() -> tuple[list[str], frozenset[str]]:
+    specs = {n: v for n, v in globals().items() if callable(v) and hasattr(v, "tampu_spec")}
+    verdicts = frozenset(n for n, v in specs.items() if v.tampu_spec.get("firstresult"))
+    return list(specs), verdicts
+
+
+HOOK_NAMES, VERDICT_HOOKS = _catalogue()
+"""Every hook of the catalogue, in order, and those that are verdict (first-result) hooks."""

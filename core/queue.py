@@ -1,0 +1,227 @@
+"""The on-disk queue: durable items, one file per message plus a small state file.
+
+Layout of ``<data_dir>/queue/``:
+
+* ``<id>.item`` — one line of JSON (the envelope and recipients as enqueued), ``\\n``, then the
+  message bytes. Written once: to ``.tmp-<id>``, fsync, rename, fsync of the directory. Only
+  then does the client get ``250``.
+* ``<id>.state`` — JSON with per-recipient results, replaced atomically (same dance) after each
+  delivery attempt, so a restart never redoes a finished recipient.
+* ``.tmp-*`` — half-written files from a crash before rename: removed at start.
+* ``corrupt/`` — items that cannot be read are moved here with a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tampu.errors import QueueError, QueueFull
+from tampu.item import QueueItem, Recipient
+
+if TYPE_CHECKING:
+    from tampu.caller import Hooks
+    from tampu.envelope import Envelope
+
+log = logging.getLogger("tampu.queue")
+
+ITEM_SUFFIX = ".item"
+STATE_SUFFIX = ".state"
+TMP_PREFIX = ".tmp-"
+
+
+def new_queue_id() -> str:
+    """Sortable by time (ms), 18 characters of lower-case base32."""
+    raw = int(time.time() * 1000).to_bytes(6, "big") + secrets.token_bytes(5)
+    return base64.b32encode(raw).decode().lower().rstrip("=")
+
+
+def _write_durable(path: Path, chunks: list[bytes], fsync: bool = True) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class Queue:
+    """The queue directory: write, read, update and remove items. Safe across processes."""
+
+    def __init__(self, directory: Path, hooks: Hooks, max_items: int, fsync: bool = True) -> None:
+        self.dir = directory
+        self.hooks = hooks
+        self.max_items = max_items
+        self.fsync = fsync
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "corrupt").mkdir(exist_ok=True)
+        self.listeners: list[Callable[[QueueItem], None]] = []
+        """Called with each new item once it is durable (the delivery runner subscribes)."""
+
+    new_id = staticmethod(new_queue_id)
+
+    def item_path(self, item_id: str) -> Path:
+        return self.dir / f"{item_id}{ITEM_SUFFIX}"
+
+    def count(self) -> int:
+        n = 0
+        with os.scandir(self.dir) as it:
+            for entry in it:
+                if entry.name.endswith(ITEM_SUFFIX) and not entry.name.startswith("."):
+                    n += 1
+        return n
+
+    def ids(self) -> list[str]:
+        return sorted(
+            p.name[: -len(ITEM_SUFFIX)] for p in self.dir.iterdir()
+            if p.name.endswith(ITEM_SUFFIX) and not p.name.startswith(".")
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    async def submit(
+        self,
+        *,
+        mail_from: str,
+        recipients: list[str],
+        data: bytes,
+        envelope: Envelope | None = None,
+        item_id: str | None = None,
+        auth_user: str | None = None,
+        origin: str = "smtp",
+        peer: str = "",
+        helo: str = "",
+        extra: dict[str, Any] | None = None,
+        check_full: bool = True,
+    ) -> QueueItem:
+        """Expand the recipients, write the item durably, tell the listeners. Returns it.
+
+        Raises QueueFull when ``max_items`` is reached (not for DSNs: ``check_full=False``).
+        """
+        if check_full and self.count() >= self.max_items:
+            raise QueueFull(f"queue holds {self.max_items} items")
+        item = QueueItem(
+            id=item_id or self.new_id(), mail_from=mail_from, recipients=[],
+            auth_user=auth_user, origin=origin, peer=peer, helo=helo,
+            smtputf8=bool(envelope.smtputf8) if envelope else False, extra=dict(extra or {}),
+        )
+        seen: set[str] = set()
+        for rcpt in recipients:
+            expanded = await self.hooks.queue_expand_recipient(envelope, item, rcpt)
+            finals = expanded if expanded is not None else [Recipient(rcpt, rcpt)]
+            for final in finals:
+                key = final.address.lower() + json.dumps(final.route, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    item.recipients.append(final)
+        if not item.recipients:
+            log.info("qid=%s has no recipients after expansion; dropped", item.id)
+        await self.write(item, data)
+        await self.hooks.queue_enqueued(item)
+        for listener in self.listeners:
+            listener(item)
+        return item
+
+    async def write(self, item: QueueItem, data: bytes) -> None:
+        header = json.dumps(item.header_json(), separators=(",", ":")).encode()
+        await asyncio.to_thread(_write_durable, self.item_path(item.id),
+                                [header, b"\n", data], self.fsync)
+
+    async def save_state(self, item: QueueItem) -> None:
+        body = json.dumps(item.state_json(), separators=(",", ":")).encode()
+        await asyncio.to_thread(_write_durable, self.dir / f"{item.id}{STATE_SUFFIX}",
+                                [body], self.fsync)
+
+    async def remove(self, item: QueueItem) -> None:
+        await asyncio.to_thread(self._remove_files, item.id)
+
+    def _remove_files(self, item_id: str) -> None:
+        for suffix in (STATE_SUFFIX, ITEM_SUFFIX):
+            try:
+                os.unlink(self.dir / f"{item_id}{suffix}")
+            except FileNotFoundError:
+                pass
+        if self.fsync:
+            _fsync_dir(self.dir)
+
+    # ------------------------------------------------------------------ reading
+
+    def read_message(self, item_id: str) -> bytes:
+        with open(self.item_path(item_id), "rb") as fh:
+            fh.readline()
+            return fh.read()
+
+    def load(self, item_id: str) -> QueueItem:
+        """Read one item and its state. Raises QueueError for a missing or corrupt item."""
+        path = self.item_path(item_id)
+        try:
+            with open(path, "rb") as fh:
+                header = fh.readline()
+            item = QueueItem.from_json(json.loads(header))
+        except FileNotFoundError:
+            raise QueueError(f"no queue item {item_id}") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise QueueError(f"corrupt queue item {item_id}: {exc}") from exc
+        if not header.endswith(b"\n") or item.id != item_id:
+            raise QueueError(f"corrupt queue item {item_id}: truncated header")
+        state_path = self.dir / f"{item_id}{STATE_SUFFIX}"
+        try:
+            state = json.loads(state_path.read_bytes())
+            item.apply_state(state)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("qid=%s: unreadable state file (%s); resuming from enqueue state",
+                        item_id, exc)
+        return item
+
+    def recover(self) -> list[QueueItem]:
+        """At start: clean half-written files, move corrupt items aside, load the rest."""
+        items = []
+        for entry in list(self.dir.iterdir()):
+            if entry.name.startswith(TMP_PREFIX):
+                log.info("removing half-written queue file %s", entry.name)
+                entry.unlink(missing_ok=True)
+        for item_id in self.ids():
+            try:
+                items.append(self.load(item_id))
+            except QueueError as exc:
+                self.quarantine(item_id, str(exc))
+        for entry in self.dir.iterdir():
+            if entry.name.endswith(STATE_SUFFIX) and not self.item_path(
+                    entry.name[: -len(STATE_SUFFIX)]).exists():
+                entry.unlink(missing_ok=True)
+        items.sort(key=lambda i: i.created)
+        return items
+
+    def quarantine(self, item_id: str, reason: str) -> None:
+        log.error("qid=%s: %s; moved to %s", item_id, reason, self.dir / "corrupt")
+        for suffix in (ITEM_SUFFIX, STATE_SUFFIX):
+            src = self.dir / f"{item_id}{suffix}"
+            if src.exists():
+                os.replace(src, self.dir / "corrupt" / src.name)

@@ -1,0 +1,449 @@
+"""The SMTP dialogue: an aiosmtpd ``SMTP`` subclass that asks the hooks at every stage.
+
+aiosmtpd does the parsing and the line protocol; this class replaces the parts whose built-in
+behaviour is not enough: EHLO (what works), AUTH (over STARTTLS *and* implicit TLS, through
+``smtp_auth``), MAIL/RCPT/DATA verdicts through hooks, enhanced status codes on every reply,
+a per-session unknown-command budget, and the durable hand-off to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import MISSING, SMTP, syntax
+
+from tampu import reply as R
+from tampu.envelope import AuthResult, Envelope, ListenerInfo, Message, Session, TlsInfo
+from tampu.errors import PluginError, QueueError, QueueFull
+from tampu.received import received_header
+from tampu.reply import Reply
+
+if TYPE_CHECKING:
+    import ssl
+
+    from tampu.server import ServerState
+
+log = logging.getLogger("tampu.smtp")
+
+# Enhanced status codes for replies that aiosmtpd words itself (RFC 3463, RFC 2034).
+_ENHANCED = {
+    211: "2.0.0", 214: "2.0.0", 220: "2.0.0", 221: "2.0.0", 235: "2.7.0", 250: "2.0.0",
+    251: "2.1.5", 252: "2.5.0", 421: "4.3.0", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1",
+    454: "4.7.0", 455: "4.5.4", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1",
+    504: "5.5.4", 530: "5.7.0", 534: "5.7.9", 535: "5.7.8", 538: "5.7.11", 550: "5.0.0",
+    552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+
+
+def parse_params(options: list[str]) -> dict[str, str | bool]:
+    params: dict[str, str | bool] = {}
+    for opt in options:
+        name, eq, value = opt.partition("=")
+        params[name.upper()] = value if eq else True
+    return params
+
+
+class _Commands(dict[str, Any]):
+    """aiosmtpd's command table, answering unknown commands with our own counter."""
+
+    def __init__(self, known: dict[str, Any], unknown: Any) -> None:
+        super().__init__(known)
+        self.unknown = unknown
+
+    def get(self, key: str, default: Any = None) -> Any:  # noqa: ANN401 - dict API
+        found = super().get(key)
+        return found if found is not None else self.unknown
+
+
+class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type information
+    """One SMTP connection on one listener."""
+
+    def __init__(self, state: ServerState, listener: ListenerInfo,
+                 starttls_context: ssl.SSLContext | None) -> None:
+        settings = state.context.config.server
+        self.line_length_limit = settings.max_line_length + 1  # + the transparent dot
+        super().__init__(
+            handler=None,
+            data_size_limit=settings.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=settings.hostname,
+            ident="ESMTP tampu",
+            tls_context=starttls_context,
+            timeout=settings.idle_timeout,
+            auth_required=listener.kind != "smtp",
+            auth_require_tls=True,
+            loop=asyncio.get_running_loop(),
+        )
+        self.state = state
+        self.listener = listener
+        self.settings = settings
+        # aiosmtpd keeps this dict on the class and grows it on every EHLO: keep our own.
+        self.command_size_limits = collections.defaultdict(lambda: 512, {"MAIL": 512 + 26 + 10})
+        self._handle_hooks = dict.fromkeys(("MAIL", "RCPT", "DATA"))  # routed to our methods
+        self._smtp_methods = _Commands(self._smtp_methods, self._unknown_command)
+        self._unknown_budget = settings.max_unknown_commands
+        self._greeted = False
+        self.tsession: Session | None = None
+        self.tenvelope = Envelope()
+        self.in_data = False
+
+    # ---------------------------------------------------------------- connection lifecycle
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.tsession is None
+        super().connection_made(transport)
+        if first:
+            peer = transport.get_extra_info("peername") or ("", 0)
+            self.tsession = Session(peer_host=str(peer[0]), peer_port=int(peer[1]),
+                                    listener=self.listener)
+            self.state.connections.add(self)
+            if transport.get_extra_info("ssl_object") is not None:  # implicit TLS
+                self.tsession.tls = _tls_info(transport)
+        else:
+            assert self.tsession is not None
+            self.tsession.tls = _tls_info(transport)
+            self.tsession.helo = None
+            self.tsession.esmtp = False
+            self.tenvelope = Envelope()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        if self in self.state.connections:
+            self.state.connections.discard(self)
+            self.state.spawn(self._disconnected())
+
+    async def _disconnected(self) -> None:
+        assert self.tsession is not None
+        await self.state.hooks.smtp_disconnect(self.tsession)
+
+    async def _handle_client(self) -> None:
+        assert self.tsession is not None
+        if len(self.state.connections) > self.settings.max_connections:
+            await self._reply(R.TOO_MANY_CONNECTIONS)
+            self._close()
+            return
+        if self.state.stopping:
+            await self._reply(R.SHUTTING_DOWN)
+            self._close()
+            return
+        try:
+            if self.tsession.tls is not None:
+                await self.state.hooks.smtp_starttls(self.tsession)
+            refusal = await self.state.hooks.smtp_connect(self.tsession)
+        except PluginError:
+            refusal = Reply(421, "4.3.0", "Local error, try again later")
+        if refusal is not None:
+            await self._reply(refusal)
+            self._close()
+            return
+        await super()._handle_client()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        """No transaction in progress: safe to close at shutdown."""
+        return not self.in_data and not self.tenvelope.rcpt_to
+
+    async def close_for_shutdown(self) -> None:
+        try:
+            await self._reply(R.SHUTTING_DOWN)
+        except Exception:  # the client may be gone already
+            pass
+        self._close()
+
+    # ---------------------------------------------------------------- replies
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            if not self._greeted and status.startswith("220 "):
+                self._greeted = True
+            elif status[:1] in "2345" and not status.startswith(("334", "354")) \
+                    and not _HAS_ENHANCED.match(status):
+                code = int(status[:3]) if status[:3].isdigit() else 0
+                enhanced = _ENHANCED.get(code)
+                if enhanced:
+                    text = status[4:]
+                    if text.startswith("Error: "):
+                        text = text[7:]
+                    status = f"{status[:3]}{status[3:4] or ' '}{enhanced} {text}"
+        await super().push(status)
+
+    async def _reply(self, reply: Reply) -> None:
+        await self.push(str(reply))
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("session %s: internal error: %s",
+                      self.tsession.id if self.tsession else "?", error)
+        return str(R.PLUGIN_FAILED)
+
+    async def _unknown_command(self, arg: str | None) -> None:
+        self._unknown_budget -= 1
+        if self._unknown_budget < 1:
+            await self._reply(R.TOO_MANY_ERRORS)
+            self._close()
+            return
+        await self._reply(Reply(500, "5.5.1", "Command unrecognized"))
+
+    # ---------------------------------------------------------------- HELO / EHLO
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        await self._helo(hostname, esmtp=False)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        await self._helo(hostname, esmtp=True)
+
+    async def _helo(self, hostname: str | None, *, esmtp: bool) -> None:
+        assert self.tsession is not None
+        verb = "EHLO" if esmtp else "HELO"
+        if not hostname:
+            await self._reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+            return
+        self._set_rset_state()
+        self.tsession.esmtp = esmtp
+        try:
+            refusal = await self.state.hooks.smtp_helo(self.tsession, hostname)
+            extra = await self.state.hooks.smtp_ehlo_capabilities(self.tsession) if esmtp else []
+        except PluginError:
+            await self._reply(R.PLUGIN_FAILED)
+            return
+        if refusal is not None and not refusal.is_positive:
+            await self._reply(refusal)
+            return
+        self.session.host_name = hostname
+        self.session.extended_smtp = esmtp
+        self.tsession.helo = hostname
+        if not esmtp:
+            await self.push(f"250 {self.hostname}")
+            return
+        caps = [self.hostname, "PIPELINING", f"SIZE {self.data_size_limit}", "8BITMIME",
+                "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        if self.tls_context is not None and self.tsession.tls is None:
+            caps.append("STARTTLS")
+        if self.tsession.tls is not None and not self.tsession.authenticated:
+            caps.append("AUTH PLAIN LOGIN")
+        caps.extend(kw for kw in extra if kw not in caps)
+        lines = [f"250-{c}" for c in caps[:-1]] + [f"250 {caps[-1]}"]
+        self._greeted = True
+        await super().push("\r\n".join(lines))
+
+    # ---------------------------------------------------------------- STARTTLS / AUTH
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        assert self.tsession is not None
+        if self.tsession.tls is not None:
+            await self._reply(Reply(503, "5.5.1", "TLS already active"))
+            return
+        await super().smtp_STARTTLS(arg)
+        if self.tsession.tls is not None:
+            try:
+                await self.state.hooks.smtp_starttls(self.tsession)
+            except PluginError:
+                pass
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        assert self.tsession is not None
+        if await self.check_helo_needed("EHLO"):
+            return
+        if not self.tsession.esmtp:
+            await self._reply(Reply(503, "5.5.1", "AUTH needs EHLO"))
+            return
+        if self.tsession.tls is None:
+            await self._reply(R.ENCRYPTION_REQUIRED)
+            return
+        if self.tsession.authenticated:
+            await self._reply(Reply(503, "5.5.1", "Already authenticated"))
+            return
+        if self.tenvelope.mail_from or self.envelope.mail_from:
+            await self._reply(Reply(503, "5.5.1", "AUTH not permitted during a transaction"))
+            return
+        args = (arg or "").split()
+        if not args or len(args) > 2:
+            await self._reply(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+            return
+        mechanism = args[0].upper()
+        if mechanism == "PLAIN":
+            creds = await self._auth_plain(args)
+        elif mechanism == "LOGIN":
+            creds = await self._auth_login(args)
+        else:
+            await self._reply(Reply(504, "5.5.4", "Unrecognized authentication mechanism"))
+            return
+        if creds is None:
+            return
+        login, password = creds
+        try:
+            result = await self.state.hooks.smtp_auth(self.tsession, mechanism, login, password)
+        except PluginError:
+            await self._reply(R.AUTH_TEMPFAIL)
+            return
+        if isinstance(result, AuthResult) and result.success:
+            self.tsession.auth_user = result.user or login
+            self.session.authenticated = True
+            log.info("session %s: authenticated as %s", self.tsession.id,
+                     self.tsession.auth_user)
+            await self._reply(R.AUTH_OK)
+            return
+        log.info("session %s: AUTH failed for %r from %s", self.tsession.id, login,
+                 self.tsession.peer_host)
+        await self._reply(R.AUTH_INVALID)
+
+    async def _challenge(self, prompt: bytes) -> bytes | None:
+        got = await self.challenge_auth(prompt)
+        return None if got is MISSING else bytes(got)
+
+    async def _decode(self, b64: str) -> bytes | None:
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode(b64.encode(), validate=True)
+        except (binascii.Error, ValueError):
+            await self._reply(Reply(501, "5.5.2", "Cannot decode base64"))
+            return None
+
+    async def _auth_plain(self, args: list[str]) -> tuple[str, str] | None:
+        blob = await (self._decode(args[1]) if len(args) == 2 else self._challenge(b""))
+        if blob is None:
+            return None
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self._reply(Reply(501, "5.5.2", "Cannot split AUTH PLAIN response"))
+            return None
+        authz, login, password = (p.decode("utf-8", "replace") for p in parts)
+        if authz and authz != login:
+            await self._reply(Reply(535, "5.7.8", "Authorization identity must match login"))
+            return None
+        return login, password
+
+    async def _auth_login(self, args: list[str]) -> tuple[str, str] | None:
+        user = await (self._decode(args[1]) if len(args) == 2 else self._challenge(b"Username:"))
+        if user is None:
+            return None
+        password = await self._challenge(b"Password:")
+        if password is None:
+            return None
+        return user.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+
+    # ---------------------------------------------------------------- transaction
+
+    def _set_post_data_state(self) -> None:
+        super()._set_post_data_state()
+        self.tenvelope = Envelope()
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:  # noqa: ANN401
+        if command == "MAIL":
+            return await self._mail(args[0], args[1])
+        if command == "RCPT":
+            return await self._rcpt(args[0], args[1])
+        if command == "DATA":
+            return await self._data()
+        return MISSING
+
+    async def _mail(self, address: str, options: list[str]) -> str:
+        assert self.tsession is not None
+        if address == "<>":
+            address = ""
+        params = parse_params(options)
+        env = Envelope(mail_from=address, mail_params=params,
+                       smtputf8=bool(params.get("SMTPUTF8")))
+        try:
+            verdict = await self.state.hooks.smtp_mail_from(self.tsession, env, address, params)
+        except PluginError:
+            return str(R.PLUGIN_FAILED)
+        if verdict is not None and not verdict.is_positive:
+            return str(verdict)
+        self.tenvelope = env
+        self.envelope.mail_from = address or "<>"
+        self.envelope.mail_options.extend(options)
+        return str(verdict or R.SENDER_OK)
+
+    async def _rcpt(self, address: str, options: list[str]) -> str:
+        assert self.tsession is not None
+        if len(self.tenvelope.rcpt_to) >= self.settings.max_recipients:
+            return str(R.TOO_MANY_RECIPIENTS)
+        params = parse_params(options)
+        try:
+            verdict = await self.state.hooks.smtp_rcpt_to(self.tsession, self.tenvelope,
+                                                          address, params)
+        except PluginError:
+            return str(R.PLUGIN_FAILED)
+        if verdict is None:
+            verdict = R.UNKNOWN_RECIPIENT  # fail closed: nobody accepted it
+        if verdict.is_positive:
+            self.tenvelope.rcpt_to.append(address)
+            self.envelope.rcpt_tos.append(address)
+        return str(verdict)
+
+    async def _data(self) -> str:
+        assert self.tsession is not None
+        session, env = self.tsession, self.tenvelope
+        message = Message(bytes(self.envelope.original_content))
+        queue_id: str | None = None
+        self.in_data = True
+        try:
+            reply = await self._accept(session, env, message)
+            if reply.is_positive:
+                queue_id = reply.text.rpartition(" ")[2]
+        finally:
+            self.in_data = False
+        log.info("session=%s qid=%s from=<%s> to=%s peer=%s helo=%s tls=%s auth=%s size=%d "
+                 "reply=%r", session.id, queue_id or "-", env.mail_from,
+                 ",".join(f"<{r}>" for r in env.rcpt_to), session.peer_host,
+                 session.helo, session.tls.version if session.tls else "no",
+                 session.auth_user or "-", len(message.data), str(reply))
+        try:
+            await self.state.hooks.smtp_transaction_done(session, env, reply, queue_id)
+        except PluginError:
+            pass
+        return str(reply)
+
+    async def _accept(self, session: Session, env: Envelope, message: Message) -> Reply:
+        try:
+            verdict = await self.state.hooks.smtp_data(session, env, message)
+        except PluginError:
+            return R.PLUGIN_FAILED
+        if verdict is not None and not verdict.is_positive:
+            return verdict
+        queue = self.state.context.queue
+        assert queue is not None
+        headers = [*message.added_headers]
+        data = b"".join(
+            f"{name}: {value}\r\n".encode() for name, value in headers
+        )
+        queue_id = queue.new_id()
+        data = received_header(session, env, self.hostname, queue_id) + data + message.data
+        try:
+            item = await queue.submit(
+                item_id=queue_id, mail_from=env.mail_from, recipients=env.rcpt_to, data=data, envelope=env,
+                auth_user=session.auth_user, peer=session.peer_host, helo=session.helo or "",
+            )
+        except QueueFull:
+            return R.QUEUE_FULL
+        except PluginError:
+            return R.PLUGIN_FAILED
+        except (QueueError, OSError) as exc:
+            log.error("session %s: could not queue message: %s", session.id, exc)
+            return R.QUEUE_WRITE_FAILED
+        return Reply(250, "2.0.0", f"Queued as {item.id}")
+
+
+def _tls_info(transport: asyncio.BaseTransport) -> TlsInfo:
+    sslobj = transport.get_extra_info("ssl_object")
+    cipher = transport.get_extra_info("cipher") or ("", "", 0)
+    version = sslobj.version() if sslobj is not None else ""
+    name = getattr(sslobj, "_tampu_sni", None) if sslobj is not None else None
+    return TlsInfo(version=version or "", cipher=cipher[0] or "", server_name=name)
+

@@ -1,0 +1,90 @@
+"""Certificates in chasquid's layout (``certs/<name>/fullchain.pem`` + ``privkey.pem``), SNI."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import ssl
+from pathlib import Path
+
+from tampu.errors import ConfigError
+
+log = logging.getLogger("tampu.tls")
+
+
+def _context(fullchain: Path, privkey: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(fullchain, privkey)
+    return ctx
+
+
+def load_certificates(certs_dir: Path) -> dict[str, ssl.SSLContext]:
+    """One SSL context per ``certs_dir/<name>/`` with both files. Raises ConfigError."""
+    contexts: dict[str, ssl.SSLContext] = {}
+    if not certs_dir.is_dir():
+        return contexts
+    problems = []
+    for sub in sorted(certs_dir.iterdir()):
+        chain, key = sub / "fullchain.pem", sub / "privkey.pem"
+        if not sub.is_dir() or not chain.exists() or not key.exists():
+            continue
+        try:
+            contexts[sub.name.lower()] = _context(chain, key)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"{sub}: cannot load certificate: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return contexts
+
+
+def server_context(contexts: dict[str, ssl.SSLContext], hostname: str) -> ssl.SSLContext | None:
+    """The listening context: the hostname's certificate (or the first), others by SNI."""
+    if not contexts:
+        return None
+    default = contexts.get(hostname.lower()) or next(iter(contexts.values()))
+
+    def pick(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        if not name:
+            return
+        name = name.lower().rstrip(".")
+        chosen = contexts.get(name)
+        if chosen is None and "." in name:
+            chosen = contexts.get(name.split(".", 1)[1])
+        if chosen is not None:
+            sslobj.context = chosen
+        sslobj._tampu_sni = name  # type: ignore[attr-defined]  # read back for Received
+
+    default.sni_callback = pick  # type: ignore[assignment]
+    return default
+
+
+def make_self_signed(directory: Path, hostname: str) -> Path:
+    """Write a self-signed certificate for ``hostname`` into ``directory/<hostname>/``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    target = directory / hostname
+    target.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    keyfile = target / "privkey.pem"
+    keyfile.touch(mode=0o600)
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    (target / "fullchain.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    log.warning("made a self-signed certificate for %s in %s (for testing only)", hostname, target)
+    return target
