@@ -12,6 +12,7 @@ import time
 
 from tampu.config import Config, load_config
 from tampu.errors import ConfigError, QueueError
+from tampu.queue import Queue
 from tampu.registry import available_entry_points, build_registry
 
 PIDFILE = "tampu.pid"
@@ -112,9 +113,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _queue(config_dir: str):  # type: ignore[no-untyped-def]
+def _queue(config_dir: str) -> tuple[Config, Queue]:
     from tampu.caller import HookCaller, Hooks
-    from tampu.queue import Queue
     from tampu.registry import new_plugin_manager
 
     config = _load(config_dir)

@@ -60,7 +60,7 @@ class ServerContext:
         return str(self.config.server.hostname)
 
     def local_domains(self) -> frozenset[str]:
-        """``[server] local_domains`` plus every ``domains/<domain>/`` folder (re-read on change)."""
+        """``[server] local_domains`` and each ``domains/<domain>/`` folder (re-read on change)."""
         ddir = self.config.domains_dir
         try:
             mtime = ddir.stat().st_mtime

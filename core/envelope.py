@@ -132,7 +132,7 @@ class Message:
         if not _HEADER_NAME.match(name):
             raise ValueError(f"invalid header name: {name!r}")
         for i, line in enumerate(value.replace("\r\n", "\n").split("\n")):
-            if "\r" in line or (i > 0 and not line[:1] in (" ", "\t")) or "\0" in line:
+            if "\r" in line or (i > 0 and line[:1] not in (" ", "\t")) or "\0" in line:
                 raise ValueError(f"invalid header value for {name}: {value!r}")
         self.added_headers.append((name, value))
 

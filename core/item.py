@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from tampu.envelope import Stash
 
 
-class RecipientStatus(str, Enum):
+class RecipientStatus(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"

@@ -427,7 +427,8 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
         data = received_header(session, env, self.hostname, queue_id) + data + message.data
         try:
             item = await queue.submit(
-                item_id=queue_id, mail_from=env.mail_from, recipients=env.rcpt_to, data=data, envelope=env,
+                item_id=queue_id, mail_from=env.mail_from, recipients=env.rcpt_to, data=data,
+                envelope=env,
                 auth_user=session.auth_user, peer=session.peer_host, helo=session.helo or "",
             )
         except QueueFull:
