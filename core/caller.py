@@ -180,6 +180,11 @@ class Hooks:
         return cast("AuthResult | None", await self.caller.first(
             "smtp_auth", session=session, mechanism=mechanism, login=login, password=password))
 
+    async def smtp_auth_result(self, session: Session, login: str, success: bool,
+                               reason: str) -> None:
+        await self.caller.all("smtp_auth_result", session=session, login=login,
+                              success=success, reason=reason)
+
     async def smtp_mail_from(self, session: Session, envelope: Envelope, address: str,
                              params: dict[str, str | bool]) -> Reply | None:
         return cast("Reply | None", await self.caller.first(

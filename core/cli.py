@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -12,7 +13,7 @@ import time
 
 from tampu.config import Config, load_config
 from tampu.errors import ConfigError, QueueError
-from tampu.queue import Queue
+from tampu.queue import CORRUPT_DIR, Queue, valid_id
 from tampu.registry import available_entry_points, build_registry
 
 PIDFILE = "tampu.pid"
@@ -44,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _print_problems(exc)
         return 2
     _setup_logging(config.server.log_level)
-    from tampu.server import Server
+    from tampu.server import Server, bind_listeners
 
     try:
         import uvloop  # type: ignore[import-not-found,unused-ignore]
@@ -53,10 +54,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         pass
 
+    from tampu import workers
+
+    extra = config.server.workers - 1
+    if extra > 0:  # fail early, before forking: every process binds the same addresses
+        try:
+            for socks in bind_listeners(config, reuse_port=True).values():
+                for sock in socks:
+                    sock.close()
+        except ConfigError as exc:
+            _print_problems(exc)
+            return 2
+    pids, pipe = workers.fork_workers(config, extra)
+
     async def run() -> int:
         try:
             server = Server(config)
-            server.bind()
+            server.bind(reuse_port=extra > 0)
+            workers.attach_main(server, pids, pipe)
             config.data_dir.mkdir(parents=True, exist_ok=True)
             pidfile = config.data_dir / PIDFILE
             pidfile.write_text(f"{os.getpid()}\n")
@@ -69,7 +84,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
         return 0
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    finally:
+        workers.reap(pids)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -140,63 +158,84 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _queue_list(queue: Queue) -> int:
+    now = time.time()
+    ids = queue.ids()
+    if not ids:
+        print("queue is empty")
+    for qid in ids:
+        try:
+            item = queue.load(qid)
+        except QueueError as exc:
+            print(f"{qid}  (unreadable: {exc})")
+            continue
+        print(f"{item.id}  age={_age(now - item.created)}  from=<{item.mail_from}>  "
+              f"attempts={item.attempts}  origin={item.origin}")
+        for r in item.recipients:
+            err = f"  last error: {r.last_error}" if r.last_error else ""
+            print(f"    <{r.address}>  {r.status.value}{err}")
+    corrupt = queue.dir / CORRUPT_DIR
+    n_corrupt = sum(1 for p in corrupt.iterdir() if p.name.endswith(".item")) \
+        if corrupt.is_dir() else 0
+    if n_corrupt:
+        print(f"{n_corrupt} unreadable item(s) set aside in {corrupt}")
+    return 0
+
+
+def _queue_show(queue: Queue, qid: str) -> int:
+    try:
+        item = queue.load(qid)
+        message = queue.read_message(item.id)
+    except (QueueError, OSError) as exc:
+        print(f"tampu: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({**item.header_json(), **item.state_json()}, indent=2))
+    print()
+    sys.stdout.write(message.decode("utf-8", "replace"))
+    return 0
+
+
+def _queue_delete(config: Config, queue: Queue, ids: list[str]) -> int:
+    rc = 0
+    for qid in ids:
+        if not valid_id(qid) or not queue.item_path(qid).exists():
+            print(f"tampu: no queue item {qid}", file=sys.stderr)
+            rc = 1
+            continue
+        queue._remove_files(qid)
+        print(f"deleted {qid}")
+    _signal_server(config, signal.SIGUSR1)  # the server stops working on deleted items now
+    return rc
+
+
+def _queue_retry(config: Config, queue: Queue, ids: list[str]) -> int:
+    for qid in ids:
+        if not valid_id(qid) or not queue.item_path(qid).exists():
+            print(f"tampu: no queue item {qid}", file=sys.stderr)
+            return 1
+    queue.request_retry(ids)
+    if _signal_server(config, signal.SIGUSR1):
+        print(f"asked the server to retry {' '.join(ids) or 'every item'} now")
+        return 0
+    print(f"tampu: no running server found (no {config.data_dir / PIDFILE}); items will be "
+          "retried at its next start", file=sys.stderr)
+    return 1
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     try:
         config, queue = _queue(args.config_dir)
     except ConfigError as exc:
         _print_problems(exc)
         return 2
-    now = time.time()
     if args.queue_command == "list":
-        ids = queue.ids()
-        if not ids:
-            print("queue is empty")
-        for qid in ids:
-            try:
-                item = queue.load(qid)
-            except QueueError as exc:
-                print(f"{qid}  (unreadable: {exc})")
-                continue
-            print(f"{item.id}  age={_age(now - item.created)}  from=<{item.mail_from}>  "
-                  f"attempts={item.attempts}")
-            for r in item.recipients:
-                err = f"  last error: {r.last_error}" if r.last_error else ""
-                print(f"    <{r.address}>  {r.status.value}{err}")
-        return 0
+        return _queue_list(queue)
     if args.queue_command == "show":
-        try:
-            item = queue.load(args.id)
-        except QueueError as exc:
-            print(f"tampu: {exc}", file=sys.stderr)
-            return 1
-        import json
-
-        print(json.dumps({**item.header_json(), **item.state_json()}, indent=2))
-        print()
-        sys.stdout.write(queue.read_message(item.id).decode("utf-8", "replace"))
-        return 0
+        return _queue_show(queue, args.id)
     if args.queue_command == "delete":
-        rc = 0
-        for qid in args.ids:
-            if not queue.item_path(qid).exists():
-                print(f"tampu: no queue item {qid}", file=sys.stderr)
-                rc = 1
-                continue
-            queue._remove_files(qid)
-            print(f"deleted {qid}")
-        _signal_server(config, signal.SIGUSR1)
-        return rc
+        return _queue_delete(config, queue, args.ids)
     if args.queue_command == "retry":
-        retry_dir = queue.dir / "retry"
-        retry_dir.mkdir(exist_ok=True)
-        for qid in args.ids or ["all"]:
-            (retry_dir / qid).touch()
-        if _signal_server(config, signal.SIGUSR1):
-            print(f"asked the server to retry {' '.join(args.ids) or 'every item'} now")
-            return 0
-        print("tampu: no running server found (data_dir/tampu.pid); items will be retried at "
-              "its next start", file=sys.stderr)
-        return 1
+        return _queue_retry(config, queue, args.ids)
     return 2
 
 

@@ -36,7 +36,13 @@ class ListenerSettings(_Strict):
         "default port on all addresses.",
     )
     proxy_protocol: bool = Field(
-        default=False, description="Expect a PROXY protocol header (v1 or v2) first."
+        default=False, description="Expect a PROXY protocol header (v1 or v2) first, from "
+        "proxy_trusted sources only; other sources are disconnected. Not on submissions."
+    )
+    proxy_trusted: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="Networks (CIDR) of the proxies allowed to send a PROXY header on this "
+        "listener.",
     )
 
     @field_validator("addresses")
@@ -44,6 +50,15 @@ class ListenerSettings(_Strict):
     def _check_addresses(cls, value: list[str]) -> list[str]:
         for addr in value:
             split_hostport(addr)
+        return value
+
+    @field_validator("proxy_trusted")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in value:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad network
         return value
 
 

@@ -108,7 +108,7 @@ class ServerContext:
             res.lifetime = self.config.server.dns_timeout
             res.timeout = self.config.server.dns_timeout
             self._resolver = res
-        return self._resolver  # type: ignore[no-any-return]
+        return self._resolver
 
 
 def _dns_server(spec: str) -> tuple[str, int]:

@@ -6,15 +6,24 @@ the retry schedule (``retry_delay`` hook, else ``[server] retry_schedule`` with 
 none are pending, or the item is older than ``give_up_after``, the item is finished: failed
 recipients go to ``queue_give_up`` and ``make_dsn``, the DSN is queued from ``<>``, the item
 removed and ``queue_done`` fired.
+
+Retry schedule (chasquid's): after the first round 1 min, then 5, 10, 20 min, then every 20 min,
+each with ±10% jitter so that a restart does not retry everything at once. Recipients still
+pending at give-up time fail with their last error and status ``4.4.7`` (unless the backend gave
+a more precise enhanced code); ``item.extra["timed_out"]`` lists them for the DSN plugin.
+
+``tampu queue retry|delete`` (another process) asks for work through files in
+``queue/retry/`` and SIGUSR1; :meth:`DeliveryRunner.handle_requests` serves them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tampu.errors import PluginError, QueueError
 from tampu.item import DeliveryResult, QueueItem, Recipient, RecipientStatus
@@ -27,9 +36,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("tampu.delivery")
 
 
+DEFAULT_SCHEDULE: Final = (60.0, 300.0, 600.0, 1200.0)
+"""chasquid's: 1, 5, 10, 20 minutes, then every 20 minutes."""
+TIMED_OUT_STATUS: Final = "4.4.7"
+"""RFC 3463 "delivery time expired", for recipients still pending at give-up time."""
+
+
 def schedule_delay(schedule: list[float], attempt: int) -> float:
     """Delay after round ``attempt`` (1-based) with ±10% jitter; the last entry repeats."""
-    base = schedule[min(attempt, len(schedule)) - 1] if schedule else 1200.0
+    steps = schedule or DEFAULT_SCHEDULE
+    base = steps[max(1, min(attempt, len(steps))) - 1]
     return max(0.0, base * random.uniform(0.9, 1.1))
 
 
@@ -53,16 +69,34 @@ class DeliveryRunner:
         for item in items:
             self.schedule(item)
 
+    def schedule_id(self, qid: str) -> None:
+        """Schedule an item another process (a reception worker) wrote."""
+        if qid and qid not in self.tasks:
+            try:
+                self.schedule(self.queue.load(qid))
+            except QueueError as exc:
+                log.error("qid=%s: cannot load item from a worker: %s", qid, exc)
+
     def schedule(self, item: QueueItem) -> None:
         if self._stopping or item.id in self.tasks:
             return
         task = asyncio.get_running_loop().create_task(self._run(item), name=f"qid={item.id}")
         self.tasks[item.id] = task
-        task.add_done_callback(lambda _t, qid=item.id: self._forget(qid))
+        task.add_done_callback(functools.partial(self._forget, item.id))
 
-    def _forget(self, qid: str) -> None:
+    def _forget(self, qid: str, _task: asyncio.Task[None] | None = None) -> None:
         self.tasks.pop(qid, None)
         self.wakeups.pop(qid, None)
+
+    def handle_requests(self) -> None:
+        """Serve ``tampu queue retry|delete`` (SIGUSR1): new items, removed ones, retries."""
+        self.rescan()
+        for qid, event in list(self.wakeups.items()):
+            if not self.queue.item_path(qid).exists():
+                event.set()  # deleted by an operator: the task notices and ends now
+        for name in self.queue.take_retry_requests():
+            woke = self.retry_now(None if name == "all" else name)
+            log.info("retry requested for %s: %d waiting item(s) woken", name, woke)
 
     def retry_now(self, qid: str | None = None) -> int:
         """Wake the items (all, or one) that wait for a retry. Returns how many woke."""
@@ -81,7 +115,8 @@ class DeliveryRunner:
                 try:
                     item = self.queue.load(qid)
                 except QueueError as exc:
-                    self.queue.quarantine(qid, str(exc))
+                    if self.queue.item_path(qid).exists():  # else: finished meanwhile
+                        self.queue.quarantine(qid, str(exc))
                     continue
                 self.schedule(item)
                 n += 1
@@ -97,18 +132,26 @@ class DeliveryRunner:
     # ------------------------------------------------------------------ one item
 
     async def _run(self, item: QueueItem) -> None:
-        try:
-            await self._deliver_item(item)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("qid=%s: delivery task failed; will resume at next start", item.id)
+        failures = 0
+        while not self._stopping:
+            try:
+                await self._deliver_item(item)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                delay = schedule_delay(self.context.config.server.retry_schedule, failures)
+                log.exception("qid=%s: delivery task failed; trying again in %.0fs", item.id,
+                              delay)
+                await asyncio.sleep(delay)
 
     async def _deliver_item(self, item: QueueItem) -> None:
         settings = self.context.config.server
         while True:
             if not self.queue.item_path(item.id).exists():
                 log.info("qid=%s removed from the queue by an operator", item.id)
+                await self.queue.remove(item)  # a state file written meanwhile
                 return
             try:
                 message = await asyncio.to_thread(self.queue.read_message, item.id)
@@ -140,6 +183,8 @@ class DeliveryRunner:
                 await asyncio.wait_for(event.wait(), timeout=delay)
             except TimeoutError:
                 pass
+            finally:
+                self.wakeups.pop(item.id, None)
 
     async def _attempt(self, item: QueueItem, rcpt: Recipient, message: bytes) -> None:
         hooks = self.context.hooks
@@ -170,11 +215,17 @@ class DeliveryRunner:
     async def _finish(self, item: QueueItem, message: bytes, expired: bool) -> None:
         hooks = self.context.hooks
         assert hooks is not None
-        if expired:
-            for rcpt in item.pending:
+        if expired and item.pending:
+            timed_out = item.pending
+            for rcpt in timed_out:
                 rcpt.status = RecipientStatus.FAILED
-                rcpt.last_error = (f"gave up after {self.context.config.server.give_up_after:.0f}"
-                                   f"s: {rcpt.last_error or 'no attempt succeeded'}")
+                rcpt.last_enhanced = rcpt.last_enhanced or TIMED_OUT_STATUS
+                rcpt.last_error = rcpt.last_error or "no delivery attempt succeeded"
+            item.extra["timed_out"] = [r.address for r in timed_out]
+            await self.queue.save_state(item)
+            log.info("qid=%s: giving up after %.0fs on %s", item.id,
+                     self.context.config.server.give_up_after,
+                     ",".join(f"<{r.address}>" for r in timed_out))
         failed = item.failed
         if failed:
             await hooks.queue_give_up(item, failed)

@@ -21,7 +21,7 @@ counts as a temporary failure.
 Firing order for one SMTP session::
 
     smtp_connect -> smtp_helo -> smtp_ehlo_capabilities -> [STARTTLS: smtp_starttls]
-      -> [smtp_auth] -> ( smtp_mail_from -> smtp_rcpt_to* -> smtp_data
+      -> [smtp_auth -> smtp_auth_result] -> ( smtp_mail_from -> smtp_rcpt_to* -> smtp_data
                           -> queue_expand_recipient* -> queue_enqueued )* -> smtp_disconnect
 
 Firing order for one queue item::
@@ -193,6 +193,29 @@ def smtp_auth(session: Session, mechanism: str, login: str, password: str) -> Au
     ``535 5.7.8``. If no plugin answers, ``535 5.7.8``.
 
     **Async:** ``async def`` allowed, or ``@blocking`` (password hashing is slow: use it).
+
+    **Since:** 0.1
+    """
+
+
+@hookspec
+def smtp_auth_result(session: Session, login: str, success: bool, reason: str) -> None:
+    """An AUTH attempt got its answer (after ``smtp_auth``), before the reply is sent.
+
+    **Fires:** once per AUTH whose credentials reached ``smtp_auth`` (not for syntax errors
+    or AUTH refused before TLS); also when ``smtp_auth`` failed with a plugin error
+    (``success`` False, ``reason`` ``"plugin error"``).
+
+    :param session: the session (``auth_user`` is set when ``success``).
+    :param login: the login as sent. The password is never passed here.
+    :param success: whether the session is now authenticated.
+    :param reason: the ``AuthResult.reason`` of the deciding plugin ("" if none gave one);
+        ``"no plugin answered"`` when no plugin claimed the login.
+
+    **Result:** notification (logs, metrics, throttling); every implementation runs. An
+    implementation may delay the answer (tarpit) by awaiting, within ``plugin_timeout``.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
 
     **Since:** 0.1
     """

@@ -2,13 +2,15 @@
 
 Layout of ``<data_dir>/queue/``:
 
-* ``<id>.item`` — one line of JSON (the envelope and recipients as enqueued), ``\\n``, then the
-  message bytes. Written once: to ``.tmp-<id>``, fsync, rename, fsync of the directory. Only
-  then does the client get ``250``.
+* ``<id>.item`` — one line of JSON (the envelope and recipients as enqueued, and ``size``, the
+  length of the message), ``\\n``, then the message bytes. Written once: to ``.tmp-<id>``,
+  fsync, rename, fsync of the directory. Only then does the client get ``250``.
 * ``<id>.state`` — JSON with per-recipient results, replaced atomically (same dance) after each
   delivery attempt, so a restart never redoes a finished recipient.
 * ``.tmp-*`` — half-written files from a crash before rename: removed at start.
 * ``corrupt/`` — items that cannot be read are moved here with a log line.
+* ``retry/`` — requests from ``tampu queue retry`` (one empty file per ID, or ``all``), served by
+  the running server on SIGUSR1 and cleared at start.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import base64
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -36,6 +39,14 @@ log = logging.getLogger("tampu.queue")
 ITEM_SUFFIX = ".item"
 STATE_SUFFIX = ".state"
 TMP_PREFIX = ".tmp-"
+RETRY_DIR = "retry"
+CORRUPT_DIR = "corrupt"
+_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
+
+
+def valid_id(item_id: str) -> bool:
+    """A queue ID as tampu makes them (so it is safe as a file name)."""
+    return bool(_ID_RE.match(item_id))
 
 
 def new_queue_id() -> str:
@@ -79,7 +90,9 @@ class Queue:
         self.max_items = max_items
         self.fsync = fsync
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "corrupt").mkdir(exist_ok=True)
+        (self.dir / CORRUPT_DIR).mkdir(exist_ok=True)
+        self._estimate = 0
+        self._counted_at = -1.0
         self.listeners: list[Callable[[QueueItem], None]] = []
         """Called with each new item once it is durable (the delivery runner subscribes)."""
 
@@ -89,6 +102,7 @@ class Queue:
         return self.dir / f"{item_id}{ITEM_SUFFIX}"
 
     def count(self) -> int:
+        """Items in the queue directory (all processes), read from disk."""
         n = 0
         with os.scandir(self.dir) as it:
             for entry in it:
@@ -96,11 +110,48 @@ class Queue:
                     n += 1
         return n
 
+    def _is_full(self) -> bool:
+        """Cheap check: a directory scan at most every 0.5 s, or when the estimate is close."""
+        now = time.monotonic()
+        if now - self._counted_at > 0.5 or self._estimate >= self.max_items * 0.8:
+            self._estimate = self.count()
+            self._counted_at = now
+        return self._estimate >= self.max_items
+
+    def full(self) -> bool:
+        """True when the queue holds ``max_items`` items: new mail gets ``452 4.3.1``."""
+        return self.count() >= self.max_items
+
     def ids(self) -> list[str]:
         return sorted(
             p.name[: -len(ITEM_SUFFIX)] for p in self.dir.iterdir()
             if p.name.endswith(ITEM_SUFFIX) and not p.name.startswith(".")
         )
+
+    # ------------------------------------------------------------------ operator requests
+
+    def request_retry(self, ids: list[str]) -> None:
+        """Leave retry requests for the running server (``tampu queue retry``)."""
+        rdir = self.dir / RETRY_DIR
+        rdir.mkdir(exist_ok=True)
+        for item_id in ids or ["all"]:
+            if item_id != "all" and not valid_id(item_id):
+                raise QueueError(f"not a queue ID: {item_id!r}")
+            (rdir / item_id).touch()
+
+    def take_retry_requests(self) -> list[str]:
+        """The pending retry requests (IDs or ``all``), removed as they are taken."""
+        rdir = self.dir / RETRY_DIR
+        try:
+            entries = list(rdir.iterdir())
+        except FileNotFoundError:
+            return []
+        names = []
+        for entry in entries:
+            entry.unlink(missing_ok=True)
+            if entry.name == "all" or valid_id(entry.name):
+                names.append(entry.name)
+        return sorted(names)
 
     # ------------------------------------------------------------------ writing
 
@@ -123,7 +174,7 @@ class Queue:
 
         Raises QueueFull when ``max_items`` is reached (not for DSNs: ``check_full=False``).
         """
-        if check_full and self.count() >= self.max_items:
+        if check_full and self._is_full():
             raise QueueFull(f"queue holds {self.max_items} items")
         item = QueueItem(
             id=item_id or self.new_id(), mail_from=mail_from, recipients=[],
@@ -142,32 +193,39 @@ class Queue:
         if not item.recipients:
             log.info("qid=%s has no recipients after expansion; dropped", item.id)
         await self.write(item, data)
+        self._estimate += 1
+        item._data = data  # the delivery runner's first round needs no re-read
         await self.hooks.queue_enqueued(item)
         for listener in self.listeners:
             listener(item)
         return item
 
     async def write(self, item: QueueItem, data: bytes) -> None:
-        header = json.dumps(item.header_json(), separators=(",", ":")).encode()
+        fields = {**item.header_json(), "size": len(data)}
+        header = json.dumps(fields, separators=(",", ":")).encode()
         await asyncio.to_thread(_write_durable, self.item_path(item.id),
                                 [header, b"\n", data], self.fsync)
 
     async def save_state(self, item: QueueItem) -> None:
+        """Write the item's delivery results durably (nothing if an operator deleted it)."""
+        if not self.item_path(item.id).exists():
+            return
         body = json.dumps(item.state_json(), separators=(",", ":")).encode()
         await asyncio.to_thread(_write_durable, self.dir / f"{item.id}{STATE_SUFFIX}",
                                 [body], self.fsync)
 
     async def remove(self, item: QueueItem) -> None:
         await asyncio.to_thread(self._remove_files, item.id)
+        self._estimate = max(0, self._estimate - 1)
 
     def _remove_files(self, item_id: str) -> None:
+        # No directory fsync: an item that reappears after a crash is delivered again
+        # (twice is allowed, zero times is not).
         for suffix in (STATE_SUFFIX, ITEM_SUFFIX):
             try:
                 os.unlink(self.dir / f"{item_id}{suffix}")
             except FileNotFoundError:
                 pass
-        if self.fsync:
-            _fsync_dir(self.dir)
 
     # ------------------------------------------------------------------ reading
 
@@ -182,13 +240,19 @@ class Queue:
         try:
             with open(path, "rb") as fh:
                 header = fh.readline()
-            item = QueueItem.from_json(json.loads(header))
+                total = os.fstat(fh.fileno()).st_size
+            fields = json.loads(header)
+            item = QueueItem.from_json(fields)
         except FileNotFoundError:
             raise QueueError(f"no queue item {item_id}") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise QueueError(f"corrupt queue item {item_id}: {exc}") from exc
         if not header.endswith(b"\n") or item.id != item_id:
             raise QueueError(f"corrupt queue item {item_id}: truncated header")
+        size = fields.get("size")
+        if isinstance(size, int) and total != len(header) + size:
+            raise QueueError(f"corrupt queue item {item_id}: message is {total - len(header)} "
+                             f"bytes, expected {size}")
         state_path = self.dir / f"{item_id}{STATE_SUFFIX}"
         try:
             state = json.loads(state_path.read_bytes())
@@ -205,8 +269,9 @@ class Queue:
         items = []
         for entry in list(self.dir.iterdir()):
             if entry.name.startswith(TMP_PREFIX):
-                log.info("removing half-written queue file %s", entry.name)
+                log.warning("removing half-written queue file %s", entry.name)
                 entry.unlink(missing_ok=True)
+        self.take_retry_requests()  # every item is tried at start anyway
         for item_id in self.ids():
             try:
                 items.append(self.load(item_id))
@@ -220,8 +285,9 @@ class Queue:
         return items
 
     def quarantine(self, item_id: str, reason: str) -> None:
-        log.error("qid=%s: %s; moved to %s", item_id, reason, self.dir / "corrupt")
+        """Move an unreadable item (and its state) to ``corrupt/`` for an operator to look at."""
+        log.error("qid=%s: %s; moved to %s", item_id, reason, self.dir / CORRUPT_DIR)
         for suffix in (ITEM_SUFFIX, STATE_SUFFIX):
             src = self.dir / f"{item_id}{suffix}"
             if src.exists():
-                os.replace(src, self.dir / "corrupt" / src.name)
+                os.replace(src, self.dir / CORRUPT_DIR / src.name)

@@ -192,5 +192,6 @@ def list_available(eps: dict[str, EntryPoint] | None = None) -> dict[str, Plugin
 def _instantiate(obj: Any, name: str, settings: PluginSettings, context: ServerContext) -> Any:
     """A class is instantiated with a PluginContext; a module or object is used as it is."""
     if inspect.isclass(obj):
-        return obj(PluginContext(name=name, settings=settings, server=context))
+        factory: Any = obj
+        return factory(PluginContext(name=name, settings=settings, server=context))
     return obj

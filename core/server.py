@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import socket
 import ssl
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tampu.caller import Hooks
-from tampu.config import DEFAULT_PORTS, Config, load_config, split_hostport
+from tampu.config import DEFAULT_PORTS, Config, ListenerSettings, load_config, split_hostport
 from tampu.context import ServerContext
 from tampu.envelope import ListenerInfo
 from tampu.errors import ConfigError
@@ -37,11 +38,11 @@ class ServerState:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     stopping: bool = False
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background; shutdown waits for it."""
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return task
 
 
 def listener_addresses(name: str, kind: str, addresses: list[str]) -> list[tuple[str, int]]:
@@ -71,6 +72,9 @@ class Server:
         self.tls: ssl.SSLContext | None = None
         self._stop = asyncio.Event()
         self._sockets: dict[str, list[socket.socket]] = {}
+        self.on_stop: list[Callable[[], None]] = []
+        """Called when a stop is requested (the worker manager passes it on)."""
+        self.on_reload: list[Callable[[], None]] = []
 
     @classmethod
     def from_config_dir(cls, config_dir: str, **kw: Any) -> Server:
@@ -78,27 +82,22 @@ class Server:
 
     # ------------------------------------------------------------------ start
 
-    def load_tls(self) -> ssl.SSLContext | None:
-        certs = load_certificates(self.config.certs_dir)
-        if not certs and self.config.server.self_signed_cert:
-            selfdir = self.config.data_dir / "selfsigned"
-            if not (selfdir / self.config.server.hostname / "fullchain.pem").exists():
-                make_self_signed(selfdir, self.config.server.hostname)
+    def load_tls(self, config: Config | None = None) -> ssl.SSLContext | None:
+        config = config or self.config
+        certs = load_certificates(config.certs_dir)
+        if not certs and config.server.self_signed_cert:
+            selfdir = config.data_dir / "selfsigned"
+            if not (selfdir / config.server.hostname / "fullchain.pem").exists():
+                make_self_signed(selfdir, config.server.hostname)
             certs = load_certificates(selfdir)
-        return server_context(certs, self.config.server.hostname)
+        return server_context(certs, config.server.hostname)
 
-    def bind(self) -> None:
-        """Open the listening sockets (before forking workers, before start-up hooks)."""
-        for name, lst in self.config.server.listeners.items():
-            socks = []
-            for host, port in listener_addresses(name, lst.kind, lst.addresses):
-                try:
-                    socks.extend(_bind(host, port))
-                except OSError as exc:
-                    raise ConfigError([f"listener {name}: cannot listen on "
-                                       f"{host or '*'}:{port}: {exc.strerror}"]) from exc
-            self._sockets[name] = socks
-            self.bound[name] = [s.getsockname()[:2] for s in socks]
+    def bind(self, *, reuse_port: bool = False) -> None:
+        """Open the listening sockets (before start-up hooks). ``reuse_port``: SO_REUSEPORT,
+        so that worker processes can bind the same addresses."""
+        self._sockets = bind_listeners(self.config, reuse_port=reuse_port)
+        self.bound = {name: [s.getsockname()[:2] for s in socks]
+                      for name, socks in self._sockets.items()}
 
     async def start(self) -> None:
         self.data_dirs()
@@ -108,6 +107,8 @@ class Server:
                 raise ConfigError([f"listener {name}: kind submissions needs a certificate in "
                                    f"{self.config.certs_dir}/<name>/ (or self_signed_cert = "
                                    "true)"])
+        if problems := proxy_problems(self.config):
+            raise ConfigError(problems)
         if not self._sockets:
             self.bind()
         await self.state.hooks.tampu_startup(self.context)
@@ -131,10 +132,14 @@ class Server:
             info = ListenerInfo(name=name, kind=lst.kind,
                                 address=",".join(f"{h}:{p}" for h, p in self.bound[name]))
             implicit = lst.kind == "submissions"
-            starttls = None if implicit else self.tls
 
-            def factory(info: ListenerInfo = info, starttls: Any = starttls) -> TampuSMTP:
-                return TampuSMTP(self.state, info, starttls)
+            def factory(info: ListenerInfo = info, implicit: bool = implicit,
+                        lst: ListenerSettings = lst) -> TampuSMTP:
+                # Read at each connection: a reload changes certificates and PROXY settings.
+                now = self.config.server.listeners.get(info.name, lst)
+                trusted = ([ipaddress.ip_network(n, strict=False) for n in now.proxy_trusted]
+                           if now.proxy_protocol else None)
+                return TampuSMTP(self.state, info, None if implicit else self.tls, trusted)
 
             for sock in self._sockets[name]:
                 srv = await loop.create_server(
@@ -146,6 +151,9 @@ class Server:
     # ------------------------------------------------------------------ run / stop
 
     def request_stop(self) -> None:
+        if not self._stop.is_set():
+            for callback in self.on_stop:
+                callback()
         self._stop.set()
 
     async def serve(self, *, install_signals: bool = True,
@@ -201,17 +209,8 @@ class Server:
 
     def retry_requests(self) -> None:
         """SIGUSR1 from ``tampu queue retry|delete``: pick up requests in queue/retry/."""
-        if self.runner is None:
-            return
-        self.runner.rescan()
-        retry_dir = self.queue.dir / "retry"
-        if not retry_dir.is_dir():
-            self.runner.retry_now("")  # wakes nothing; deleted items end at their next round
-            return
-        for entry in list(retry_dir.iterdir()):
-            entry.unlink(missing_ok=True)
-            woke = self.runner.retry_now(None if entry.name == "all" else entry.name)
-            log.info("retry requested for %s: %d item(s) woken", entry.name, woke)
+        if self.runner is not None:
+            self.runner.handle_requests()
 
     # ------------------------------------------------------------------ reload
 
@@ -219,28 +218,78 @@ class Server:
         """Re-read conf.d, plugins and certificates; keep the old ones if anything is wrong."""
         try:
             config = load_config(self.config.config_dir)
-            context = ServerContext(config, queue=self.queue)
+            if problems := proxy_problems(config):
+                raise ConfigError(problems)
+            # The server-wide stash survives reloads: plugins hand state over through it.
+            context = ServerContext(config, queue=self.queue, stash=self.context.stash)
             registry = build_registry(config, context, self.extra_plugins)
             context.hooks = registry.hooks
-            tls = self.load_tls()
-        except ConfigError as exc:
-            for problem in exc.problems:
+            tls = self.load_tls(config)
+        except (ConfigError, OSError) as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            for problem in problems:
                 log.error("reload refused, keeping the running configuration: %s", problem)
             return False
+        if config.server.listeners != self.config.server.listeners:
+            log.warning("reload: listener addresses and kinds change at the next restart "
+                        "(PROXY settings apply to new connections now)")
         self.config, self.context, self.registry = config, context, registry
         self.state.context = context
         self.state.hooks = registry.hooks
         self.queue.hooks = registry.hooks
         if self.tls is not None and tls is not None:
-            self.tls.sni_callback = tls.sni_callback
+            self.tls.sni_callback = _delegate_sni(tls)  # the listening context stays; new
+        elif tls is not None:                            # handshakes use the fresh certificates
+            self.tls = tls
         if self.runner is not None:
             self.runner.reconfigure(context)
+        for callback in self.on_reload:
+            callback()
         await registry.hooks.tampu_reload(context)
         log.info("configuration reloaded from %s", config.config_dir)
         return True
 
 
-def _bind(host: str, port: int) -> list[socket.socket]:
+def proxy_problems(config: Config) -> list[str]:
+    """PROXY comes before TLS, and an implicit-TLS listener starts with the handshake."""
+    return [f"listener {name}: proxy_protocol is not supported on kind submissions "
+            "(implicit TLS); use a submission listener or let the proxy pass TLS through to "
+            "a listener without PROXY" for name, lst in config.server.listeners.items()
+            if lst.proxy_protocol and lst.kind == "submissions"]
+
+
+def _delegate_sni(fresh: ssl.SSLContext) -> Any:
+    """An SNI callback for the listening context that switches every new handshake to
+    ``fresh`` (the reloaded default certificate), then lets ``fresh``'s own SNI choice run."""
+    choose = fresh.sni_callback
+
+    def pick(sslobj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+        sslobj.context = fresh
+        if choose is not None:
+            choose(sslobj, name, fresh)  # type: ignore[arg-type]
+
+    return pick
+
+
+def bind_listeners(config: Config, *, reuse_port: bool = False
+                   ) -> dict[str, list[socket.socket]]:
+    """Listening sockets for every listener of ``config``; ConfigError naming the listener."""
+    out: dict[str, list[socket.socket]] = {}
+    for name, lst in config.server.listeners.items():
+        socks: list[socket.socket] = []
+        for host, port in listener_addresses(name, lst.kind, lst.addresses):
+            try:
+                socks.extend(_bind(host, port, reuse_port))
+            except OSError as exc:
+                for sock in [s for done in out.values() for s in done] + socks:
+                    sock.close()
+                raise ConfigError([f"listener {name}: cannot listen on {host or '*'}:{port}: "
+                                   f"{exc.strerror}"]) from exc
+        out[name] = socks
+    return out
+
+
+def _bind(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     socks = []
@@ -251,6 +300,8 @@ def _bind(host: str, port: int) -> list[socket.socket]:
         seen.add((family, addr))
         sock = socket.socket(family, stype, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)

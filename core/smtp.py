@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import re
 from typing import TYPE_CHECKING, Any
 
+from aiosmtpd.proxy_protocol import AF, V2_CMD, ProxyData, get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from tampu import reply as R
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tampu.smtp")
 
+PROXY_TIMEOUT = 10.0
+"""Seconds a trusted proxy has to send its PROXY header."""
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 # Enhanced status codes for replies that aiosmtpd words itself (RFC 3463, RFC 2034).
 _ENHANCED = {
     211: "2.0.0", 214: "2.0.0", 220: "2.0.0", 221: "2.0.0", 235: "2.7.0", 250: "2.0.0",
@@ -37,6 +43,10 @@ _ENHANCED = {
     504: "5.5.4", 530: "5.7.0", 534: "5.7.9", 535: "5.7.8", 538: "5.7.11", 550: "5.0.0",
     552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
 }
+# The common address forms, parsed without the email package (slow); anything else (quoted
+# local parts, comments, source routes) goes to aiosmtpd's full parser.
+_SIMPLE_ADDR = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\x80-\U0010ffff]+@[A-Za-z0-9.\-\[\]:"
+                          r"\x80-\U0010ffff]+|)>(?: +(.*))?$")
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 
 
@@ -60,33 +70,72 @@ class _Commands(dict[str, Any]):
         return found if found is not None else self.unknown
 
 
-class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type information
+_COMMAND_TABLES: dict[type[Any], tuple[tuple[str, str], ...]] = {}
+
+
+def _command_table(cls: type[Any]) -> tuple[tuple[str, str], ...]:
+    """(COMMAND, method name) for every ``smtp_*`` method of ``cls``, computed once."""
+    table = _COMMAND_TABLES.get(cls)
+    if table is None:
+        table = tuple((name[5:], name) for name in dir(cls) if name.startswith("smtp_"))
+        _COMMAND_TABLES[cls] = table
+    return table
+
+
+class TampuSMTP(SMTP):
     """One SMTP connection on one listener."""
 
     def __init__(self, state: ServerState, listener: ListenerInfo,
-                 starttls_context: ssl.SSLContext | None) -> None:
+                 starttls_context: ssl.SSLContext | None,
+                 proxy_trusted: list[IPNetwork] | None = None) -> None:
+        # aiosmtpd's SMTP.__init__ introspects the class and handler (inspect.getmembers) on
+        # every connection: a sixth of the CPU of a connection. We set the same attributes
+        # directly, with the per-class tables computed once (see _aiosmtpd_compat test).
         settings = state.context.config.server
+        loop = asyncio.get_running_loop()
         self.line_length_limit = settings.max_line_length + 1  # + the transparent dot
-        super().__init__(
-            handler=None,
-            data_size_limit=settings.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=settings.hostname,
-            ident="ESMTP tampu",
-            tls_context=starttls_context,
-            timeout=settings.idle_timeout,
-            auth_required=listener.kind != "smtp",
-            auth_require_tls=True,
-            loop=asyncio.get_running_loop(),
-        )
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.__ident__ = "ESMTP tampu"
+        self.loop = loop
+        self.event_handler = None
+        self.data_size_limit = settings.max_message_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.hostname = settings.hostname
+        self.tls_context = starttls_context
+        self.require_starttls = False
+        self._timeout_duration = settings.idle_timeout
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = PROXY_TIMEOUT if proxy_trusted is not None else None
+        self.proxy_trusted = proxy_trusted or []
+        self._authenticator = None
+        self._auth_callback = None
+        self._auth_required = listener.kind != "smtp"
+        self._auth_methods: dict[str, Any] = {}
+        self._ehlo_hook_ver = None
+        self._enforce_call_limit = False
+        # aiosmtpd keeps this dict on the class and grows it on every EHLO: keep our own.
+        self.command_size_limits = collections.defaultdict(lambda: 512, {"MAIL": 512 + 26 + 10})
+        # aiosmtpd asks this table which handler hooks exist; ours all go to _call_handler_hook
+        self._handle_hooks = {k: self._call_handler_hook for k in ("MAIL", "RCPT", "DATA")}
+        if proxy_trusted is not None:
+            self._handle_hooks["PROXY"] = None
+        self._smtp_methods = _Commands(
+            {name: getattr(self, attr) for name, attr in _command_table(type(self))},
+            self._unknown_command)
         self.state = state
         self.listener = listener
         self.settings = settings
-        # aiosmtpd keeps this dict on the class and grows it on every EHLO: keep our own.
-        self.command_size_limits = collections.defaultdict(lambda: 512, {"MAIL": 512 + 26 + 10})
-        self._handle_hooks = dict.fromkeys(("MAIL", "RCPT", "DATA"))  # routed to our methods
-        self._smtp_methods = _Commands(self._smtp_methods, self._unknown_command)
         self._unknown_budget = settings.max_unknown_commands
         self._greeted = False
         self.tsession: Session | None = None
@@ -116,7 +165,8 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
         super().connection_lost(error)
         if self in self.state.connections:
             self.state.connections.discard(self)
-            self.state.spawn(self._disconnected())
+            if self.state.hooks.has("smtp_disconnect"):
+                self.state.spawn(self._disconnected())
 
     async def _disconnected(self) -> None:
         assert self.tsession is not None
@@ -124,6 +174,13 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
 
     async def _handle_client(self) -> None:
         assert self.tsession is not None
+        if self._proxy_timeout is not None:
+            # Before smtp_connect, so that plugins see the proxied client; then tell aiosmtpd
+            # the handshake is done (it would otherwise wait for a second header).
+            if not await self._proxy_handshake():
+                self._close()
+                return
+            self._proxy_timeout = None
         if len(self.state.connections) > self.settings.max_connections:
             await self._reply(R.TOO_MANY_CONNECTIONS)
             self._close()
@@ -148,6 +205,44 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
         if self.transport is not None:
             self.transport.close()
 
+    async def _proxy_handshake(self) -> bool:
+        """Read the PROXY header of a trusted proxy (aiosmtpd parses v1 and v2)."""
+        assert self.tsession is not None
+        sid, peer = self.tsession.id, self.tsession.peer_host
+        if not _trusted(peer, self.proxy_trusted):
+            log.warning("session %s: %s is not a trusted proxy for listener %s; closed", sid,
+                        peer, self.listener.name)
+            return False
+        self._reset_timeout(self._proxy_timeout)
+        try:
+            data = await get_proxy(self._reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.warning("session %s: proxy %s closed before its PROXY header", sid, peer)
+            return False
+        self.session.proxy_data = data
+        if not data.valid:
+            log.warning("session %s: invalid PROXY header from %s: %s", sid, peer,
+                        data.error or "unrecognized")
+            return False
+        accepted = await self._call_handler_hook("PROXY", data) is True
+        self._reset_timeout()
+        return accepted
+
+    def _proxy(self, data: ProxyData) -> bool:
+        """Adopt the client address the proxy reports (LOCAL/UNKNOWN: keep the proxy's)."""
+        assert self.tsession is not None
+        proxy = f"{self.tsession.peer_host}:{self.tsession.peer_port}"
+        if (data.command == V2_CMD.LOCAL or data.family in (AF.UNSPEC, AF.UNIX)
+                or not isinstance(data.src_addr, ipaddress.IPv4Address | ipaddress.IPv6Address)):
+            log.info("session %s: PROXY v%s without a client address from %s (health check)",
+                     self.tsession.id, data.version, proxy)
+            return True
+        self.tsession.peer_host = str(data.src_addr)
+        self.tsession.peer_port = int(data.src_port or 0)
+        log.info("session %s: PROXY v%s: client %s:%d via %s", self.tsession.id, data.version,
+                 self.tsession.peer_host, self.tsession.peer_port, proxy)
+        return True
+
     @property
     def idle(self) -> bool:
         """No transaction in progress: safe to close at shutdown."""
@@ -162,7 +257,7 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
 
     # ---------------------------------------------------------------- replies
 
-    async def push(self, status: str | bytes) -> None:
+    async def push(self, status: Any) -> None:  # noqa: ANN401 - aiosmtpd's AnyStr API
         if isinstance(status, str):
             if not self._greeted and status.startswith("220 "):
                 self._greeted = True
@@ -220,11 +315,12 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
         if refusal is not None and not refusal.is_positive:
             await self._reply(refusal)
             return
+        assert self.session is not None
         self.session.host_name = hostname
         self.session.extended_smtp = esmtp
         self.tsession.helo = hostname
-        if not esmtp:
-            await self.push(f"250 {self.hostname}")
+        if not esmtp:  # RFC 2034 3: no enhanced code in the reply to HELO/EHLO
+            await super().push(f"250 {self.hostname}")
             return
         caps = [self.hostname, "PIPELINING", f"SIZE {self.data_size_limit}", "8BITMIME",
                 "ENHANCEDSTATUSCODES", "SMTPUTF8"]
@@ -246,9 +342,10 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
             await self._reply(Reply(503, "5.5.1", "TLS already active"))
             return
         await super().smtp_STARTTLS(arg)
-        if self.tsession.tls is not None:
+        session: Session = self.tsession  # connection_made set .tls during the handshake
+        if session.tls is not None:
             try:
-                await self.state.hooks.smtp_starttls(self.tsession)
+                await self.state.hooks.smtp_starttls(session)
             except PluginError:
                 pass
 
@@ -266,6 +363,7 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
         if self.tsession.authenticated:
             await self._reply(Reply(503, "5.5.1", "Already authenticated"))
             return
+        assert self.session is not None and self.envelope is not None
         if self.tenvelope.mail_from or self.envelope.mail_from:
             await self._reply(Reply(503, "5.5.1", "AUTH not permitted during a transaction"))
             return
@@ -287,6 +385,7 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
         try:
             result = await self.state.hooks.smtp_auth(self.tsession, mechanism, login, password)
         except PluginError:
+            await self.state.hooks.smtp_auth_result(self.tsession, login, False, "plugin error")
             await self._reply(R.AUTH_TEMPFAIL)
             return
         if isinstance(result, AuthResult) and result.success:
@@ -294,10 +393,13 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
             self.session.authenticated = True
             log.info("session %s: authenticated as %s", self.tsession.id,
                      self.tsession.auth_user)
+            await self.state.hooks.smtp_auth_result(self.tsession, login, True, result.reason)
             await self._reply(R.AUTH_OK)
             return
-        log.info("session %s: AUTH failed for %r from %s", self.tsession.id, login,
-                 self.tsession.peer_host)
+        reason = result.reason if isinstance(result, AuthResult) else "no plugin answered"
+        log.info("session %s: AUTH failed for %r from %s (%s)", self.tsession.id, login,
+                 self.tsession.peer_host, reason)
+        await self.state.hooks.smtp_auth_result(self.tsession, login, False, reason)
         await self._reply(R.AUTH_INVALID)
 
     async def _challenge(self, prompt: bytes) -> bytes | None:
@@ -339,11 +441,19 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
 
     # ---------------------------------------------------------------- transaction
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        m = _SIMPLE_ADDR.match(arg)
+        if m is not None:
+            return m.group(1) or "<>", m.group(2) or ""
+        return super()._getaddr(arg)
+
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()
         self.tenvelope = Envelope()
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:  # noqa: ANN401
+        if command == "PROXY" and "PROXY" in self._handle_hooks:
+            return self._proxy(args[0])
         if command == "MAIL":
             return await self._mail(args[0], args[1])
         if command == "RCPT":
@@ -356,6 +466,9 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
         assert self.tsession is not None
         if address == "<>":
             address = ""
+        queue = self.state.context.queue
+        if queue is not None and queue.full():  # early, so no body is sent for nothing
+            return str(R.QUEUE_FULL)
         params = parse_params(options)
         env = Envelope(mail_from=address, mail_params=params,
                        smtputf8=bool(params.get("SMTPUTF8")))
@@ -366,12 +479,15 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
         if verdict is not None and not verdict.is_positive:
             return str(verdict)
         self.tenvelope = env
+        assert self.envelope is not None
         self.envelope.mail_from = address or "<>"
         self.envelope.mail_options.extend(options)
         return str(verdict or R.SENDER_OK)
 
     async def _rcpt(self, address: str, options: list[str]) -> str:
         assert self.tsession is not None
+        if address in ("", "<>"):  # the null path is a sender, never a recipient
+            return str(Reply(501, "5.1.3", "Bad recipient address syntax"))
         if len(self.tenvelope.rcpt_to) >= self.settings.max_recipients:
             return str(R.TOO_MANY_RECIPIENTS)
         params = parse_params(options)
@@ -384,12 +500,14 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
             verdict = R.UNKNOWN_RECIPIENT  # fail closed: nobody accepted it
         if verdict.is_positive:
             self.tenvelope.rcpt_to.append(address)
+            assert self.envelope is not None
             self.envelope.rcpt_tos.append(address)
         return str(verdict)
 
     async def _data(self) -> str:
         assert self.tsession is not None
         session, env = self.tsession, self.tenvelope
+        assert self.envelope is not None and self.envelope.original_content is not None
         message = Message(bytes(self.envelope.original_content))
         queue_id: str | None = None
         self.in_data = True
@@ -439,6 +557,14 @@ class TampuSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type informati
             log.error("session %s: could not queue message: %s", session.id, exc)
             return R.QUEUE_WRITE_FAILED
         return Reply(250, "2.0.0", f"Queued as {item.id}")
+
+
+def _trusted(host: str, networks: list[IPNetwork]) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
 
 
 def _tls_info(transport: asyncio.BaseTransport) -> TlsInfo:

@@ -55,7 +55,7 @@ def server_context(contexts: dict[str, ssl.SSLContext], hostname: str) -> ssl.SS
             sslobj.context = chosen
         sslobj._tampu_sni = name  # type: ignore[attr-defined]  # read back for Received
 
-    default.sni_callback = pick  # type: ignore[assignment]
+    default.sni_callback = pick
     return default
 
 

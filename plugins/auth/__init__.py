@@ -22,15 +22,15 @@ from tampu.plugins.auth.userdb import (
 )
 
 
-class Settings(PluginSettings):
+class AuthSettings(PluginSettings):
     scrypt_log_n: int = Field(default=DEFAULT_LOG_N, ge=10, le=20,
                               description="scrypt cost (log2 N) for new passwords.")
 
 
 class AuthPlugin:
-    Settings = Settings
+    Settings = AuthSettings
 
-    def __init__(self, ctx: PluginContext[Settings]) -> None:
+    def __init__(self, ctx: PluginContext[AuthSettings]) -> None:
         self.ctx = ctx
         self.users = UserDirectory(ctx.server.config.domains_dir)
 
@@ -59,13 +59,17 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p = subparsers.add_parser("user", help="manage users (domains/<domain>/users)")
     p.add_argument("--config-dir", default=".", help="configuration directory")
     sub = p.add_subparsers(dest="user_command", required=True)
-    add = sub.add_parser("add", help="add a user or change a password")
+    # --config-dir also after the subcommand (`tampu user add --config-dir DIR ...`);
+    # SUPPRESS keeps the value given before it when it is not repeated.
+    here = argparse.ArgumentParser(add_help=False)
+    here.add_argument("--config-dir", default=argparse.SUPPRESS, help="configuration directory")
+    add = sub.add_parser("add", help="add a user or change a password", parents=[here])
     add.add_argument("address", help="user@domain")
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from standard input (one line)")
-    rm = sub.add_parser("remove", help="remove a user")
+    rm = sub.add_parser("remove", help="remove a user", parents=[here])
     rm.add_argument("address")
-    ls = sub.add_parser("list", help="list users")
+    ls = sub.add_parser("list", help="list users", parents=[here])
     ls.add_argument("domain", nargs="?")
     p.set_defaults(func=_cli)
 
@@ -80,6 +84,21 @@ def _read_password(from_stdin: bool) -> str:
     if not password:
         raise SystemExit("tampu: empty password refused")
     return password
+
+
+def _scrypt_log_n(config_dir: Path) -> int:
+    """``[plugins.auth] scrypt_log_n`` of the configuration, or the default without one."""
+    from tampu.config import load_config, resolve_secrets
+    from tampu.errors import ConfigError
+
+    try:
+        table = load_config(config_dir).plugins.get("auth")
+        if table is None:
+            return DEFAULT_LOG_N
+        values = resolve_secrets(table.values, config_dir)
+        return AuthSettings.model_validate(values).scrypt_log_n
+    except (ConfigError, ValueError):  # `tampu check` reports a broken configuration
+        return DEFAULT_LOG_N
 
 
 def _cli(args: argparse.Namespace) -> int:
@@ -100,7 +119,8 @@ def _cli(args: argparse.Namespace) -> int:
     db = directory.db(domain)
     users = dict(db.users())
     if args.user_command == "add":
-        users[user] = hash_password(_read_password(args.password_stdin))
+        users[user] = hash_password(_read_password(args.password_stdin),
+                                    log_n=_scrypt_log_n(Path(args.config_dir)))
         db.write(users)
         print(f"user {user}@{domain} saved in {db.path}")
         return 0

@@ -15,15 +15,15 @@ from tampu.plugins.auth.userdb import UserDirectory
 from tampu.reply import RECIPIENT_OK
 
 
-class Settings(PluginSettings):
+class LocalUsersSettings(PluginSettings):
     accept_postmaster: bool = Field(default=True, description="Accept postmaster@ every local "
                                     "domain, as RFC 5321 requires.")
 
 
 class LocalUsersPlugin:
-    Settings = Settings
+    Settings = LocalUsersSettings
 
-    def __init__(self, ctx: PluginContext[Settings]) -> None:
+    def __init__(self, ctx: PluginContext[LocalUsersSettings]) -> None:
         self.ctx = ctx
         self.users = UserDirectory(ctx.server.config.domains_dir)
 

@@ -8,15 +8,15 @@ from tampu import Envelope, Message, PluginContext, PluginSettings, Reply, Sessi
 from tampu.reply import LOOP_DETECTED
 
 
-class Settings(PluginSettings):
+class LoopDetectSettings(PluginSettings):
     max_received: int = Field(default=50, gt=0, description="Received headers a message may "
                               "carry before it is refused as a loop (chasquid: 50).")
 
 
 class LoopDetectPlugin:
-    Settings = Settings
+    Settings = LoopDetectSettings
 
-    def __init__(self, ctx: PluginContext[Settings]) -> None:
+    def __init__(self, ctx: PluginContext[LoopDetectSettings]) -> None:
         self.max = ctx.settings.max_received
 
     @hookimpl
