@@ -113,11 +113,11 @@ def make_body(size: int) -> bytes:
 
 
 async def run_load(host: str, port: int, clients: int, messages: int, size: int,
-                   rcpt: str, reuse: bool, timeout: float) -> dict[str, float]:
+                   rcpt: str, reuse: bool, limit_s: float) -> dict[str, float]:
     body = make_body(size)
     latencies: list[float] = []
     errors: list[str] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_s
     start = time.perf_counter()
     await asyncio.gather(*(client(host, port, messages, body, rcpt, reuse, latencies, errors,
                                   deadline) for _ in range(clients)))

@@ -45,6 +45,12 @@ HookObserver = Callable[[str, str, float, str], None]
 """Called after each implementation ran: (hook, plugin, seconds, outcome ok|error|timeout)."""
 
 
+def _is_async(func: Callable[..., Any]) -> bool:
+    """``async def``: awaited on the loop even if marked @blocking (a thread would only make
+    a coroutine object that nobody awaits, taken for a verdict)."""
+    return inspect.iscoroutinefunction(inspect.unwrap(func))
+
+
 class HookCaller:
     """Calls one hook's implementations in tampu's order, awaiting and timing each."""
 
@@ -53,10 +59,13 @@ class HookCaller:
         pm: pluggy.PluginManager,
         ordering: Mapping[str, tuple[int, int]],
         timeout: float,
+        hook_timeouts: Mapping[str, float] | None = None,
     ) -> None:
         self._pm = pm
         self._ordering = ordering
         self.timeout = timeout
+        self.hook_timeouts = dict(hook_timeouts or {})
+        """Per-hook overrides of ``timeout`` (``deliver`` gets ``[server] delivery_timeout``)."""
         self._cache: dict[str, list[_Impl]] = {}
         self.trace = os.environ.get("TAMPU_TRACE_HOOKS", "") not in ("", "0")
         self.observers: list[HookObserver] = []
@@ -74,7 +83,7 @@ class HookCaller:
                 plugin=impl.plugin_name,
                 function=impl.function,
                 argnames=tuple(impl.argnames),
-                blocking=is_blocking(impl.function),
+                blocking=is_blocking(impl.function) and not _is_async(impl.function),
             )))
         impls.sort(key=lambda pair: pair[0])
         result = [impl for _, impl in impls]
@@ -83,21 +92,22 @@ class HookCaller:
 
     async def _run(self, name: str, impl: _Impl, kwargs: Mapping[str, Any]) -> Any:
         args = [kwargs[a] for a in impl.argnames]
+        timeout = self.hook_timeouts.get(name, self.timeout)
         start = time.perf_counter()
         outcome = "ok"
         try:
             if impl.blocking:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(timeout):
                     return await asyncio.to_thread(impl.function, *args)
             res = impl.function(*args)
             if inspect.isawaitable(res):
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(timeout):
                     res = await res
             return res
         except TimeoutError:
             outcome = "timeout"
-            log.error("plugin %s timed out in %s after %.0fs", impl.plugin, name, self.timeout)
-            raise PluginError(impl.plugin, name, f"timed out after {self.timeout:g}s") from None
+            log.error("plugin %s timed out in %s after %.0fs", impl.plugin, name, timeout)
+            raise PluginError(impl.plugin, name, f"timed out after {timeout:g}s") from None
         except PluginError:
             outcome = "error"
             raise

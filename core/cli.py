@@ -252,6 +252,26 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tampu.scaffold import init_config
+
+    try:
+        files = init_config(Path(args.directory), args.domain, hostname=args.hostname,
+                            data_dir=args.data_dir, force=args.force)
+    except (ValueError, OSError) as exc:
+        print(f"tampu: {exc}", file=sys.stderr)
+        return 2
+    for path in files:
+        print(f"wrote {path}")
+    print(f"\nNext: put the certificate in {args.directory}/certs/ (see certs/README.txt), add "
+          f"users with `tampu user add USER@{args.domain} --config-dir {args.directory}`, "
+          f"check with `tampu check --config-dir {args.directory}`; docs/operations.md has "
+          "the systemd unit and the DNS records to publish.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tampu", description="tampu mail server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -268,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_plugins)
     with_config(sub.add_parser("reload", help="make the running server re-read its "
                                "configuration")).set_defaults(func=cmd_reload)
+    init = sub.add_parser("init", help="write a commented production configuration")
+    init.add_argument("directory", help="the configuration directory to create")
+    init.add_argument("--domain", required=True, help="your mail domain (example.com)")
+    init.add_argument("--hostname", help="the server's name (default: mail.DOMAIN)")
+    init.add_argument("--data-dir", default="/var/lib/tampu", help="queue and mail "
+                      "(default: /var/lib/tampu)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing conf.d")
+    init.set_defaults(func=cmd_init)
     q = with_config(sub.add_parser("queue", help="inspect and act on the queue"))
     qs = q.add_subparsers(dest="queue_command", required=True)
     qs.add_parser("list", help="items with age, sender, recipients and last error")

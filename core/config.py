@@ -113,6 +113,9 @@ class ServerSettings(_Strict):
                                  description="Items in the queue before new mail gets 452.")
     plugin_timeout: float = Field(default=30.0, gt=0,
                                   description="Seconds one hook implementation may take.")
+    delivery_timeout: float = Field(
+        default=900.0, gt=0, description="Seconds one delivery attempt (the deliver hook) may "
+        "take; long enough for RFC 5321's SMTP timeouts.")
     shutdown_timeout: float = Field(default=30.0, ge=0,
                                     description="Seconds open transactions get at shutdown.")
     workers: int = Field(default=1, ge=1, le=64,

@@ -9,8 +9,9 @@ removed and ``queue_done`` fired.
 
 Retry schedule (chasquid's): after the first round 1 min, then 5, 10, 20 min, then every 20 min,
 each with ±10% jitter so that a restart does not retry everything at once. Recipients still
-pending at give-up time fail with their last error and status ``4.4.7`` (unless the backend gave
-a more precise enhanced code); ``item.extra["timed_out"]`` lists them for the DSN plugin.
+pending at give-up time fail with their last error kept as it was (the remote's reply, for the
+DSN's Diagnostic-Code); ``item.extra["timed_out"]`` lists them, so that a DSN can report
+``4.4.7`` (delivery time expired) when the backend gave no enhanced code.
 
 ``tampu queue retry|delete`` (another process) asks for work through files in
 ``queue/retry/`` and SIGUSR1; :meth:`DeliveryRunner.handle_requests` serves them.
@@ -38,8 +39,6 @@ log = logging.getLogger("tampu.delivery")
 
 DEFAULT_SCHEDULE: Final = (60.0, 300.0, 600.0, 1200.0)
 """chasquid's: 1, 5, 10, 20 minutes, then every 20 minutes."""
-TIMED_OUT_STATUS: Final = "4.4.7"
-"""RFC 3463 "delivery time expired", for recipients still pending at give-up time."""
 
 
 def schedule_delay(schedule: list[float], attempt: int) -> float:
@@ -219,7 +218,6 @@ class DeliveryRunner:
             timed_out = item.pending
             for rcpt in timed_out:
                 rcpt.status = RecipientStatus.FAILED
-                rcpt.last_enhanced = rcpt.last_enhanced or TIMED_OUT_STATUS
                 rcpt.last_error = rcpt.last_error or "no delivery attempt succeeded"
             item.extra["timed_out"] = [r.address for r in timed_out]
             await self.queue.save_state(item)

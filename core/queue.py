@@ -5,9 +5,11 @@ Layout of ``<data_dir>/queue/``:
 * ``<id>.item`` — one line of JSON (the envelope and recipients as enqueued, and ``size``, the
   length of the message), ``\\n``, then the message bytes. Written once: to ``.tmp-<id>``,
   fsync, rename, fsync of the directory. Only then does the client get ``250``.
-* ``<id>.state`` — JSON with per-recipient results, replaced atomically (same dance) after each
-  delivery attempt, so a restart never redoes a finished recipient.
-* ``.tmp-*`` — half-written files from a crash before rename: removed at start.
+* ``<id>.state`` — JSON with per-recipient results (and the item's ``extra``), replaced
+  atomically (same dance) after each delivery attempt, so a restart never redoes a finished
+  recipient.
+* ``.tmp-*`` — half-written files from a crash before rename: removed at start (those older
+  than this process: reception workers may be writing newer ones).
 * ``corrupt/`` — items that cannot be read are moved here with a log line.
 * ``retry/`` — requests from ``tampu queue retry`` (one empty file per ID, or ``all``), served by
   the running server on SIGUSR1 and cleared at start.
@@ -42,6 +44,8 @@ TMP_PREFIX = ".tmp-"
 RETRY_DIR = "retry"
 CORRUPT_DIR = "corrupt"
 _ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
+_PROCESS_START = time.time()
+"""Before any reception worker forks: older ``.tmp-*`` files are leftovers of a crash."""
 
 
 def valid_id(item_id: str) -> bool:
@@ -210,7 +214,8 @@ class Queue:
         """Write the item's delivery results durably (nothing if an operator deleted it)."""
         if not self.item_path(item.id).exists():
             return
-        body = json.dumps(item.state_json(), separators=(",", ":")).encode()
+        state = {**item.state_json(), "extra": item.extra}
+        body = json.dumps(state, separators=(",", ":")).encode()
         await asyncio.to_thread(_write_durable, self.dir / f"{item.id}{STATE_SUFFIX}",
                                 [body], self.fsync)
 
@@ -257,6 +262,7 @@ class Queue:
         try:
             state = json.loads(state_path.read_bytes())
             item.apply_state(state)
+            item.extra.update(state.get("extra") or {})
         except FileNotFoundError:
             pass
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -269,6 +275,11 @@ class Queue:
         items = []
         for entry in list(self.dir.iterdir()):
             if entry.name.startswith(TMP_PREFIX):
+                try:
+                    if entry.stat().st_mtime >= _PROCESS_START:
+                        continue  # being written right now by a reception worker
+                except FileNotFoundError:
+                    continue
                 log.warning("removing half-written queue file %s", entry.name)
                 entry.unlink(missing_ok=True)
         self.take_retry_requests()  # every item is tried at start anyway

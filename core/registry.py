@@ -165,13 +165,16 @@ def build_registry(
 
     try:
         pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        problems.append(f"plugin {exc.plugin!r}: {exc}")
+    except pluggy.PluginValidationError as exc:  # name it as conf.d does, not by its repr
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        problems.append(f"plugin {name}: {str(exc).split(' in plugin ', 1)[0]} "
+                        "(not in tampu's hook catalogue: misspelt?)")
 
     if problems:
         raise ConfigError(problems)
 
-    caller = HookCaller(pm, ordering, timeout=config.server.plugin_timeout)
+    caller = HookCaller(pm, ordering, timeout=config.server.plugin_timeout,
+                        hook_timeouts={"deliver": config.server.delivery_timeout})
     hooks = Hooks(caller)
     for name, info in infos.items():
         if info.enabled and pm.has_plugin(name):

@@ -111,7 +111,12 @@ class Server:
             raise ConfigError(problems)
         if not self._sockets:
             self.bind()
-        await self.state.hooks.tampu_startup(self.context)
+        try:
+            await self.state.hooks.tampu_startup(self.context)
+        except BaseException:  # tampu does not serve: give the addresses back
+            for sock in [s for socks in self._sockets.values() for s in socks]:
+                sock.close()
+            raise
         if self.deliver:
             from tampu.delivery import DeliveryRunner
 

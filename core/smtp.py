@@ -47,6 +47,7 @@ _ENHANCED = {
 # local parts, comments, source routes) goes to aiosmtpd's full parser.
 _SIMPLE_ADDR = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\x80-\U0010ffff]+@[A-Za-z0-9.\-\[\]:"
                           r"\x80-\U0010ffff]+|)>(?: +(.*))?$")
+_IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 
 
@@ -205,6 +206,17 @@ class TampuSMTP(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    def data_received(self, data: bytes) -> None:
+        # Idle means silent: aiosmtpd restarts its timer only per command, so a DATA upload
+        # longer than idle_timeout was cut mid-message. (During PROXY: the proxy's timeout.)
+        self._reset_timeout(self._proxy_timeout)
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(f"{_IDLE_TIMEOUT}\r\n".encode())  # say why, then close
+        super()._timeout_cb()
+
     async def _proxy_handshake(self) -> bool:
         """Read the PROXY header of a trusted proxy (aiosmtpd parses v1 and v2)."""
         assert self.tsession is not None
@@ -261,15 +273,8 @@ class TampuSMTP(SMTP):
         if isinstance(status, str):
             if not self._greeted and status.startswith("220 "):
                 self._greeted = True
-            elif status[:1] in "2345" and not status.startswith(("334", "354")) \
-                    and not _HAS_ENHANCED.match(status):
-                code = int(status[:3]) if status[:3].isdigit() else 0
-                enhanced = _ENHANCED.get(code)
-                if enhanced:
-                    text = status[4:]
-                    if text.startswith("Error: "):
-                        text = text[7:]
-                    status = f"{status[:3]}{status[3:4] or ' '}{enhanced} {text}"
+            elif status[:1] in "245":  # every line of a multi-line reply, any code
+                status = "\r\n".join(_enhance(line) for line in status.split("\r\n"))
         await super().push(status)
 
     async def _reply(self, reply: Reply) -> None:
@@ -557,6 +562,17 @@ class TampuSMTP(SMTP):
             log.error("session %s: could not queue message: %s", session.id, exc)
             return R.QUEUE_WRITE_FAILED
         return Reply(250, "2.0.0", f"Queued as {item.id}")
+
+
+def _enhance(line: str) -> str:
+    """One reply line with an enhanced status code (RFC 2034), added if it has none."""
+    if line[:1] not in "245" or not line[:3].isdigit() or _HAS_ENHANCED.match(line):
+        return line
+    enhanced = _ENHANCED.get(int(line[:3]), f"{line[0]}.0.0")
+    text = line[4:]
+    if text.startswith("Error: "):
+        text = text[7:]
+    return f"{line[:3]}{line[3:4] or ' '}{enhanced} {text}"
 
 
 def _trusted(host: str, networks: list[IPNetwork]) -> bool:

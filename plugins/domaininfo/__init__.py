@@ -1,0 +1,95 @@
+"""``domaininfo``: per-domain security levels, to refuse connection downgrades (chasquid's).
+
+Once a domain has shown it can do better, tampu refuses to do worse with it:
+
+* **outgoing** (checked by ``delivery_smtp`` through the store in the server stash): plain <
+  tls_unverified < tls_verified; a delivery that would go at a lower level than recorded is not
+  sent (temporary failure, retried later);
+* **incoming** (checked here at MAIL FROM, only for unauthenticated sessions whose sender passed
+  SPF, so that nobody can raise another domain's level): plain < tls; a lower level than
+  recorded is refused with ``451 4.7.3`` (chasquid refuses for good with 550 5.7.3; a temporary
+  refusal lets a legitimate sender that lost TLS keep its mail until an operator forgets the
+  domain).
+
+Levels live in ``<data_dir>/domaininfo/<domain>.json`` (see ``store.py``); delete a file to
+forget a domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from tampu import (
+    Envelope,
+    PluginContext,
+    PluginSettings,
+    Reply,
+    ServerContext,
+    Session,
+    domain_of,
+    hookimpl,
+)
+from tampu.plugins.domaininfo.store import DOMAININFO_STORE, DomainInfoStore, SecLevel
+
+if TYPE_CHECKING:
+    from tampu.plugins.spf.result import SpfResult
+
+SECURITY_DOWNGRADE = Reply(451, "4.7.3", "Security level check failed: this domain used TLS "
+                                         "before; try again over TLS")
+
+
+class DomainInfoSettings(PluginSettings):
+    directory: str = Field(default="domaininfo", description="Where the levels are kept; "
+                           "relative paths are relative to [server] data_dir.")
+    incoming: bool = Field(default=True, description="Refuse mail from a domain (SPF pass) "
+                           "over a connection less secure than it used before.")
+    outgoing: bool = Field(default=True, description="Refuse to deliver to a domain over a "
+                           "connection less secure than it offered before (used by "
+                           "delivery_smtp).")
+
+
+class DomainInfoPlugin:
+    Settings = DomainInfoSettings
+
+    def __init__(self, ctx: PluginContext[DomainInfoSettings]) -> None:
+        self.ctx = ctx
+        directory = ctx.server.data_dir / ctx.settings.directory
+        self.store = DomainInfoStore(directory, incoming=ctx.settings.incoming,
+                                     outgoing=ctx.settings.outgoing)
+
+    @hookimpl
+    def tampu_startup(self, context: ServerContext) -> None:
+        context.stash[DOMAININFO_STORE] = self.store
+
+    @hookimpl
+    def tampu_reload(self, context: ServerContext) -> None:
+        context.stash[DOMAININFO_STORE] = self.store
+
+    @hookimpl
+    async def smtp_mail_from(self, session: Session, envelope: Envelope, address: str,
+                             params: dict[str, str | bool]) -> Reply | None:
+        if session.authenticated or not self.ctx.settings.incoming:
+            return None
+        domain = domain_of(address)
+        spf = _spf_result(session)
+        if not domain or spf is None or spf.result != "pass" or spf.domain.lower() != domain:
+            return None  # no proof that the client speaks for the domain: do not judge
+        level = SecLevel.PLAIN if session.tls is None else SecLevel.TLS_UNVERIFIED
+        ok = await asyncio.to_thread(self.store.check_incoming, domain, level)
+        if ok:
+            return None
+        self.ctx.log.warning("session %s: refused <%s> from %s: incoming security level %s is "
+                             "below the level recorded for %s", session.id, address,
+                             session.peer_host, level.label, domain)
+        return SECURITY_DOWNGRADE
+
+
+def _spf_result(session: Session) -> SpfResult | None:
+    try:
+        from tampu.plugins.spf.result import SPF_RESULT
+    except ImportError:  # the spf plugin is not installed: no SPF result, no incoming check
+        return None
+    return session.stash.get(SPF_RESULT, None)

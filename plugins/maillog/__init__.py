@@ -1,0 +1,222 @@
+"""``maillog``: one line per mail event, for humans and log tools (after chasquid's maillog).
+
+Events: ``auth`` (each AUTH answer), ``queued`` / ``rejected`` (each transaction that reached
+DATA), ``sent`` / ``failed`` (each delivery attempt) and ``done`` (an item left the queue).
+Each line has the queue ID where there is one, the sender, the recipients, the client address,
+its TLS and AUTH state and the reply. Passwords and message bodies are never logged.
+
+Lines go to a file (``path``, relative to the data directory; reopened when logrotate moves it)
+or to syslog (facility mail), as ``text`` or ``json``. Writing happens in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import logging.handlers
+import os
+import queue
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from tampu import (
+    DeliveryResult,
+    Envelope,
+    PluginContext,
+    PluginSettings,
+    QueueItem,
+    Recipient,
+    Reply,
+    ServerContext,
+    Session,
+    StashKey,
+    hookimpl,
+)
+
+
+class MailLogSettings(PluginSettings):
+    path: str = Field(default="mail.log", description="The mail log file, relative to the data "
+                      "directory (absolute paths are kept). Ignored with syslog = true.")
+    syslog: bool = Field(default=False, description="Send the lines to syslog (facility mail, "
+                         "tag tampu) instead of the file.")
+    syslog_socket: str = Field(default="/dev/log", description="The syslog socket; it must "
+                               "exist when syslog = true.")
+    format: Literal["text", "json"] = Field(default="text", description="text: one readable "
+                                            "line per event; json: one JSON object per line.")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def _clean(value: str) -> str:
+    """No line breaks or control characters from the network into the log."""
+    return _CONTROL.sub(" ", value)
+
+
+def _client(session: Session) -> str:
+    host = session.peer_host
+    return f"[{host}]:{session.peer_port}" if ":" in host else f"{host}:{session.peer_port}"
+
+
+class MailLog:
+    """The output: a dedicated logger whose lines a thread writes (file or syslog)."""
+
+    def __init__(self, settings: MailLogSettings, data_dir: Path) -> None:
+        self.settings = settings
+        self.path = data_dir / settings.path
+        self.logger = logging.Logger("tampu.maillog", logging.INFO)  # not in the global tree
+        self.logger.propagate = False
+        self.queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self.listener: logging.handlers.QueueListener | None = None
+
+    def open(self) -> None:
+        """Open the file or the syslog socket (blocking: run in a thread). Raises OSError."""
+        target: logging.Handler
+        if self.settings.syslog:
+            if not os.path.exists(self.settings.syslog_socket):
+                raise OSError(f"maillog: syslog socket {self.settings.syslog_socket} does not "
+                              "exist (is a syslog daemon running?)")
+            target = logging.handlers.SysLogHandler(
+                self.settings.syslog_socket, facility=logging.handlers.SysLogHandler.LOG_MAIL)
+            target.setFormatter(logging.Formatter("tampu: %(message)s"))
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            target = logging.handlers.WatchedFileHandler(self.path, encoding="utf-8")
+            fmt = "%(message)s" if self.settings.format == "json" else "%(asctime)s %(message)s"
+            target.setFormatter(logging.Formatter(fmt))
+        self.listener = logging.handlers.QueueListener(self.queue, target)
+        self.listener.start()
+        self.logger.addHandler(logging.handlers.QueueHandler(self.queue))
+
+    def close(self) -> None:
+        """Write what is pending and close (blocking: run in a thread)."""
+        for handler in list(self.logger.handlers):
+            self.logger.removeHandler(handler)
+        if self.listener is not None:
+            self.listener.stop()
+            for handler in self.listener.handlers:
+                handler.close()
+            self.listener = None
+
+    def event(self, event: str, text: str, fields: dict[str, Any]) -> None:
+        if self.settings.format == "json":
+            now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+            self.logger.info("%s", json.dumps({"time": now, "event": event, **fields},
+                                              ensure_ascii=False))
+        else:
+            self.logger.info("%s", _clean(text))
+
+
+MAILLOG: StashKey[MailLog] = StashKey()
+
+
+def _reply(reply: Reply) -> dict[str, Any]:
+    return {"code": reply.code, "status": reply.status, "text": reply.text}
+
+
+def _session_fields(session: Session) -> dict[str, Any]:
+    return {"ip": session.peer_host, "port": session.peer_port,
+            "listener": session.listener.name, "helo": session.helo,
+            "tls": session.tls.version if session.tls else None, "auth": session.auth_user}
+
+
+class MailLogPlugin:
+    Settings = MailLogSettings
+
+    def __init__(self, ctx: PluginContext[MailLogSettings]) -> None:
+        self.ctx = ctx
+        self.log: MailLog | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @hookimpl
+    async def tampu_startup(self, context: ServerContext) -> None:
+        mlog = MailLog(self.ctx.settings, context.data_dir)
+        await asyncio.to_thread(mlog.open)
+        context.stash[MAILLOG] = mlog
+        self.log = mlog
+
+    @hookimpl
+    async def tampu_reload(self, context: ServerContext) -> None:
+        old = context.stash.get(MAILLOG, None)
+        if old is not None and old.settings == self.ctx.settings and \
+                old.path == context.data_dir / self.ctx.settings.path:
+            self.log = old  # same output: keep it (a rotated file is reopened anyway)
+            return
+        await self.tampu_startup(context)
+        if old is not None:
+            await asyncio.to_thread(old.close)
+
+    @hookimpl
+    async def tampu_shutdown(self, context: ServerContext) -> None:
+        if self.log is not None:
+            await asyncio.to_thread(self.log.close)
+            if context.stash.get(MAILLOG, None) is self.log:
+                del context.stash[MAILLOG]
+
+    # ---------------------------------------------------------------- events
+
+    @hookimpl
+    def smtp_auth_result(self, session: Session, login: str, success: bool,
+                         reason: str) -> None:
+        if self.log is None:
+            return
+        outcome = "succeeded" if success else "failed"
+        why = f" ({reason})" if reason and not success else ""
+        self.log.event("auth", f"{_client(session)} auth {outcome} for {login}{why}",
+                       {**_session_fields(session), "login": login, "success": success,
+                        "reason": reason})
+
+    @hookimpl
+    def smtp_transaction_done(self, session: Session, envelope: Envelope, reply: Reply,
+                              queue_id: str | None) -> None:
+        if self.log is None:
+            return
+        to = ", ".join(f"<{r}>" for r in envelope.rcpt_to)
+        state = (f"tls={session.tls.version if session.tls else 'no'} "
+                 f"auth={session.auth_user or '-'}")
+        fields = {**_session_fields(session), "qid": queue_id, "from": envelope.mail_from,
+                  "to": list(envelope.rcpt_to), "reply": _reply(reply)}
+        if queue_id is not None:
+            self.log.event("queued", f"{queue_id} from=<{envelope.mail_from}> queued "
+                           f"ip={_client(session)} to=[{to}] {state} reply={str(reply)!r}",
+                           fields)
+        else:
+            self.log.event("rejected", f"{_client(session)} rejected "
+                           f"from=<{envelope.mail_from}> to=[{to}] {state} - {reply}", fields)
+
+    @hookimpl
+    def delivery_attempted(self, item: QueueItem, recipient: Recipient,
+                           result: DeliveryResult) -> None:
+        if self.log is None:
+            return
+        head = f"{item.id} from=<{item.mail_from}> to=<{recipient.address}>"
+        if recipient.original != recipient.address:
+            head += f" orig_to=<{recipient.original}>"
+        remote = f" remote={result.remote!r}" if result.remote else ""
+        if result.status == "sent":
+            text = f"{head} sent{remote} reply={result.text!r}"
+        else:
+            code = " ".join(x for x in (str(result.code or ""), result.enhanced) if x)
+            text = f"{head} failed ({result.status}){remote}: {code + ' ' if code else ''}" \
+                f"{result.text}"
+        self.log.event("sent" if result.status == "sent" else "failed", text, {
+            "qid": item.id, "from": item.mail_from, "to": recipient.address,
+            "orig_to": recipient.original, "attempt": recipient.attempts,
+            "status": result.status, "code": result.code, "enhanced": result.enhanced,
+            "text": result.text, "remote": result.remote, "origin": item.origin})
+
+    @hookimpl
+    def queue_done(self, item: QueueItem) -> None:
+        if self.log is None:
+            return
+        sent = sum(r.status == "sent" for r in item.recipients)
+        failed = len(item.failed)
+        self.log.event("done", f"{item.id} from=<{item.mail_from}> all done: {sent} sent, "
+                       f"{failed} failed", {"qid": item.id, "from": item.mail_from,
+                                            "sent": sent, "failed": failed})

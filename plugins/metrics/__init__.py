@@ -1,0 +1,298 @@
+"""``metrics``: Prometheus metrics and a small status page on their own HTTP listener.
+
+``GET /metrics`` (Prometheus text format, from ``prometheus-client`` with a registry of this
+server's own) and ``GET /`` (queue, listeners, plugin order, recent errors). Loopback by
+default: the page shows configuration details, so expose it only to your monitoring.
+
+State (the metrics, the HTTP listener) lives in the server stash, so a reload keeps the counters
+and the listener; the new plugin instance takes them over in ``tampu_reload``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import errno
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+from pydantic import Field, field_validator
+
+from tampu import (
+    DeliveryResult,
+    Envelope,
+    PluginContext,
+    PluginSettings,
+    QueueItem,
+    Recipient,
+    Reply,
+    ServerContext,
+    Session,
+    StashKey,
+    hookimpl,
+)
+from tampu.config import split_hostport
+from tampu.plugins.metrics.http import HttpServer, Response
+from tampu.plugins.metrics.status import QueueSummary, RecentErrors, render
+from tampu.plugins.spf.result import SPF_RESULT
+
+log = logging.getLogger("tampu.plugins.metrics")
+
+HOOK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0)
+
+
+class MetricsSettings(PluginSettings):
+    priority: int = Field(default=0, description="Order on each hook: metrics only observes, "
+                          "so it runs first and sees every connection and transaction.")
+    address: str = Field(default="127.0.0.1:9125", description="host:port of the HTTP "
+                         "listener for /metrics and the status page; keep it on loopback or a "
+                         "private network. Port 0 picks a free port (tests).")
+    recent_errors: int = Field(default=20, ge=0, le=1000, description="How many recent "
+                               "ERROR log lines the status page shows.")
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        split_hostport(value)
+        return value
+
+
+# The plugin that answered the latest ``deliver`` call in this task (set by the observer).
+_DELIVER_PLUGIN: contextvars.ContextVar[str] = contextvars.ContextVar("tampu_metrics_deliver",
+                                                                      default="")
+_SEEN_SPF: StashKey[int] = StashKey()
+_COUNTED: StashKey[bool] = StashKey()
+
+
+class _QueueCollector(Collector):
+    def __init__(self, state: MetricsState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        summary = self.state.queue_summary()
+        yield GaugeMetricFamily("tampu_queue_items", "Items in the queue.", value=summary.items)
+        yield GaugeMetricFamily("tampu_queue_oldest_age_seconds",
+                                "Age of the oldest queue item (0 when empty).",
+                                value=summary.oldest_age)
+
+
+class MetricsState:
+    """The metrics and the HTTP listener of one server; survives reloads (server stash)."""
+
+    def __init__(self, context: ServerContext, errors: int) -> None:
+        self.context = context
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Counter("tampu_connections", "SMTP connections accepted.",
+                                   ["listener"], registry=r)
+        self.open = Gauge("tampu_connections_open", "SMTP connections open now.",
+                          ["listener"], registry=r)
+        self.transactions = Counter("tampu_transactions", "SMTP transactions that reached "
+                                    "DATA, by the class of the final reply.",
+                                    ["listener", "reply"], registry=r)
+        self.spf = Counter("tampu_spf_results", "SPF results of incoming transactions.",
+                           ["result"], registry=r)
+        self.auth = Counter("tampu_auth_attempts", "SMTP AUTH attempts.", ["result"],
+                            registry=r)
+        self.queued = Counter("tampu_messages_queued", "Messages queued, by origin (smtp, "
+                              "dsn, forward).", ["origin"], registry=r)
+        self.dsns = Counter("tampu_dsn_sent", "Delivery status notifications queued.",
+                            registry=r)
+        self.attempts = Counter("tampu_delivery_attempts", "Delivery attempts by backend "
+                                "plugin and result.", ["backend", "result"], registry=r)
+        self.hook_seconds = Histogram("tampu_hook_duration_seconds", "Time spent in each "
+                                      "plugin's hook implementations.", ["hook", "plugin"],
+                                      buckets=HOOK_BUCKETS, registry=r)
+        self.hook_failures = Counter("tampu_hook_failures", "Hook implementations that "
+                                     "raised or timed out.", ["hook", "plugin", "outcome"],
+                                     registry=r)
+        r.register(_QueueCollector(self))
+        self.errors = RecentErrors(errors)
+        self.http = HttpServer({"/metrics": self._metrics, "/": self._status})
+        self.address = ""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def attach(self, context: ServerContext) -> None:
+        """Follow ``context`` (start-up or a reload): observe its hook caller."""
+        self.context = context
+        if context.hooks is not None and self.observe not in context.hooks.caller.observers:
+            context.hooks.caller.observers.append(self.observe)
+
+    async def listen(self, address: str) -> None:
+        if address == self.address and self.http.server is not None:
+            return
+        await self.http.stop()
+        host, port = split_hostport(address)
+        try:
+            await self.http.start(host, port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            # Another process of this server (a reception worker) serves it.
+            log.warning("metrics: %s is in use; this process's metrics are not exported",
+                        address)
+            return
+        self.address = address
+        log.info("metrics: serving /metrics and / on %s:%d", *(self.http.bound or ("?", 0)))
+
+    async def close(self) -> None:
+        await self.http.stop()
+        logging.getLogger("tampu").removeHandler(self.errors)
+
+    # ------------------------------------------------------------------ observations
+
+    def observe(self, hook: str, plugin: str, seconds: float, outcome: str) -> None:
+        self.hook_seconds.labels(hook, plugin).observe(seconds)
+        if outcome != "ok":
+            self.hook_failures.labels(hook, plugin, outcome).inc()
+        if hook == "deliver":
+            _DELIVER_PLUGIN.set(plugin)
+
+    def count_spf(self, session: Session) -> None:
+        """Count each SPF result once, whenever it is first seen in the session's stash."""
+        result = session.stash.get(SPF_RESULT, None)
+        if result is not None and session.stash.get(_SEEN_SPF, 0) != id(result):
+            session.stash[_SEEN_SPF] = id(result)
+            self.spf.labels(result.result).inc()
+
+    def queue_summary(self) -> QueueSummary:
+        queue = self.context.queue
+        if queue is None:
+            return QueueSummary(0, 0.0)
+        now, oldest, n = time.time(), None, 0
+        for qid in queue.ids():
+            try:
+                mtime = os.stat(queue.item_path(qid)).st_mtime
+            except OSError:
+                continue  # delivered meanwhile
+            n += 1
+            oldest = mtime if oldest is None else min(oldest, mtime)
+        return QueueSummary(n, max(0.0, now - oldest) if oldest is not None else 0.0)
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _metrics(self) -> Response:
+        body = await asyncio.to_thread(generate_latest, self.registry)
+        return 200, CONTENT_TYPE_LATEST, body
+
+    async def _status(self) -> Response:
+        summary = await asyncio.to_thread(self.queue_summary)
+        return 200, "text/html; charset=utf-8", render(self.context, summary,
+                                                       list(self.errors.records))
+
+
+METRICS_STATE: StashKey[MetricsState] = StashKey()
+
+
+class MetricsPlugin:
+    Settings = MetricsSettings
+
+    def __init__(self, ctx: PluginContext[MetricsSettings]) -> None:
+        self.ctx = ctx
+        self.state: MetricsState | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port of the HTTP listener (0 if not listening)."""
+        bound = self.state.http.bound if self.state is not None else None
+        return bound[1] if bound else 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @hookimpl
+    async def tampu_startup(self, context: ServerContext) -> None:
+        state = MetricsState(context, self.ctx.settings.recent_errors)
+        context.stash[METRICS_STATE] = state
+        logging.getLogger("tampu").addHandler(state.errors)
+        await self._take(state, context)
+
+    @hookimpl
+    async def tampu_reload(self, context: ServerContext) -> None:
+        state = context.stash.get(METRICS_STATE, None)
+        if state is None:  # enabled by this reload
+            await self.tampu_startup(context)
+            return
+        state.errors.records = type(state.errors.records)(state.errors.records,
+                                                          maxlen=self.ctx.settings.recent_errors)
+        await self._take(state, context)
+
+    async def _take(self, state: MetricsState, context: ServerContext) -> None:
+        self.state = state
+        state.attach(context)
+        await state.listen(self.ctx.settings.address)
+
+    @hookimpl
+    async def tampu_shutdown(self, context: ServerContext) -> None:
+        if self.state is not None:
+            await self.state.close()
+            if context.stash.get(METRICS_STATE, None) is self.state:
+                del context.stash[METRICS_STATE]
+
+    # ---------------------------------------------------------------- reception
+
+    @hookimpl
+    def smtp_connect(self, session: Session) -> None:
+        if self.state is not None:
+            session.stash[_COUNTED] = True
+            self.state.connections.labels(session.listener.name).inc()
+            self.state.open.labels(session.listener.name).inc()
+
+    @hookimpl
+    def smtp_mail_from(self, session: Session) -> None:
+        if self.state is not None:
+            self.state.count_spf(session)  # a result of the previous transaction
+
+    @hookimpl
+    def smtp_rcpt_to(self, session: Session) -> None:
+        if self.state is not None:
+            self.state.count_spf(session)
+
+    @hookimpl
+    def smtp_auth_result(self, success: bool) -> None:
+        if self.state is not None:
+            self.state.auth.labels("success" if success else "failure").inc()
+
+    @hookimpl
+    def smtp_transaction_done(self, session: Session, envelope: Envelope, reply: Reply) -> None:
+        if self.state is not None:
+            self.state.count_spf(session)
+            self.state.transactions.labels(session.listener.name, f"{reply.code // 100}xx").inc()
+
+    @hookimpl
+    def smtp_disconnect(self, session: Session) -> None:
+        if self.state is not None:
+            self.state.count_spf(session)
+            if session.stash.get(_COUNTED, False):
+                self.state.open.labels(session.listener.name).dec()
+
+    # ---------------------------------------------------------------- queue
+
+    @hookimpl
+    def queue_enqueued(self, item: QueueItem) -> None:
+        if self.state is not None:
+            self.state.queued.labels(item.origin).inc()
+            if item.origin == "dsn":
+                self.state.dsns.inc()
+
+    @hookimpl
+    def deliver(self) -> None:
+        _DELIVER_PLUGIN.set("")  # runs first: whoever answers after this is the backend
+
+    @hookimpl
+    def delivery_attempted(self, item: QueueItem, recipient: Recipient,
+                           result: DeliveryResult) -> None:
+        if self.state is None:
+            return
+        backend = _DELIVER_PLUGIN.get()
+        if not backend or backend == self.ctx.name or (
+                result.status == "permanent" and result.text.startswith("no delivery backend")):
+            backend = "none"
+        self.state.attempts.labels(backend, result.status).inc()

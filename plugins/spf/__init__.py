@@ -1,0 +1,126 @@
+"""``spf``: check the sender's SPF policy (RFC 7208) at MAIL FROM, like chasquid.
+
+Only sessions that did not authenticate are checked. The result goes to
+``session.stash[SPF_RESULT]`` (see :mod:`tampu.plugins.spf.result`) for other plugins (security
+levels trust only ``pass``; the post-data hook sees ``SPF_PASS``) and onto the message as
+``Received-SPF:`` and ``Authentication-Results:`` headers. What happens for each result is
+configurable; by default only ``fail`` is refused, with ``550 5.7.23 SPF check failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Literal
+
+from pydantic import Field
+
+from tampu import (
+    Envelope,
+    Message,
+    PluginContext,
+    PluginSettings,
+    Reply,
+    Session,
+    StashKey,
+    hookimpl,
+)
+from tampu.plugins.spf.check import Evaluation, SpfChecker
+from tampu.plugins.spf.result import SPF_RESULT, SpfResult
+
+__all__ = ["SPF_RESULT", "SpfPlugin", "SpfResult"]
+
+Action = Literal["accept", "reject", "tempfail"]
+
+_EVALUATION: StashKey[Evaluation] = StashKey()
+_SIMPLE_ADDR = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+$")
+
+
+class Settings(PluginSettings):
+    priority: int = Field(default=20, description="Order on each hook: lower runs first. Low "
+                          "by default so that plugins reading the SPF result at MAIL FROM "
+                          "(security levels) run after it.")
+    on_fail: Action = Field(default="reject", description="What to do with a message whose "
+                            "SPF result is fail: accept, reject (550 5.7.23) or tempfail (451).")
+    on_softfail: Action = Field(default="accept", description="Action for softfail.")
+    on_neutral: Action = Field(default="accept", description="Action for neutral.")
+    on_none: Action = Field(default="accept", description="Action for none (no SPF record).")
+    on_temperror: Action = Field(default="accept", description="Action for temperror (DNS "
+                                 "failure). chasquid accepts, so that DNS trouble never "
+                                 "blocks mail.")
+    on_permerror: Action = Field(default="accept", description="Action for permerror (a broken "
+                                 "SPF record).")
+    timeout: float = Field(default=20.0, gt=0, description="Seconds the whole evaluation may "
+                           "take (RFC 7208 suggests at least 20); each DNS query is limited by "
+                           "[server] dns_timeout. Keep it below [server] plugin_timeout.")
+    check_null_sender: bool = Field(default=True, description="For the null sender <> check "
+                                    "the HELO identity (postmaster@HELO), as RFC 7208 2.4 "
+                                    "says. chasquid skips the check for <>.")
+    add_headers: bool = Field(default=True, description="Add Received-SPF and "
+                              "Authentication-Results headers to checked messages.")
+
+
+class SpfPlugin:
+    Settings = Settings
+
+    def __init__(self, ctx: PluginContext[Settings]) -> None:
+        self.ctx = ctx
+        server = ctx.server.config.server
+        self.checker = SpfChecker(list(server.dns_servers), server.dns_timeout,
+                                  ctx.settings.timeout, ctx.server.hostname)
+
+    def action(self, result: str) -> Action:
+        action: Action = getattr(self.ctx.settings, f"on_{result}", "accept")
+        return action
+
+    async def evaluate(self, ip: str, sender: str, helo: str) -> Evaluation:
+        """Run one SPF check in a worker thread (pyspf and dnspython block)."""
+        return await asyncio.to_thread(self.checker.check, ip, sender, helo)
+
+    @hookimpl
+    async def smtp_mail_from(self, session: Session, envelope: Envelope, address: str,
+                             params: dict[str, str | bool]) -> Reply | None:
+        for key in (SPF_RESULT, _EVALUATION):
+            if key in session.stash:
+                del session.stash[key]
+        if session.authenticated:
+            return None  # authenticated users are trusted, as in chasquid
+        helo = session.helo or ""
+        if not address and (not self.ctx.settings.check_null_sender or not helo):
+            return None
+        evaluation = await self.evaluate(session.peer_host, address, helo)
+        res = evaluation.result
+        session.stash[SPF_RESULT] = res
+        session.stash[_EVALUATION] = evaluation
+        action = self.action(res.result)
+        self.ctx.log.info("session=%s SPF %s for <%s> from %s (%s): %s", session.id, res.result,
+                          res.identity, session.peer_host, res.explanation, action)
+        if action == "accept":
+            return None
+        status = "7.24" if res.result in ("temperror", "permerror") else "7.23"
+        if action == "reject":
+            return Reply(550, f"5.{status}", f"SPF check failed: {res.explanation}")
+        return Reply(451, f"4.{status}", f"SPF check failed temporarily: {res.explanation}")
+
+    @hookimpl
+    def smtp_data(self, session: Session, envelope: Envelope, message: Message) -> Reply | None:
+        evaluation = session.stash.get(_EVALUATION, None)
+        if evaluation is None or session.authenticated or not self.ctx.settings.add_headers:
+            return None
+        message.add_header("Received-SPF", evaluation.received_spf)
+        message.add_header("Authentication-Results",
+                           authentication_results(self.ctx.server.hostname, evaluation))
+        return None
+
+
+def authentication_results(authserv_id: str, evaluation: Evaluation) -> str:
+    """An RFC 8601 ``Authentication-Results`` value for one SPF evaluation."""
+    res = evaluation.result
+    if evaluation.scope == "helo":
+        prop = f"smtp.helo={res.domain}"
+    elif _SIMPLE_ADDR.match(res.identity):
+        prop = f"smtp.mailfrom={res.identity}"
+    else:
+        prop = f"smtp.mailfrom={res.domain}"
+    comment = res.explanation.replace("(", "[").replace(")", "]").replace("\\", "/")
+    return f"{authserv_id};\r\n\tspf={res.result} ({comment}) {prop}"

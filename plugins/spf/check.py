@@ -1,0 +1,149 @@
+"""One SPF evaluation with pyspf, its DNS queries sent to tampu's configured servers.
+
+pyspf looks names up through its module-level ``DNSLookup`` function (dnspython's deprecated
+``dns.resolver.query`` on the system's resolver). Rather than patching the module for the whole
+process, :class:`SpfChecker` builds a subclass of ``spf.query`` whose ``dns`` method is pyspf's
+own code bound to a namespace where ``DNSLookup`` is ours: caching, CNAME chasing and the
+RFC 7208 lookup limits stay pyspf's, the queries go to ``[server] dns_servers``.
+
+Everything here blocks (network I/O): call :meth:`SpfChecker.check` from a worker thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import dns.exception
+import dns.nameserver
+import dns.resolver
+import spf
+
+from tampu.plugins.spf.result import SpfResult
+
+log = logging.getLogger("tampu.plugins.spf")
+
+RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def parse_dns_server(spec: str) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port`` → (host, port)."""
+    if spec.startswith("["):
+        host, _, port = spec[1:].partition("]:")
+        return host.rstrip("]"), int(port or 53)
+    if spec.count(":") == 1:
+        host, _, port = spec.partition(":")
+        return host, int(port)
+    return spec, 53
+
+
+def make_resolver(servers: list[str], timeout: float) -> dns.resolver.Resolver:
+    """A synchronous dnspython resolver for ``servers`` (empty: the system's resolv.conf)."""
+    res = dns.resolver.Resolver(configure=not servers)
+    if servers:
+        res.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                           for host, port in map(parse_dns_server, servers)]
+    res.timeout = timeout
+    res.lifetime = timeout
+    return res
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` safe for an SMTP reply or a header: printable ASCII, bounded."""
+    return _UNPRINTABLE.sub("?", text)[:limit]
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """What one check produced: the result and the two header values."""
+
+    result: SpfResult
+    received_spf: str
+    """The value of ``Received-SPF:`` (RFC 7208 section 9.1)."""
+    scope: str
+    """``mailfrom``, or ``helo`` when the null sender made the HELO name the identity."""
+
+
+class SpfChecker:
+    """Evaluates SPF (RFC 7208) for a client IP, sender and HELO name."""
+
+    def __init__(self, servers: list[str], query_timeout: float, total_timeout: float,
+                 receiver: str) -> None:
+        self.resolver = make_resolver(servers, query_timeout)
+        self.total_timeout = total_timeout
+        self.receiver = receiver
+        self._query_class = self._make_query_class()
+
+    def _lookup(self, name: str, qtype: str, strict: Any = True,
+                timeout: float = 20.0) -> list[tuple[tuple[str, str], Any]]:
+        """pyspf's DNSLookup contract: [((name, qtype), value)]; TempError on failure."""
+        lifetime = max(0.1, min(float(timeout), self.resolver.lifetime))
+        try:
+            answer = self.resolver.resolve(name, qtype, lifetime=lifetime, search=False)
+        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+            return []
+        except dns.exception.Timeout as exc:
+            raise spf.TempError(f"DNS timeout looking up {name} {qtype}") from exc
+        except dns.exception.DNSException as exc:
+            raise spf.TempError(f"DNS error looking up {name} {qtype}: {exc}") from exc
+        out: list[tuple[tuple[str, str], Any]] = []
+        for rdata in answer:
+            if qtype in ("A", "AAAA"):
+                out.append(((name, qtype), rdata.address))
+            elif qtype == "MX":
+                out.append(((name, qtype), (rdata.preference, rdata.exchange)))
+            elif qtype == "PTR":
+                out.append(((name, qtype), rdata.target.to_text(True)))
+            elif qtype in ("TXT", "SPF"):
+                out.append(((name, qtype), rdata.strings))
+        return out
+
+    def _make_query_class(self) -> type:
+        base_dns = spf.query.dns
+        namespace = dict(vars(spf))
+        namespace["DNSLookup"] = self._lookup
+        dns_method = types.FunctionType(base_dns.__code__, namespace, base_dns.__name__,
+                                        base_dns.__defaults__, base_dns.__closure__)
+        return type("TampuSpfQuery", (spf.query,), {"dns": dns_method})
+
+    def check(self, ip: str, sender: str, helo: str) -> Evaluation:
+        """Evaluate ``sender`` (``""`` = null sender: ``postmaster@helo``) for ``ip``."""
+        ip = _plain_ip(ip)
+        identity = sender or f"postmaster@{helo}"
+        domain = identity.rpartition("@")[2].lower()
+        query = self._query_class(i=ip, s=sender, h=helo, receiver=self.receiver,
+                                  querytime=self.total_timeout)
+        try:
+            result, _code, explanation = query.check()
+        except Exception as exc:  # pyspf raises on odd input (strict mode warnings, bad IPs)
+            log.warning("SPF check of %s from %s raised %s: %s", identity, ip,
+                        type(exc).__name__, exc)
+            result, explanation = "temperror", f"SPF evaluation error: {type(exc).__name__}"
+        result = str(result).lower()
+        if result not in RESULTS:
+            result, explanation = "permerror", f"unexpected SPF result {result!r}"
+        explanation = printable(str(explanation))
+        try:
+            header = printable(query.get_header(result, receiver=self.receiver), 900)
+        except Exception:  # get_header needs state a failed check may not have
+            header = f"{result.capitalize()} ({self.receiver}: {explanation})"
+        spf_result = SpfResult(result=result, explanation=explanation, identity=identity,
+                               domain=domain)
+        return Evaluation(result=spf_result, received_spf=header,
+                          scope="mailfrom" if sender else "helo")
+
+
+def _plain_ip(ip: str) -> str:
+    """IPv4-mapped IPv6 (``::ffff:192.0.2.1``) as IPv4; zone index removed."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)

@@ -1,0 +1,175 @@
+"""The real ``tampu`` command in subprocesses: check, plugins, and serve (SIGTERM, default
+configuration)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tampu.testing import make_config_dir, server_toml
+from tests.conftest import require_tool
+from tests.helpers import RawClient, free_ports, run_tampu, tampu_command, wait_for_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_check_accepts_a_valid_configuration(tmp_path):
+    root = make_config_dir(tmp_path / "conf")
+    done = run_tampu("check", "--config-dir", str(root))
+    assert done.returncode == 0, done.stderr
+    assert "is valid (1 file(s), 4 plugin(s) enabled)" in done.stdout
+    assert done.stderr == ""
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("unknown-plugin", "[plugins.antivirus]\nenabled = true\n",
+     r"key plugins\.antivirus: unknown plugin 'antivirus' \(available: .*auth.*localusers.*\)"),
+    ("unknown-key", "[plugins.relay]\nenabled = true\nopen = true\n",
+     r"key plugins\.relay\.open: unknown key"),
+    ("wrong-type", "[server]\nmax_message_size = \"big\"\n",
+     r"key server\.max_message_size: Input should be a valid integer"),
+    ("invalid-toml", "[server\nhostname = 'x'\n", r"not valid TOML: .*line 1"),
+    ("unreadable", None, r"cannot read: No such file or directory"),
+])
+def test_check_reports_problems(tmp_path, name, text, expected):
+    root = make_config_dir(tmp_path / "conf")
+    bad = root / "conf.d" / f"50-{name}.toml"
+    if text is None:
+        bad.symlink_to(tmp_path / "missing.toml")
+    else:
+        bad.write_text(text)
+    done = run_tampu("check", "--config-dir", str(root))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert done.stderr.startswith("tampu: the configuration has problems:\n")
+    line = done.stderr.splitlines()[1]
+    assert line.startswith(f"  - {bad}: "), line
+    assert re.search(expected, line), line
+
+
+def test_serve_refuses_a_bad_configuration(tmp_path):
+    root = make_config_dir(tmp_path / "conf", conf={"50-x.toml": "[server]\nworkerz = 2\n"})
+    done = run_tampu("serve", "--config-dir", str(root), timeout=30)
+    assert done.returncode == 2
+    assert "50-x.toml: key server.workerz: unknown key" in done.stderr
+
+
+def test_plugins_lists_distribution_and_order_per_hook(tmp_path):
+    root = make_config_dir(tmp_path / "conf", base=server_toml(
+        plugins=("relay", "localusers", "auth", "loopdetect")),
+        conf={"50-p.toml": "[plugins.loopdetect]\nenabled = false\n"
+                           "[plugins.auth]\npriority = 5\n"})
+    done = run_tampu("plugins", "--config-dir", str(root))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
+    assert re.match(r"  auth +enabled +built-in +tampu \S+ +priority=5 +hooks: smtp_auth$",
+                    lines["auth"]), lines["auth"]
+    assert re.match(r"  relay +enabled +built-in +tampu \S+ +priority=100 +hooks: smtp_rcpt_to",
+                    lines["relay"])
+    assert re.match(r"  loopdetect +disabled +built-in +tampu ", lines["loopdetect"])
+    plugin_part, _, order_part = out.partition("Order per hook:\n")
+    # enabled first, by priority then conf.d order
+    names = [ln.split()[0] for ln in plugin_part.splitlines()[1:]]
+    assert names[:3] == ["auth", "relay", "localusers"]
+    assert re.search(r"^  smtp_rcpt_to +relay -> localusers$", order_part, re.M), order_part
+    assert re.search(r"^  smtp_auth +auth$", order_part, re.M)
+    assert "smtp_data" not in order_part  # loopdetect is disabled: nobody implements it
+
+
+# ------------------------------------------------------------------------------ serve
+
+
+def _serve_confdir(root: Path, ports: list[int]) -> Path:
+    base = server_toml()
+    for kind, port in zip(("smtp", "submission", "submissions"), ports, strict=True):
+        base = base.replace(f'[server.listeners.{kind}]\nkind = "{kind}"\n'
+                            'addresses = ["127.0.0.1:0"]',
+                            f'[server.listeners.{kind}]\nkind = "{kind}"\n'
+                            f'addresses = ["127.0.0.1:{port}"]')
+    assert "127.0.0.1:0" not in base
+    return make_config_dir(root, base=base, users={"user@example.test": "secret"}, conf={
+        "10-serve.toml": "[server]\nself_signed_cert = true\nshutdown_timeout = 5\n"})
+
+
+@contextlib.contextmanager
+def serving(root: Path, port: int) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """``tampu serve`` in a subprocess (log in a file); killed at the end if still running."""
+    log = root / "serve.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([*tampu_command(), "serve", "--config-dir", str(root)],
+                                stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
+    try:
+        try:
+            wait_for_port(port, proc=proc)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; tampu serve log:\n{log.read_text()}") from None
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def test_sigterm_stops_gracefully(tmp_path):
+    ports = free_ports(3)
+    root = _serve_confdir(tmp_path / "conf", ports)
+    with serving(root, ports[0]) as (proc, log), RawClient(ports[0]) as idle, \
+            RawClient(ports[0]) as busy:
+        assert (root / "data" / "tampu.pid").read_text().strip() == str(proc.pid)
+        for c in (idle, busy):
+            assert c.reply()[0] == 220
+            assert c.cmd("EHLO client.test")[0] == 250
+        assert busy.cmd("MAIL FROM:<a@example.org>")[0] == 250
+        assert busy.cmd("RCPT TO:<user@example.test>")[0] == 250
+        proc.send_signal(signal.SIGTERM)
+        code, lines = idle.reply()
+        assert (code, lines[0][:6]) == (421, "4.3.2 "), lines
+        assert idle.closed_by_server()
+        # the open transaction may finish, then it is told goodbye too
+        assert busy.cmd("DATA")[0] == 354
+        busy.send_raw(b"Subject: last one\r\n\r\nbye\r\n.\r\n")
+        code, lines = busy.reply()
+        assert code == 250, lines
+        code, lines = busy.reply()
+        assert code == 421, lines
+        rc = proc.wait(timeout=20)
+        assert rc == 0, log.read_text()
+        assert "tampu stopped" in log.read_text()
+        assert not (root / "data" / "tampu.pid").exists()
+
+
+def test_serve_default_configuration_accepts_mail_for_postmaster(tmp_path):
+    swaks = require_tool("swaks")
+    root = tmp_path / "conf"
+    shutil.copytree(REPO / "conf.d", root / "conf.d")
+    used: list[int] = []
+    for path in sorted((root / "conf.d").glob("*.toml")):
+        text = path.read_text()
+
+        def fresh(match: re.Match[str]) -> str:
+            port = free_ports(1)[0]
+            used.append(port)
+            return f"127.0.0.1:{port}"
+
+        lines = [re.sub(r"127\.0\.0\.1:\d+", fresh, ln) if not ln.lstrip().startswith("#")
+                 else ln for ln in text.splitlines(keepends=True)]
+        path.write_text("".join(lines))
+    smtp_port = used[0]  # 00-server.toml: the smtp listener comes first
+    assert f"127.0.0.1:{smtp_port}" in (root / "conf.d" / "00-server.toml").read_text()
+    with serving(root, smtp_port) as (proc, log):
+        done = subprocess.run(
+            [swaks, "--server", "127.0.0.1", "--port", str(smtp_port), "--from", "",
+             "--to", "postmaster@localhost", "--helo", "client.test", "--timeout", "20"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr + log.read_text()
+        assert "<-  250 2.0.0 Queued as" in done.stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()

@@ -1,0 +1,77 @@
+"""``tampu init``: a production configuration that validates, and serves once pointed at
+loopback ports (the real ones, 25/587/465 on all addresses, are checked in the settings)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tampu.config import load_config
+from tampu.plugins.auth.userdb import UserDB, hash_password
+from tampu.server import listener_addresses
+
+
+def tampu(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tampu.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_init_writes_a_valid_production_configuration(tmp_path):
+    cdir = tmp_path / "etc-tampu"
+    done = tampu("init", str(cdir), "--domain", "Example.COM")
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and "certs/README.txt" in done.stdout
+    config = load_config(cdir)
+    server = config.server
+    assert server.hostname == "mail.example.com"
+    assert server.data_dir == "/var/lib/tampu" and server.local_domains == ["example.com"]
+    assert not server.self_signed_cert
+    ports = {name: listener_addresses(name, lst.kind, lst.addresses)
+             for name, lst in server.listeners.items()}
+    assert ports == {"smtp": [("", 25)], "submission": [("", 587)],
+                     "submissions": [("", 465)]}  # every address
+    enabled = {name for name, table in config.plugins.items() if table.enabled}
+    assert {"auth", "localusers", "relay", "metrics", "maillog", "ratelimit"} <= enabled
+    assert (cdir / "certs" / "mail.example.com").is_dir()
+    readme = (cdir / "certs" / "README.txt").read_text()
+    assert "/etc/letsencrypt/live/mail.example.com/fullchain.pem" in readme
+    assert "tampu reload" in readme
+    assert "docs/operations.md" in (cdir / "conf.d" / "00-server.toml").read_text()
+    check = tampu("check", "--config-dir", str(cdir))
+    assert check.returncode == 0, check.stderr
+
+
+def test_init_refuses_to_overwrite_and_bad_domains(tmp_path):
+    cdir = tmp_path / "c"
+    assert tampu("init", str(cdir), "--domain", "example.com").returncode == 0
+    again = tampu("init", str(cdir), "--domain", "example.com")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert tampu("init", str(cdir), "--domain", "example.com", "--force").returncode == 0
+    bad = tampu("init", str(tmp_path / "d"), "--domain", "not a domain")
+    assert bad.returncode == 2 and "is not a domain name" in bad.stderr
+
+
+def test_initialised_configuration_serves(tmp_path, tampu_server, tampu_ca, make_dns):
+    cdir = tmp_path / "c"
+    assert tampu("init", str(cdir), "--domain", "example.com", "--data-dir",
+                 str(tmp_path / "data")).returncode == 0
+    cert = tampu_ca.issue_cert("mail.example.com")
+    cert.private_key_pem.write_to_path(str(cdir / "certs" / "mail.example.com" / "privkey.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(cdir / "certs" / "mail.example.com" /
+                                              "fullchain.pem"))
+    UserDB(cdir / "domains" / "example.com" / "users").write(
+        {"ana": hash_password("pw", log_n=10)})
+    dns = make_dns({})
+    loopback = "".join(f'[server.listeners.{k}]\naddresses = ["127.0.0.1:0"]\n'
+                       for k in ("smtp", "submission", "submissions"))
+    (cdir / "conf.d" / "99-test.toml").write_text(
+        f'[server]\ndns_servers = ["127.0.0.1:{dns.port}"]\ndns_timeout = 1\n{loopback}'
+        '[plugins.metrics]\naddress = "127.0.0.1:0"\n')
+    srv = tampu_server(config_dir=cdir)
+    with srv.smtp() as c:
+        c.ehlo("client.test")
+        assert c.has_extn("starttls")
+        assert c.sendmail("x@example.org", ["ana@example.com"], b"Subject: hi\r\n\r\nx\r\n") \
+            == {}
+    assert len(srv.queue_items()) == 1
+    assert (tmp_path / "data" / "queue").is_dir()

@@ -1,0 +1,173 @@
+"""spf: real tampu, real DNS server serving SPF records, real SMTP clients."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import time
+
+import pytest
+
+from tampu.plugins.spf.check import SpfChecker
+from tampu.testing import server_toml
+
+USER, PASSWORD = "user@example.test", "secret"
+
+ZONE = {
+    "pass.test": {"TXT": ['"v=spf1 ip4:127.0.0.1 -all"']},
+    "fail.test": {"TXT": ['"v=spf1 ip4:192.0.2.1 -all"']},
+    "softfail.test": {"TXT": ['"v=spf1 ip4:192.0.2.1 ~all"']},
+    "neutral.test": {"TXT": ['"v=spf1 ?all"']},
+    "include.test": {"TXT": ['"v=spf1 include:_spf.include.test -all"']},
+    "_spf.include.test": {"TXT": ['"v=spf1 ip4:127.0.0.0/8 -all"']},
+    "redirect.test": {"TXT": ['"v=spf1 redirect=pass.test"']},
+    "temp.test": {"TXT": ['"v=spf1 include:slow.test -all"']},
+    "broken.test": {"TXT": ['"v=spf1 ip4:127.0.0.1 bogus:x -all"']},
+    "nospf.test": {"A": ["192.0.2.7"]},
+    "helo-ok.test": {"TXT": ['"v=spf1 ip4:127.0.0.1 -all"']},
+    "helo-bad.test": {"TXT": ['"v=spf1 -all"']},
+}
+
+
+@pytest.fixture
+def dns(make_dns):
+    return make_dns(ZONE, timeout={"slow.test"})
+
+
+@pytest.fixture
+def spf_server(tampu_server, dns):
+    def start(spf_conf: str = "", **kw):
+        base = server_toml(extra=f'dns_servers = ["127.0.0.1:{dns.port}"]\ndns_timeout = 1')
+        conf = {"30-spf.toml": f"[plugins.spf]\nenabled = true\n{spf_conf}\n"}
+        return tampu_server(base=base, conf=conf, users={USER: PASSWORD}, **kw)
+    return start
+
+
+def send(srv, sender: str, *, helo: str = "client.test"):
+    """MAIL FROM + RCPT + DATA over the smtp listener; returns (mail reply, data reply)."""
+    with srv.smtp() as c:
+        c.ehlo(helo)
+        mail = c.mail(sender)
+        if mail[0] != 250:
+            return mail, None
+        assert c.rcpt(USER)[0] == 250
+        return mail, c.data(b"Subject: spf\r\n\r\nbody\r\n")
+
+
+def queued_headers(srv, data_reply) -> email.message.Message:
+    qid = data_reply[1].decode().rsplit(" ", 1)[-1]
+    raw = srv.server.queue.read_message(qid)
+    return email.message_from_bytes(raw, policy=email.policy.compat32)
+
+
+@pytest.mark.parametrize("sender", ["a@pass.test", "a@include.test", "a@redirect.test"])
+def test_pass_is_accepted_and_recorded_in_headers(spf_server, sender):
+    srv = spf_server()
+    mail, data = send(srv, sender)
+    assert mail[0] == 250 and data[0] == 250
+    msg = queued_headers(srv, data)
+    assert msg["Received-SPF"].lower().startswith("pass")
+    assert "client-ip=127.0.0.1" in msg["Received-SPF"]
+    assert "identity=mailfrom" in msg["Received-SPF"]
+    ar = " ".join(msg["Authentication-Results"].split())
+    assert ar.startswith("localhost; spf=pass")
+    assert f"smtp.mailfrom={sender}" in ar
+
+
+def test_fail_is_rejected_with_chasquid_reply(spf_server, dns):
+    srv = spf_server()
+    mail, data = send(srv, "a@fail.test")
+    assert data is None
+    assert mail[0] == 550
+    assert mail[1].decode().startswith("5.7.23 SPF check failed: ")
+    assert ("fail.test.", "TXT") in dns.queries  # our configured server was asked
+
+
+@pytest.mark.parametrize("sender,result", [
+    ("a@softfail.test", "softfail"), ("a@neutral.test", "neutral"), ("a@nospf.test", "none"),
+    ("a@broken.test", "permerror"),
+])
+def test_other_results_are_accepted_by_default(spf_server, sender, result):
+    srv = spf_server()
+    mail, data = send(srv, sender)
+    assert mail[0] == 250 and data[0] == 250
+    msg = queued_headers(srv, data)
+    assert msg["Received-SPF"].lower().startswith(result)
+    assert f"spf={result}" in msg["Authentication-Results"]
+
+
+def test_temperror_from_an_unanswered_include(spf_server):
+    srv = spf_server()
+    start = time.monotonic()
+    mail, data = send(srv, "a@temp.test")
+    assert time.monotonic() - start < 4  # bounded by dns_timeout = 1
+    assert mail[0] == 250 and data[0] == 250
+    msg = queued_headers(srv, data)
+    assert msg["Received-SPF"].lower().startswith("temperror")
+
+
+def test_actions_are_configurable(spf_server):
+    srv = spf_server('on_softfail = "tempfail"\non_temperror = "reject"\non_fail = "accept"')
+    mail, _ = send(srv, "a@softfail.test")
+    assert mail[0] == 451 and mail[1].startswith(b"4.7.23 ")
+    mail, _ = send(srv, "a@temp.test")
+    assert mail[0] == 550 and mail[1].startswith(b"5.7.24 ")
+    mail, data = send(srv, "a@fail.test")
+    assert mail[0] == 250 and data[0] == 250
+    assert queued_headers(srv, data)["Received-SPF"].lower().startswith("fail")
+
+
+def test_null_sender_checks_the_helo_identity(spf_server):
+    srv = spf_server()
+    mail, data = send(srv, "<>", helo="helo-ok.test")
+    assert mail[0] == 250 and data[0] == 250
+    msg = queued_headers(srv, data)
+    assert "identity=helo" in msg["Received-SPF"]
+    assert "smtp.helo=helo-ok.test" in msg["Authentication-Results"]
+    mail, _ = send(srv, "<>", helo="helo-bad.test")
+    assert mail[0] == 550 and mail[1].startswith(b"5.7.23")
+
+
+def test_authenticated_sessions_are_not_checked(spf_server, dns):
+    srv = spf_server()
+    with srv.smtp("submission") as c:
+        c.ehlo()
+        c.starttls(context=srv.client_tls())
+        c.ehlo()
+        c.login(USER, PASSWORD)
+        assert c.mail("a@fail.test")[0] == 250
+        assert c.rcpt(USER)[0] == 250
+        data = c.data(b"Subject: x\r\n\r\nbody\r\n")
+    assert data[0] == 250
+    msg = queued_headers(srv, data)
+    assert msg["Received-SPF"] is None and msg["Authentication-Results"] is None
+    assert ("fail.test.", "TXT") not in dns.queries
+
+
+def test_result_is_per_transaction(spf_server):
+    srv = spf_server()
+    with srv.smtp() as c:
+        c.ehlo()
+        assert c.mail("a@fail.test")[0] == 550
+        assert c.mail("a@pass.test")[0] == 250
+        assert c.rcpt(USER)[0] == 250
+        data = c.data(b"Subject: x\r\n\r\nbody\r\n")
+    assert queued_headers(srv, data)["Received-SPF"].lower().startswith("pass")
+
+
+def test_checker_uses_only_the_configured_server(dns):
+    checker = SpfChecker([f"127.0.0.1:{dns.port}"], 1.0, 5.0, "mx.test")
+    ev = checker.check("127.0.0.1", "x@include.test", "h.test")
+    assert (ev.result.result, ev.result.identity, ev.result.domain) == \
+        ("pass", "x@include.test", "include.test")
+    assert ev.result.passed and ev.scope == "mailfrom"
+    assert ("_spf.include.test.", "TXT") in dns.queries
+    ev = checker.check("::ffff:127.0.0.1", "x@fail.test", "h.test")  # mapped IPv4
+    assert ev.result.result == "fail" and ev.result.explanation
+
+
+def test_dns_answer_change_is_seen(spf_server, dns):
+    srv = spf_server()
+    dns.set("fail.test", "TXT", ['"v=spf1 ip4:127.0.0.1 -all"'])
+    mail, data = send(srv, "a@fail.test")
+    assert mail[0] == 250 and data[0] == 250
