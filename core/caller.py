@@ -60,12 +60,15 @@ class HookCaller:
         ordering: Mapping[str, tuple[int, int]],
         timeout: float,
         hook_timeouts: Mapping[str, float] | None = None,
+        plugin_timeouts: Mapping[str, float] | None = None,
     ) -> None:
         self._pm = pm
         self._ordering = ordering
         self.timeout = timeout
         self.hook_timeouts = dict(hook_timeouts or {})
         """Per-hook overrides of ``timeout`` (``deliver`` gets ``[server] delivery_timeout``)."""
+        self.plugin_timeouts = dict(plugin_timeouts or {})
+        """Per-plugin overrides (``[plugins.NAME] hook_timeout``); they win over per-hook ones."""
         self._cache: dict[str, list[_Impl]] = {}
         self.trace = os.environ.get("TAMPU_TRACE_HOOKS", "") not in ("", "0")
         self.observers: list[HookObserver] = []
@@ -92,7 +95,8 @@ class HookCaller:
 
     async def _run(self, name: str, impl: _Impl, kwargs: Mapping[str, Any]) -> Any:
         args = [kwargs[a] for a in impl.argnames]
-        timeout = self.hook_timeouts.get(name, self.timeout)
+        timeout = self.plugin_timeouts.get(impl.plugin) or self.hook_timeouts.get(
+            name, self.timeout)
         start = time.perf_counter()
         outcome = "ok"
         try:

@@ -111,6 +111,9 @@ class ServerSettings(_Strict):
                                       description="Unknown commands before the session is closed.")
     max_queue_items: int = Field(default=200, gt=0,
                                  description="Items in the queue before new mail gets 452.")
+    file_check_interval: float = Field(
+        default=1.0, ge=0, description="Seconds between checks of files re-read when they "
+        "change (users, aliases, domains/, hook programs).")
     plugin_timeout: float = Field(default=30.0, gt=0,
                                   description="Seconds one hook implementation may take.")
     delivery_timeout: float = Field(
@@ -155,6 +158,9 @@ class PluginSettings(BaseModel):
     enabled: bool = Field(default=False, description="Load this plugin.")
     priority: int = Field(default=100, description="Order on each hook: lower runs first; ties "
                           "go by conf.d order.")
+    hook_timeout: float | None = Field(
+        default=None, gt=0, description="Seconds each hook call of this plugin may take; "
+        "default: [server] plugin_timeout (delivery_timeout for deliver).")
 
     secret_fields: ClassVar[tuple[str, ...]] = ()
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from tampu.config import Config, PluginSettings
 from tampu.envelope import Stash
+from tampu.files import FileStamp, Stamp
 
 if TYPE_CHECKING:
     import dns.asyncresolver
@@ -40,7 +41,8 @@ class ServerContext:
     hooks: Hooks | None = None
     queue: Queue | None = None
     stash: Stash = field(default_factory=Stash)
-    _domains_cache: tuple[float, frozenset[str]] = (-1.0, frozenset())
+    _domains_cache: tuple[Stamp | None, frozenset[str]] | None = None
+    _domains_stamp: FileStamp | None = None
     _resolver: Any = None
 
     @property
@@ -62,17 +64,20 @@ class ServerContext:
     def local_domains(self) -> frozenset[str]:
         """``[server] local_domains`` and each ``domains/<domain>/`` folder (re-read on change)."""
         ddir = self.config.domains_dir
-        try:
-            mtime = ddir.stat().st_mtime
-        except OSError:
-            mtime = 0.0
-        if mtime != self._domains_cache[0]:
+        if self._domains_stamp is None:
+            self._domains_stamp = self.file_stamp(ddir)
+        stamp = self._domains_stamp.stamp()
+        if self._domains_cache is None or stamp != self._domains_cache[0]:
             names = set()
-            if mtime:
+            if stamp is not None:
                 names = {p.name.lower() for p in ddir.iterdir() if p.is_dir()}
             names.update(d.lower() for d in self.config.server.local_domains)
-            self._domains_cache = (mtime, frozenset(names))
+            self._domains_cache = (stamp, frozenset(names))
         return self._domains_cache[1]
+
+    def file_stamp(self, path: Path) -> FileStamp:
+        """A FileStamp for ``path`` checked every ``[server] file_check_interval``."""
+        return FileStamp(path, self.config.server.file_check_interval)
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.local_domains()

@@ -152,19 +152,16 @@ class DeliveryRunner:
                 log.info("qid=%s removed from the queue by an operator", item.id)
                 await self.queue.remove(item)  # a state file written meanwhile
                 return
-            try:
-                message = await asyncio.to_thread(self.queue.read_message, item.id)
-            except OSError as exc:
-                log.error("qid=%s: cannot read message: %s", item.id, exc)
-                return
+            # an OSError here ends in _run, which logs it and tries again later
+            message = await asyncio.to_thread(self.queue.read_message, item.id)
             for rcpt in item.pending:
                 await self._attempt(item, rcpt, message)
             item.attempts += 1
-            await self.queue.save_state(item)
             expired = time.time() - item.created >= settings.give_up_after
             if not item.pending or expired:
-                await self._finish(item, message, expired)
+                await self._finish(item, message, expired)  # results are already on disk
                 return
+            await self.queue.save_state(item)
             delay = None
             try:
                 delay = await self.context.hooks.retry_delay(item, item.attempts)  # type: ignore[union-attr]

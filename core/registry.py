@@ -173,8 +173,13 @@ def build_registry(
     if problems:
         raise ConfigError(problems)
 
-    caller = HookCaller(pm, ordering, timeout=config.server.plugin_timeout,
-                        hook_timeouts={"deliver": config.server.delivery_timeout})
+    caller = HookCaller(
+        pm, ordering, timeout=config.server.plugin_timeout,
+        hook_timeouts={"deliver": config.server.delivery_timeout},
+        plugin_timeouts={name: info.settings.hook_timeout for name, info in infos.items()
+                         if info.enabled and info.settings is not None
+                         and info.settings.hook_timeout},
+    )
     hooks = Hooks(caller)
     for name, info in infos.items():
         if info.enabled and pm.has_plugin(name):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import logging
 import signal
@@ -100,6 +101,11 @@ class Server:
                       for name, socks in self._sockets.items()}
 
     async def start(self) -> None:
+        # Blocking work (fsync, pyspf, Maildir writes, password hashing) runs in threads; the
+        # default pool (cores + 4) makes concurrent sessions queue behind each other's fsyncs.
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="tampu"))
         self.data_dirs()
         self.tls = self.load_tls()
         for name, lst in self.config.server.listeners.items():

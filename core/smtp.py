@@ -13,7 +13,7 @@ import collections
 import ipaddress
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.proxy_protocol import AF, V2_CMD, ProxyData, get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, syntax
@@ -213,8 +213,9 @@ class TampuSMTP(SMTP):
         super().data_received(data)
 
     def _timeout_cb(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(f"{_IDLE_TIMEOUT}\r\n".encode())  # say why, then close
+        transport = cast("asyncio.Transport | None", self.transport)  # uvloop's: no subclass
+        if transport is not None and not transport.is_closing():
+            transport.write(f"{_IDLE_TIMEOUT}\r\n".encode())  # say why, then close
         super()._timeout_cb()
 
     async def _proxy_handshake(self) -> bool:

@@ -50,6 +50,7 @@ def server_toml(*, hostname: str = "localhost", domains: tuple[str, ...] = (LOCA
         plugin_timeout = 5
         shutdown_timeout = 2
         retry_schedule = [1.0]
+        file_check_interval = 0
         {extra}
         """) + listeners + enabled
 

@@ -125,9 +125,16 @@ class DNSServer:
             daemon_threads = True
             allow_reuse_address = True
 
-        self._udp = UDP((self.host, 0), UDPHandler)
-        port = self._udp.server_address[1]
-        self._tcp = TCP((self.host, port), TCPHandler)
+        for attempt in range(20):  # the UDP port may be taken for TCP by someone else
+            self._udp = UDP((self.host, 0), UDPHandler)
+            port = self._udp.server_address[1]
+            try:
+                self._tcp = TCP((self.host, port), TCPHandler)
+                break
+            except OSError:
+                self._udp.server_close()
+                if attempt == 19:
+                    raise
         for srv in (self._udp, self._tcp):
             threading.Thread(target=srv.serve_forever, daemon=True,
                              kwargs={"poll_interval": 0.1}).start()

@@ -41,12 +41,12 @@ from tampu.plugins.aliases.resolver import (
 from tampu.reply import RECIPIENT_OK
 
 
-class Settings(PluginSettings):
+class AliasesSettings(PluginSettings):
     priority: int = Field(default=50, description="Order on each hook: lower runs first. Below "
                           "localusers (100) so aliases are consulted first at RCPT TO.")
     max_depth: int = Field(default=10, ge=1, le=100, description="Levels of aliases to follow; "
                            "past it the whole resolution fails (chasquid: 10).")
-    hook_timeout: float = Field(default=5.0, gt=0, description="Seconds the alias-resolve and "
+    program_timeout: float = Field(default=5.0, gt=0, description="Seconds the alias-resolve and "
                                 "alias-exists programs may run (chasquid: 5).")
     rewrite_sender: bool = Field(default=True, description="When forwarding to a remote "
                                  "domain mail whose sender is not local, use the envelope "
@@ -54,11 +54,12 @@ class Settings(PluginSettings):
                                  "sender rewriting), so SPF at the destination passes.")
 
 
-def build_resolver(server: ServerContext, settings: Settings) -> Resolver:
+def build_resolver(server: ServerContext, settings: AliasesSettings) -> Resolver:
     config = server.config
     drop, seps = config.server.drop_characters, config.server.suffix_separators
-    files = AliasFiles(config.domains_dir, drop, seps)
-    hooks = HookPrograms(config.config_dir, settings.hook_timeout)
+    interval = config.server.file_check_interval
+    files = AliasFiles(config.domains_dir, drop, seps, interval)
+    hooks = HookPrograms(config.config_dir, settings.program_timeout, interval)
     return Resolver(files, hooks, server.is_local_domain,
                     user_exists_in(config.domains_dir, drop, seps), settings.max_depth)
 
@@ -75,9 +76,9 @@ def rewrite_sender(sender: str, original: str, separators: str) -> str:
 
 
 class AliasesPlugin:
-    Settings = Settings
+    Settings = AliasesSettings
 
-    def __init__(self, ctx: PluginContext[Settings]) -> None:
+    def __init__(self, ctx: PluginContext[AliasesSettings]) -> None:
         self.ctx = ctx
         self.resolver = build_resolver(ctx.server, ctx.settings)
 
@@ -146,8 +147,10 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p = subparsers.add_parser("aliases", help="inspect aliases (domains/<domain>/aliases)")
     p.add_argument("--config-dir", default=".", help="configuration directory")
     sub = p.add_subparsers(dest="aliases_command", required=True)
+    here = argparse.ArgumentParser(add_help=False)  # --config-dir after the subcommand too
+    here.add_argument("--config-dir", default=argparse.SUPPRESS, help="configuration directory")
     res = sub.add_parser("resolve", help="show the final recipients of an address and how "
-                         "each is reached (runs the alias hooks too)")
+                         "each is reached (runs the alias hooks too)", parents=[here])
     res.add_argument("address", help="user@domain")
     p.set_defaults(func=_cli)
 
@@ -159,10 +162,10 @@ def _cli(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config_dir)
-        settings = Settings()
+        settings = AliasesSettings()
         if "aliases" in config.plugins:
             validated = validate_plugin_settings(config, "aliases", AliasesPlugin)
-            assert isinstance(validated, Settings)
+            assert isinstance(validated, AliasesSettings)
             settings = validated
     except ConfigError as exc:
         for problem in exc.problems:

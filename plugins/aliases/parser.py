@@ -87,7 +87,8 @@ def parse_rhs(raw: str, domain: str) -> list[Target]:
         part = part.strip()
         if not part:
             continue  # "a: b," is allowed
-        kind, via = Kind.EMAIL, ()
+        kind = Kind.EMAIL
+        via: tuple[str, ...] = ()
         if " via " in part:
             kind = Kind.FORWARD
             part, via = _parse_via(part)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tampu.files import FileStamp, Stamp
 from tampu.plugins.aliases.parser import (
     AliasesError,
     Kind,
@@ -60,7 +61,7 @@ class Final:
 
 @dataclass
 class _File:
-    stamp: tuple[float, int] | None
+    stamp: Stamp | None
     aliases: dict[str, list[Target]]
 
 
@@ -71,7 +72,9 @@ class AliasFiles:
     domains_dir: Path
     drop: str
     separators: str
+    check_interval: float = 0.0
     _files: dict[str, _File] = field(default_factory=dict)
+    _stamps: dict[str, FileStamp] = field(default_factory=dict)
 
     def path(self, domain: str) -> Path:
         return self.domains_dir / domain / "aliases"
@@ -79,11 +82,12 @@ class AliasFiles:
     def get(self, domain: str, *, force: bool = False) -> dict[str, list[Target]]:
         """The parsed aliases of ``domain`` (blocking: stats and maybe reads the file)."""
         path = self.path(domain)
-        try:
-            st = path.stat()
-            stamp: tuple[float, int] | None = (st.st_mtime, st.st_size)
-        except OSError:
-            stamp = None
+        watch = self._stamps.get(domain)
+        if watch is None:
+            watch = self._stamps[domain] = FileStamp(path, self.check_interval)
+        if force:
+            watch.refresh()
+        stamp = watch.stamp()
         cached = self._files.get(domain)
         if cached is not None and cached.stamp == stamp and not force:
             return cached.aliases
@@ -110,13 +114,18 @@ class AliasFiles:
 class HookPrograms:
     """The ``alias-resolve`` and ``alias-exists`` programs of the configuration directory."""
 
-    def __init__(self, config_dir: Path, timeout: float = 5.0) -> None:
+    def __init__(self, config_dir: Path, timeout: float = 5.0,
+                 check_interval: float = 0.0) -> None:
         self.config_dir = config_dir
         self.timeout = timeout
+        self.check_interval = check_interval
+        self._stamps: dict[str, FileStamp] = {}
 
     def _program(self, name: str) -> Path | None:
-        path = self.config_dir / name
-        return path if path.is_file() else None
+        watch = self._stamps.get(name)
+        if watch is None:
+            watch = self._stamps[name] = FileStamp(self.config_dir / name, self.check_interval)
+        return watch.path if watch.exists() else None
 
     async def _run(self, program: Path, address: str) -> tuple[int | None, bytes, bytes]:
         """Run ``program address``; (exit code or None on timeout, stdout, stderr)."""

@@ -32,7 +32,8 @@ class AuthPlugin:
 
     def __init__(self, ctx: PluginContext[AuthSettings]) -> None:
         self.ctx = ctx
-        self.users = UserDirectory(ctx.server.config.domains_dir)
+        self.users = UserDirectory(ctx.server.config.domains_dir,
+                                   ctx.server.config.server.file_check_interval)
 
     @hookimpl
     @blocking

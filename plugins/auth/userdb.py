@@ -15,6 +15,8 @@ import secrets
 import threading
 from pathlib import Path
 
+from tampu.files import FileStamp, Stamp
+
 DEFAULT_LOG_N = 14
 _DUMMY_SALT = b"tampu-dummy-salt"
 
@@ -54,23 +56,19 @@ def burn_time(password: str) -> None:
 class UserDB:
     """One domain's users file, cached and re-read when its mtime or size changes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, check_interval: float = 0.0) -> None:
         self.path = path
-        self._stamp: tuple[float, int] | None = None
+        self._file = FileStamp(path, check_interval)
+        self._stamp: Stamp | None = None
+        self._loaded = False
         self._users: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def _stat(self) -> tuple[float, int] | None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime, st.st_size)
-
     def users(self) -> dict[str, str]:
-        stamp = self._stat()
+        stamp = self._file.stamp()
         with self._lock:
-            if stamp != self._stamp:
+            if stamp != self._stamp or not self._loaded:
+                self._loaded = True
                 self._users = self._read() if stamp else {}
                 self._stamp = stamp
             return self._users
@@ -97,20 +95,23 @@ class UserDB:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+        self._file.refresh()
 
 
 class UserDirectory:
     """All domains' user databases under ``domains/``."""
 
-    def __init__(self, domains_dir: Path) -> None:
+    def __init__(self, domains_dir: Path, check_interval: float = 0.0) -> None:
         self.domains_dir = domains_dir
+        self.check_interval = check_interval
         self._dbs: dict[str, UserDB] = {}
 
     def db(self, domain: str) -> UserDB:
         domain = domain.lower()
         found = self._dbs.get(domain)
         if found is None:
-            found = self._dbs[domain] = UserDB(self.domains_dir / domain / "users")
+            found = self._dbs[domain] = UserDB(self.domains_dir / domain / "users",
+                                               self.check_interval)
         return found
 
     def lookup(self, user: str, domain: str) -> str | None:

@@ -27,15 +27,17 @@ _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+(.*)$")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
-class Settings(PluginSettings):
+class HooksSettings(PluginSettings):
     priority: int = Field(default=200, description="Order on each hook: lower runs first. High "
                           "by default so the program runs last and sees the headers other "
                           "plugins added (Received-SPF).")
     program: str = Field(default="hooks/post-data", description="The program to run, relative "
                          "to the configuration directory. Absent: nothing is run.")
     timeout: float = Field(default=60.0, gt=0, description="Seconds the program may run before "
-                           "it is killed and the message refused temporarily (chasquid: 60). "
-                           "[server] plugin_timeout also bounds it: raise that to 60 or more.")
+                           "it is killed and the message refused temporarily (chasquid: 60).")
+    hook_timeout: float | None = Field(
+        default=75.0, gt=0, description="Seconds the core lets this plugin's hooks run: above "
+        "timeout, so the program's own timeout answers first.")
 
 
 def sanitize_ehlo(helo: str) -> str:
@@ -75,11 +77,12 @@ def _env_value(text: str) -> str:
 
 
 class HooksPlugin:
-    Settings = Settings
+    Settings = HooksSettings
 
-    def __init__(self, ctx: PluginContext[Settings]) -> None:
+    def __init__(self, ctx: PluginContext[HooksSettings]) -> None:
         self.ctx = ctx
         self.program = ctx.path(ctx.settings.program)
+        self._program_file = ctx.server.file_stamp(self.program)
 
     def environment(self, session: Session, envelope: Envelope) -> dict[str, str]:
         server = self.ctx.server
@@ -122,7 +125,7 @@ class HooksPlugin:
     @hookimpl
     async def smtp_data(self, session: Session, envelope: Envelope,
                         message: Message) -> Reply | None:
-        if not await asyncio.to_thread(self.program.is_file):
+        if not self._program_file.exists():
             return None
         added = b"".join(f"{n}: {v}\r\n".encode() for n, v in message.added_headers)
         try:

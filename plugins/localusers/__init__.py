@@ -25,7 +25,8 @@ class LocalUsersPlugin:
 
     def __init__(self, ctx: PluginContext[LocalUsersSettings]) -> None:
         self.ctx = ctx
-        self.users = UserDirectory(ctx.server.config.domains_dir)
+        self.users = UserDirectory(ctx.server.config.domains_dir,
+                                   ctx.server.config.server.file_check_interval)
 
     def exists(self, address: str) -> bool:
         user, _, domain = address.rpartition("@")

@@ -36,7 +36,7 @@ _EVALUATION: StashKey[Evaluation] = StashKey()
 _SIMPLE_ADDR = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+$")
 
 
-class Settings(PluginSettings):
+class SpfSettings(PluginSettings):
     priority: int = Field(default=20, description="Order on each hook: lower runs first. Low "
                           "by default so that plugins reading the SPF result at MAIL FROM "
                           "(security levels) run after it.")
@@ -61,9 +61,9 @@ class Settings(PluginSettings):
 
 
 class SpfPlugin:
-    Settings = Settings
+    Settings = SpfSettings
 
-    def __init__(self, ctx: PluginContext[Settings]) -> None:
+    def __init__(self, ctx: PluginContext[SpfSettings]) -> None:
         self.ctx = ctx
         server = ctx.server.config.server
         self.checker = SpfChecker(list(server.dns_servers), server.dns_timeout,
@@ -80,9 +80,10 @@ class SpfPlugin:
     @hookimpl
     async def smtp_mail_from(self, session: Session, envelope: Envelope, address: str,
                              params: dict[str, str | bool]) -> Reply | None:
-        for key in (SPF_RESULT, _EVALUATION):
-            if key in session.stash:
-                del session.stash[key]
+        if SPF_RESULT in session.stash:
+            del session.stash[SPF_RESULT]
+        if _EVALUATION in session.stash:
+            del session.stash[_EVALUATION]
         if session.authenticated:
             return None  # authenticated users are trusted, as in chasquid
         helo = session.helo or ""

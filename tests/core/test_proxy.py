@@ -62,7 +62,7 @@ class Raw:
         self.sock.sendall(data)
 
     def reply(self) -> tuple[int, bytes]:
-        lines = []
+        lines: list[bytes] = []
         while True:
             try:
                 line = self.file.readline()

@@ -191,7 +191,8 @@ def mda_server(tmp_path):
         deadline = time.monotonic() + 15
         while not (cdir / "data" / "tampu.pid").exists() or not _listening(port):
             if proc.poll() is not None:
-                pytest.fail(f"tampu serve exited: {proc.stdout.read().decode()}")  # type: ignore[union-attr]
+                assert proc.stdout is not None
+                pytest.fail(f"tampu serve exited: {proc.stdout.read().decode()}")
             assert time.monotonic() < deadline, "tampu serve did not start"
             time.sleep(0.05)
         yield cdir, port, flag, out
@@ -202,7 +203,8 @@ def mda_server(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        proc.stdout.close()  # type: ignore[union-attr]
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _listening(port: int) -> bool:

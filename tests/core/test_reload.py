@@ -103,10 +103,12 @@ def peer_cert(srv, listener: str) -> bytes:
     if listener == "submissions":
         with smtplib.SMTP_SSL("localhost", srv.port(listener), timeout=10,
                               context=srv.client_tls()) as c:
-            return c.sock.getpeercert(binary_form=True)
+            assert isinstance(c.sock, ssl.SSLSocket)
+            return c.sock.getpeercert(binary_form=True) or b""
     with smtplib.SMTP("localhost", srv.port(listener), timeout=10) as c:
         c.starttls(context=srv.client_tls())
-        return c.sock.getpeercert(binary_form=True)
+        assert isinstance(c.sock, ssl.SSLSocket)
+        return c.sock.getpeercert(binary_form=True) or b""
 
 
 def test_reload_picks_up_new_certificates(tampu_server, tampu_ca):

@@ -370,7 +370,7 @@ def test_reload_on_change_and_on_sighup(e2e):
 
 def test_hooks_end_to_end(e2e):
     srv = e2e(hooks={"alias-resolve": RESOLVE_HOOK, "alias-exists": EXISTS_HOOK},
-              conf="hook_timeout = 1")
+              conf="program_timeout = 1")
     sink = e2e.farm.start("127.0.0.2")
     replies, data = smtp_send(srv, "a@far.test", [f"dyn@{D}"])
     assert replies[0][0] == 250 and data[0] == 250
@@ -402,5 +402,5 @@ def test_cli_resolve(e2e, capsys):
     tampu_main(["aliases", "--config-dir", str(srv.config_dir), "resolve", f"ext@{D}"])
     assert capsys.readouterr().out == \
         f"far@remote.test\tremote (forwarded), reached by ext@{D} -> far@remote.test\n"
-    tampu_main(["aliases", "--config-dir", str(srv.config_dir), "resolve", f"jose@{D}"])
+    tampu_main(["aliases", "resolve", "--config-dir", str(srv.config_dir), f"jose@{D}"])
     assert capsys.readouterr().out == f"jose@{D}\tlocal, no alias\n"

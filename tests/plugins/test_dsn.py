@@ -37,7 +37,7 @@ def _parse(data: bytes) -> EmailMessage:
 def _blocks(msg: EmailMessage) -> list[dict[str, str]]:
     part = list(msg.iter_parts())[1]
     assert part.get_content_type() == "message/delivery-status"
-    return [dict(b.items()) for b in part.get_payload()]
+    return [dict(b.items()) for b in part.get_payload() if not isinstance(b, str)]
 
 
 def test_report_structure_and_fields():
