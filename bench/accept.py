@@ -207,7 +207,9 @@ def main() -> int:
         wait_port(port)
     try:
         if args.keep:
-            print(f"tampu listening on 127.0.0.1:{port} (config {tmp}); Ctrl-C to stop")
+            print(f"tampu listening on 127.0.0.1:{port} (config {tmp}) pid {proc.pid if proc else '-'}"
+                  "; Ctrl-C or SIGTERM to stop", flush=True)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             signal.pause()
         res = asyncio.run(run_load(host, port, args.clients, args.messages, args.size,
                                    args.rcpt, args.reuse, args.timeout))

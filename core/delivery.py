@@ -148,18 +148,24 @@ class DeliveryRunner:
     async def _deliver_item(self, item: QueueItem) -> None:
         settings = self.context.config.server
         while True:
-            if not self.queue.item_path(item.id).exists():
-                log.info("qid=%s removed from the queue by an operator", item.id)
-                await self.queue.remove(item)  # a state file written meanwhile
-                return
-            # an OSError here ends in _run, which logs it and tries again later
-            message = await asyncio.to_thread(self.queue.read_message, item.id)
-            for rcpt in item.pending:
-                await self._attempt(item, rcpt, message)
+            message, item._data = item._data, None  # a new item's bytes come from reception
+            if message is None:
+                if not self.queue.item_path(item.id).exists():
+                    log.info("qid=%s removed from the queue by an operator", item.id)
+                    await self.queue.remove(item)  # a state file written meanwhile
+                    return
+                # an OSError here ends in _run, which logs it and tries again later
+                message = await asyncio.to_thread(self.queue.read_message, item.id)
+            pending = item.pending
+            for i, rcpt in enumerate(pending):
+                # Each result is on disk before the next recipient. After the last one the
+                # round's end writes it, or the item is removed: a crash in between only
+                # means delivering that recipient again (twice is allowed, never zero times).
+                await self._attempt(item, rcpt, message, persist=i < len(pending) - 1)
             item.attempts += 1
             expired = time.time() - item.created >= settings.give_up_after
             if not item.pending or expired:
-                await self._finish(item, message, expired)  # results are already on disk
+                await self._finish(item, message, expired)
                 return
             await self.queue.save_state(item)
             delay = None
@@ -182,7 +188,8 @@ class DeliveryRunner:
             finally:
                 self.wakeups.pop(item.id, None)
 
-    async def _attempt(self, item: QueueItem, rcpt: Recipient, message: bytes) -> None:
+    async def _attempt(self, item: QueueItem, rcpt: Recipient, message: bytes,
+                       persist: bool = True) -> None:
         hooks = self.context.hooks
         assert hooks is not None
         start = time.monotonic()
@@ -202,7 +209,8 @@ class DeliveryRunner:
             rcpt.status = RecipientStatus.SENT
         elif result.status == "permanent":
             rcpt.status = RecipientStatus.FAILED
-        await self.queue.save_state(item)
+        if persist:
+            await self.queue.save_state(item)
         log.info("qid=%s from=<%s> to=<%s> attempt=%d status=%s remote=%s delay=%.3fs reply=%r",
                  item.id, item.mail_from, rcpt.address, rcpt.attempts, result.status,
                  result.remote or "-", time.monotonic() - start, result.text)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import logging
 import os
@@ -53,10 +54,30 @@ def valid_id(item_id: str) -> bool:
     return bool(_ID_RE.match(item_id))
 
 
+class _QueueIds:
+    """Queue IDs: time (ms), a per-process random prefix and a counter; no syscall per ID."""
+
+    def __init__(self) -> None:
+        self.pid = -1
+        self.prefix = b""
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        if self.pid != os.getpid():  # first use, or a forked reception worker
+            self.pid = os.getpid()
+            self.prefix = secrets.token_bytes(3)
+            self.counter = itertools.count(secrets.randbelow(1 << 16))
+        raw = (int(time.time() * 1000).to_bytes(6, "big") + self.prefix
+               + (next(self.counter) & 0xFFFF).to_bytes(2, "big"))
+        return base64.b32encode(raw).decode().lower().rstrip("=")
+
+
+_ids = _QueueIds()
+
+
 def new_queue_id() -> str:
     """Sortable by time (ms), 18 characters of lower-case base32."""
-    raw = int(time.time() * 1000).to_bytes(6, "big") + secrets.token_bytes(5)
-    return base64.b32encode(raw).decode().lower().rstrip("=")
+    return _ids.next()
 
 
 def _write_durable(path: Path, chunks: list[bytes], fsync: bool = True) -> None:
@@ -124,7 +145,7 @@ class Queue:
 
     def full(self) -> bool:
         """True when the queue holds ``max_items`` items: new mail gets ``452 4.3.1``."""
-        return self.count() >= self.max_items
+        return self._is_full()
 
     def ids(self) -> list[str]:
         return sorted(

@@ -130,7 +130,7 @@ class TampuSMTP(SMTP):
         # aiosmtpd asks this table which handler hooks exist; ours all go to _call_handler_hook
         self._handle_hooks = {k: self._call_handler_hook for k in ("MAIL", "RCPT", "DATA")}
         if proxy_trusted is not None:
-            self._handle_hooks["PROXY"] = None
+            self._handle_hooks["PROXY"] = self._call_handler_hook
         self._smtp_methods = _Commands(
             {name: getattr(self, attr) for name, attr in _command_table(type(self))},
             self._unknown_command)
@@ -232,7 +232,8 @@ class TampuSMTP(SMTP):
         except (asyncio.IncompleteReadError, ConnectionError):
             log.warning("session %s: proxy %s closed before its PROXY header", sid, peer)
             return False
-        self.session.proxy_data = data
+        if self.session is not None:
+            self.session.proxy_data = data
         if not data.valid:
             log.warning("session %s: invalid PROXY header from %s: %s", sid, peer,
                         data.error or "unrecognized")

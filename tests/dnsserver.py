@@ -116,7 +116,7 @@ class DNSServer:
 
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
-        class UDP(socketserver.ThreadingUDPServer):
+        class UDP(socketserver.UDPServer):  # answers are instant: no thread per query
             address_family = family
             daemon_threads = True
 

@@ -154,3 +154,29 @@ def send(srv: Any, mail_from: str, rcpts: list[str], subject: str = "test",
         code, msg = c.data(data.encode())
         assert code == 250, msg
     return msg.decode().rpartition(" ")[2]
+
+
+def fixed_port(host: str = "127.0.0.1") -> int:
+    """A free port below the ephemeral range, for a server that restarts on the same port.
+
+    An ephemeral port may be taken by some client's source port while the server is down
+    (even by a client connecting to itself: TCP simultaneous open), and the restart fails.
+    """
+    import random
+    import socket
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")

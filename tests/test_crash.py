@@ -22,16 +22,11 @@ from pathlib import Path
 import pytest
 
 from tampu.testing import make_config_dir
+from tests.recording import fixed_port
 
 KILLS = 5
 MAX_MESSAGES = 200
 SUBJECT_RE = re.compile(rb"^Subject: crash-test-(\d+)$", re.M)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
@@ -103,7 +98,7 @@ def _delivered(maildir: Path) -> list[int]:
 
 
 def test_sigkill_loses_no_acknowledged_message(tmp_path):
-    port = _free_port()
+    port = fixed_port()
     cdir = make_config_dir(tmp_path / "conf", base=textwrap.dedent(f"""\
         [server]
         hostname = "localhost"

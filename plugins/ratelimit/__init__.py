@@ -57,7 +57,7 @@ class RateLimitSettings(PluginSettings):
                                       "answer of a failed AUTH per recent failure from the same "
                                       "address (tarpit).")
     auth_max_delay: float = Field(default=5.0, ge=0, description="Longest tarpit delay in "
-                                  "seconds (also kept under [server] plugin_timeout).")
+                                  "seconds (also kept under 80% of the hook timeout).")
     auth_max_failures: int = Field(default=10, ge=0, description="AUTH failures from one "
                                    "address within auth_window before it is locked out; 0: "
                                    "never.")
@@ -231,7 +231,7 @@ class RateLimitPlugin:
                              s.auth_max_failures_per_user, now)
         else:
             recent = s.auth_max_failures or 1
-        timeout = self.ctx.server.config.server.plugin_timeout
+        timeout = s.hook_timeout or self.ctx.server.config.server.plugin_timeout
         delay = min(recent * s.auth_failure_delay, s.auth_max_delay, timeout * 0.8)
         if delay > 0 and ip is not None:
             await asyncio.sleep(delay)

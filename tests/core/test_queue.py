@@ -21,7 +21,7 @@ from tampu.errors import QueueError, QueueFull
 from tampu.queue import Queue, valid_id
 from tampu.registry import new_plugin_manager
 from tampu.testing import make_config_dir
-from tests.recording import Recorder, send
+from tests.recording import Recorder, fixed_port, send
 
 
 def _queue(path: Path, max_items: int = 10) -> Queue:
@@ -148,12 +148,6 @@ def test_queue_cap_answers_452(tampu_server):
 # ------------------------------------------------------------------------- tampu queue
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _tampu(cdir: Path, command: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tampu.cli", command, "--config-dir",
                            str(cdir), *args], capture_output=True, text=True, timeout=30)
@@ -167,7 +161,7 @@ def mda_server(tmp_path):
     script.write_text(f'#!/bin/sh\n[ -e {flag} ] || exit 75\ncat >> {out}\nexit 0\n')
     script.chmod(0o755)
     cdir = tmp_path / "conf"
-    port = _free_port()
+    port = fixed_port()
     make_config_dir(cdir, base=textwrap.dedent(f"""\
         [server]
         hostname = "localhost"
