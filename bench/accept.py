@@ -207,7 +207,8 @@ def main() -> int:
         wait_port(port)
     try:
         if args.keep:
-            print(f"tampu listening on 127.0.0.1:{port} (config {tmp}) pid {proc.pid if proc else '-'}"
+            pid = proc.pid if proc else '-'
+            print(f"tampu listening on 127.0.0.1:{port} (config {tmp}) pid {pid}"
                   "; Ctrl-C or SIGTERM to stop", flush=True)
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             signal.pause()

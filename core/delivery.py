@@ -209,7 +209,7 @@ class DeliveryRunner:
             rcpt.status = RecipientStatus.SENT
         elif result.status == "permanent":
             rcpt.status = RecipientStatus.FAILED
-        if persist:
+        if persist or item.pending:  # skipped only when the item is about to finish
             await self.queue.save_state(item)
         log.info("qid=%s from=<%s> to=<%s> attempt=%d status=%s remote=%s delay=%.3fs reply=%r",
                  item.id, item.mail_from, rcpt.address, rcpt.attempts, result.status,
