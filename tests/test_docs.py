@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 
 from tampu import hookspecs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SECTIONS = ("**Fires:**", "**Result:**", "**Async:**", "**Since:**")
 
@@ -38,3 +41,33 @@ def test_hookspec_docstring(name):
     if name in hookspecs.VERDICT_HOOKS:
         result = doc.split("**Result:**", 1)[1]
         assert "verdict" in result.split("\n\n")[0].lower(), f"{name}: say it is a verdict hook"
+
+
+def _plugin_settings():
+    from tampu.registry import available_entry_points, settings_class
+
+    for name, ep in sorted(available_entry_points().items()):
+        if ep.dist is not None and ep.dist.metadata["Name"] == "tampu":
+            yield name, settings_class(ep.load())
+
+
+def test_every_setting_is_documented():
+    """Every [server], listener and built-in plugin setting is named in docs/ (as `key`)."""
+    from tampu.config import ListenerSettings, PluginSettings, ServerSettings
+
+    docs = "\n".join(p.read_text() for p in (ROOT / "docs").rglob("*.md"))
+    missing = [f"server.{f}" for f in ServerSettings.model_fields if f"`{f}`" not in docs]
+    missing += [f"listener.{f}" for f in ListenerSettings.model_fields if f"`{f}`" not in docs]
+    for name, cls in _plugin_settings():
+        missing += [f"plugins.{name}.{f}" for f in cls.model_fields
+                    if f not in PluginSettings.model_fields and f"`{f}`" not in docs]
+    assert not missing, f"settings missing from docs/: {missing}"
+
+
+def test_every_setting_has_a_description():
+    from tampu.config import ListenerSettings, ServerSettings
+
+    models = [("server", ServerSettings), ("listener", ListenerSettings), *_plugin_settings()]
+    lacking = [f"{name}.{f}" for name, cls in models for f, info in cls.model_fields.items()
+               if not info.description]
+    assert not lacking, f"settings without description=: {lacking}"
