@@ -13,7 +13,7 @@ import time
 
 from tampu.config import Config, load_config
 from tampu.errors import ConfigError, QueueError
-from tampu.queue import CORRUPT_DIR, Queue, valid_id
+from tampu.queue import CORRUPT_DIR, Queue, format_age, valid_id
 from tampu.registry import available_entry_points, build_registry
 
 PIDFILE = "tampu.pid"
@@ -150,14 +150,6 @@ def _signal_server(config: Config, sig: signal.Signals) -> bool:
         return False
 
 
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
 def _queue_list(queue: Queue) -> int:
     now = time.time()
     ids = queue.ids()
@@ -169,7 +161,7 @@ def _queue_list(queue: Queue) -> int:
         except QueueError as exc:
             print(f"{qid}  (unreadable: {exc})")
             continue
-        print(f"{item.id}  age={_age(now - item.created)}  from=<{item.mail_from}>  "
+        print(f"{item.id}  age={format_age(now - item.created)}  from=<{item.mail_from}>  "
               f"attempts={item.attempts}  origin={item.origin}")
         for r in item.recipients:
             err = f"  last error: {r.last_error}" if r.last_error else ""

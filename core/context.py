@@ -13,9 +13,12 @@ from tampu.envelope import Stash
 from tampu.files import FileStamp, Stamp
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import dns.asyncresolver
 
     from tampu.caller import Hooks
+    from tampu.item import Recipient
     from tampu.queue import Queue
 
 S = TypeVar("S", bound=PluginSettings)
@@ -84,6 +87,16 @@ class ServerContext:
 
     def is_local_address(self, address: str) -> bool:
         return self.is_local_domain(domain_of(address))
+
+    def is_local_mailbox(self, recipient: Recipient, domains: Sequence[str] = ()) -> bool:
+        """For local delivery backends: a recipient in a local domain (and in ``domains``, if
+        given) that is not a pipe or a ``via`` route, which other backends handle."""
+        if "pipe" in recipient.route or "via" in recipient.route:
+            return False
+        domain = domain_of(recipient.address)
+        if not domain or not self.is_local_domain(domain):
+            return False
+        return not domains or domain in domains
 
     def normalize_user(self, user: str) -> str:
         """The lookup form of a local user: lower case, suffix and drop characters removed."""

@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+TMP_PREFIX = ".tmp-"
+
 Stamp = tuple[int, int, int]
 
 
@@ -41,3 +43,32 @@ class FileStamp:
     def refresh(self) -> None:
         """Forget the cached stamp: the next call stats again (on reload)."""
         self._checked = float("-inf")
+
+
+def write_durably(path: Path, chunks: list[bytes], fsync: bool = True) -> None:
+    """Write ``chunks`` to ``path`` so that a crash leaves the old file or the whole new one:
+    a temporary file, fsync, rename over ``path``, fsync of the directory."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

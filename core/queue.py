@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tampu.errors import QueueError, QueueFull
+from tampu.files import TMP_PREFIX, write_durably
 from tampu.item import QueueItem, Recipient
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ log = logging.getLogger("tampu.queue")
 
 ITEM_SUFFIX = ".item"
 STATE_SUFFIX = ".state"
-TMP_PREFIX = ".tmp-"
 RETRY_DIR = "retry"
 CORRUPT_DIR = "corrupt"
 _ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
@@ -52,6 +52,15 @@ _PROCESS_START = time.time()
 def valid_id(item_id: str) -> bool:
     """A queue ID as tampu makes them (so it is safe as a file name)."""
     return bool(_ID_RE.match(item_id))
+
+
+def format_age(seconds: float) -> str:
+    """An item's age for people: ``42s``, ``17m``, ``3.5h``."""
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 class _QueueIds:
@@ -78,32 +87,6 @@ _ids = _QueueIds()
 def new_queue_id() -> str:
     """Sortable by time (ms), 18 characters of lower-case base32."""
     return _ids.next()
-
-
-def _write_durable(path: Path, chunks: list[bytes], fsync: bool = True) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if fsync:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class Queue:
@@ -228,7 +211,7 @@ class Queue:
     async def write(self, item: QueueItem, data: bytes) -> None:
         fields = {**item.header_json(), "size": len(data)}
         header = json.dumps(fields, separators=(",", ":")).encode()
-        await asyncio.to_thread(_write_durable, self.item_path(item.id),
+        await asyncio.to_thread(write_durably, self.item_path(item.id),
                                 [header, b"\n", data], self.fsync)
 
     async def save_state(self, item: QueueItem) -> None:
@@ -237,7 +220,7 @@ class Queue:
             return
         state = {**item.state_json(), "extra": item.extra}
         body = json.dumps(state, separators=(",", ":")).encode()
-        await asyncio.to_thread(_write_durable, self.dir / f"{item.id}{STATE_SUFFIX}",
+        await asyncio.to_thread(write_durably, self.dir / f"{item.id}{STATE_SUFFIX}",
                                 [body], self.fsync)
 
     async def remove(self, item: QueueItem) -> None:

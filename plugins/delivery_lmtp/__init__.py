@@ -111,13 +111,7 @@ class LmtpPlugin:
         return min(self.ctx.settings.timeout, share)
 
     def claims(self, recipient: Recipient) -> bool:
-        if "pipe" in recipient.route or "via" in recipient.route:
-            return False
-        domain = split_address(recipient.address)[1]
-        if not domain or not self.ctx.server.is_local_domain(domain):
-            return False
-        wanted = self.ctx.settings.domains
-        return not wanted or domain in wanted
+        return self.ctx.server.is_local_mailbox(recipient, self.ctx.settings.domains)
 
     def lmtp_recipient(self, address: str) -> str:
         user, domain = split_address(address)

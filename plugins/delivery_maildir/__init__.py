@@ -35,6 +35,7 @@ from tampu import (
     hookimpl,
     split_address,
 )
+from tampu.files import fsync_dir
 
 PLACEHOLDERS = frozenset({"user", "domain"})
 _PLACEHOLDER_RE = re.compile(r"%([a-z_]+)%")
@@ -141,18 +142,10 @@ class MaildirWriter:
                 if final.exists():  # no hard links here: rename, never over another message
                     raise FileExistsError(errno.EEXIST, "Maildir name clash", str(final)) from exc
                 os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         finally:
             tmp.unlink(missing_ok=True)
         return final
-
-
-def _fsync_dir(path: Path) -> None:
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _header_value(value: str) -> str:
@@ -183,13 +176,7 @@ class MaildirPlugin:
         return self.ctx.server.data_dir / relative
 
     def claims(self, recipient: Recipient) -> bool:
-        if "pipe" in recipient.route or "via" in recipient.route:
-            return False
-        domain = split_address(recipient.address)[1]
-        if not domain or not self.ctx.server.is_local_domain(domain):
-            return False
-        wanted = self.ctx.settings.domains
-        return not wanted or domain in wanted
+        return self.ctx.server.is_local_mailbox(recipient, self.ctx.settings.domains)
 
     @hookimpl
     @blocking

@@ -128,13 +128,8 @@ class MdaPlugin:
         return min(self.ctx.settings.timeout, self.delivery_timeout_share())
 
     def claims_mailbox(self, recipient: Recipient) -> bool:
-        if "via" in recipient.route:
-            return False
-        domain = split_address(recipient.address)[1]
-        if not domain or not self.ctx.server.is_local_domain(domain):
-            return False
-        wanted = self.ctx.settings.domains
-        return not wanted or domain in wanted
+        """A local mailbox (pipe routes are claimed before this is asked)."""
+        return self.ctx.server.is_local_mailbox(recipient, self.ctx.settings.domains)
 
     def environment(self, item: QueueItem, recipient: Recipient, user: str,
                     domain: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from tampu import ServerContext
 from tampu.hookspecs import HOOK_NAMES
+from tampu.queue import format_age
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +41,6 @@ class QueueSummary:
     oldest_age: float
 
 
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
 def render(context: ServerContext, queue: QueueSummary, errors: list[ErrorRecord]) -> bytes:
     """A plain HTML page: queue, listeners, plugin order per hook, recent errors."""
     e = html.escape
@@ -66,7 +59,7 @@ def render(context: ServerContext, queue: QueueSummary, errors: list[ErrorRecord
                 order.append(f"<tr><td>{e(hook)}</td><td>{e(' → '.join(names))}</td></tr>")
     errs = [f"<li>{e(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.when)))} "
             f"<b>{e(r.logger)}</b>: {e(r.message)}</li>" for r in reversed(errors)]
-    oldest = _age(queue.oldest_age) if queue.items else "-"
+    oldest = format_age(queue.oldest_age) if queue.items else "-"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>tampu on {e(context.hostname)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 12px;text-align:left}}
