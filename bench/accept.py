@@ -134,7 +134,8 @@ async def run_load(host: str, port: int, clients: int, messages: int, size: int,
     return result
 
 
-def write_config(root: Path, port: int, dns_port: int, workers: int, fsync_note: str) -> None:
+def write_config(root: Path, port: int, dns_port: int, workers: int, fsync_note: str,
+                 disable: list[str] | None = None) -> None:
     from tampu.plugins.auth.userdb import UserDB, hash_password
 
     (root / "conf.d").mkdir(parents=True)
@@ -160,6 +161,9 @@ def write_config(root: Path, port: int, dns_port: int, workers: int, fsync_note:
         kind = "smtp"
         addresses = ["127.0.0.1:{port}"]
         """))
+    if disable:  # for finding where the time goes: the pipeline without some plugins
+        (root / "conf.d" / "99-bench-disable.toml").write_text(
+            "".join(f"[plugins.{name}]\nenabled = false\n" for name in disable))
 
 
 def wait_port(port: int, timeout: float = 20) -> None:
@@ -184,6 +188,8 @@ def main() -> int:
     p.add_argument("--target", help="HOST:PORT of a running server instead of starting tampu")
     p.add_argument("--rcpt", default="user@example.test")
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--disable", action="append", default=[], metavar="PLUGIN",
+                   help="disable a default plugin (repeatable), to see what it costs")
     p.add_argument("--keep", action="store_true", help="keep tampu running (prints its port)")
     args = p.parse_args()
 
@@ -200,7 +206,7 @@ def main() -> int:
         dns.start()
         tmp = Path(tempfile.mkdtemp(prefix="tampu-bench-"))
         host, port = "127.0.0.1", free_port()
-        write_config(tmp, port, dns.port, args.workers, "fsync on")
+        write_config(tmp, port, dns.port, args.workers, "fsync on", args.disable)
         tampu = shutil.which("tampu") or str(Path(sys.executable).parent / "tampu")
         proc = subprocess.Popen([tampu, "serve", "--config-dir", str(tmp)],
                                 stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"))

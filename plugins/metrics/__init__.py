@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -110,6 +111,7 @@ class MetricsState:
         self.hook_seconds = Histogram("tampu_hook_duration_seconds", "Time spent in each "
                                       "plugin's hook implementations.", ["hook", "plugin"],
                                       buckets=HOOK_BUCKETS, registry=r)
+        self._hook_children: dict[tuple[str, str], Any] = {}
         self.hook_failures = Counter("tampu_hook_failures", "Hook implementations that "
                                      "raised or timed out.", ["hook", "plugin", "outcome"],
                                      registry=r)
@@ -150,7 +152,11 @@ class MetricsState:
     # ------------------------------------------------------------------ observations
 
     def observe(self, hook: str, plugin: str, seconds: float, outcome: str) -> None:
-        self.hook_seconds.labels(hook, plugin).observe(seconds)
+        # Called for every hook call of every plugin: look each histogram child up once.
+        child = self._hook_children.get((hook, plugin))
+        if child is None:
+            child = self._hook_children[(hook, plugin)] = self.hook_seconds.labels(hook, plugin)
+        child.observe(seconds)
         if outcome != "ok":
             self.hook_failures.labels(hook, plugin, outcome).inc()
         if hook == "deliver":
