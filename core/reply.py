@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -70,3 +71,25 @@ TOO_MANY_CONNECTIONS: Final = Reply(421, "4.7.0", "Too many connections, try aga
 SHUTTING_DOWN: Final = Reply(421, "4.3.2", "Server shutting down, try again later")
 TOO_MANY_ERRORS: Final = Reply(421, "4.7.0", "Too many unrecognized commands, goodbye")
 LOOP_DETECTED: Final = Reply(554, "5.4.6", "Loop detected: too many Received headers")
+
+
+# Enhanced status codes for replies worded without one, e.g. aiosmtpd's (RFC 3463, RFC 2034).
+_ENHANCED = {
+    211: "2.0.0", 214: "2.0.0", 220: "2.0.0", 221: "2.0.0", 235: "2.7.0", 250: "2.0.0",
+    251: "2.1.5", 252: "2.5.0", 421: "4.3.0", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1",
+    454: "4.7.0", 455: "4.5.4", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1",
+    504: "5.5.4", 530: "5.7.0", 534: "5.7.9", 535: "5.7.8", 538: "5.7.11", 550: "5.0.0",
+    552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+
+
+def with_enhanced_code(line: str) -> str:
+    """One reply line with an enhanced status code (RFC 2034), added if it has none."""
+    if line[:1] not in "245" or not line[:3].isdigit() or _HAS_ENHANCED.match(line):
+        return line
+    enhanced = _ENHANCED.get(int(line[:3]), f"{line[0]}.0.0")
+    text = line[4:]
+    if text.startswith("Error: "):
+        text = text[7:]
+    return f"{line[:3]}{line[3:4] or ' '}{enhanced} {text}"

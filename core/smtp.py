@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import logging
 import re
 from typing import TYPE_CHECKING, Any, cast
 
-from aiosmtpd.proxy_protocol import AF, V2_CMD, ProxyData, get_proxy
-from aiosmtpd.smtp import MISSING, SMTP, syntax
+from aiosmtpd.smtp import MISSING, syntax
 
 from tampu import reply as R
-from tampu.envelope import AuthResult, Envelope, ListenerInfo, Message, Session, TlsInfo
+from tampu.envelope import Envelope, ListenerInfo, Message, Session, TlsInfo
 from tampu.errors import PluginError, QueueError, QueueFull
 from tampu.received import received_header
-from tampu.reply import Reply
+from tampu.reply import Reply, with_enhanced_code
+from tampu.smtp_auth import AuthMixin
+from tampu.smtp_proxy import PROXY_TIMEOUT, IPNetwork, ProxyMixin
 
 if TYPE_CHECKING:
     import ssl
@@ -31,24 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tampu.smtp")
 
-PROXY_TIMEOUT = 10.0
-"""Seconds a trusted proxy has to send its PROXY header."""
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-# Enhanced status codes for replies that aiosmtpd words itself (RFC 3463, RFC 2034).
-_ENHANCED = {
-    211: "2.0.0", 214: "2.0.0", 220: "2.0.0", 221: "2.0.0", 235: "2.7.0", 250: "2.0.0",
-    251: "2.1.5", 252: "2.5.0", 421: "4.3.0", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1",
-    454: "4.7.0", 455: "4.5.4", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1",
-    504: "5.5.4", 530: "5.7.0", 534: "5.7.9", 535: "5.7.8", 538: "5.7.11", 550: "5.0.0",
-    552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
-}
 # The common address forms, parsed without the email package (slow); anything else (quoted
 # local parts, comments, source routes) goes to aiosmtpd's full parser.
 _SIMPLE_ADDR = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\x80-\U0010ffff]+@[A-Za-z0-9.\-\[\]:"
                           r"\x80-\U0010ffff]+|)>(?: +(.*))?$")
 _IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
-_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 
 
 def parse_params(options: list[str]) -> dict[str, str | bool]:
@@ -83,7 +70,7 @@ def _command_table(cls: type[Any]) -> tuple[tuple[str, str], ...]:
     return table
 
 
-class TampuSMTP(SMTP):
+class TampuSMTP(AuthMixin, ProxyMixin):
     """One SMTP connection on one listener."""
 
     def __init__(self, state: ServerState, listener: ListenerInfo,
@@ -218,45 +205,6 @@ class TampuSMTP(SMTP):
             transport.write(f"{_IDLE_TIMEOUT}\r\n".encode())  # say why, then close
         super()._timeout_cb()
 
-    async def _proxy_handshake(self) -> bool:
-        """Read the PROXY header of a trusted proxy (aiosmtpd parses v1 and v2)."""
-        assert self.tsession is not None
-        sid, peer = self.tsession.id, self.tsession.peer_host
-        if not _trusted(peer, self.proxy_trusted):
-            log.warning("session %s: %s is not a trusted proxy for listener %s; closed", sid,
-                        peer, self.listener.name)
-            return False
-        self._reset_timeout(self._proxy_timeout)
-        try:
-            data = await get_proxy(self._reader)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            log.warning("session %s: proxy %s closed before its PROXY header", sid, peer)
-            return False
-        if self.session is not None:
-            self.session.proxy_data = data
-        if not data.valid:
-            log.warning("session %s: invalid PROXY header from %s: %s", sid, peer,
-                        data.error or "unrecognized")
-            return False
-        accepted = await self._call_handler_hook("PROXY", data) is True
-        self._reset_timeout()
-        return accepted
-
-    def _proxy(self, data: ProxyData) -> bool:
-        """Adopt the client address the proxy reports (LOCAL/UNKNOWN: keep the proxy's)."""
-        assert self.tsession is not None
-        proxy = f"{self.tsession.peer_host}:{self.tsession.peer_port}"
-        if (data.command == V2_CMD.LOCAL or data.family in (AF.UNSPEC, AF.UNIX)
-                or not isinstance(data.src_addr, ipaddress.IPv4Address | ipaddress.IPv6Address)):
-            log.info("session %s: PROXY v%s without a client address from %s (health check)",
-                     self.tsession.id, data.version, proxy)
-            return True
-        self.tsession.peer_host = str(data.src_addr)
-        self.tsession.peer_port = int(data.src_port or 0)
-        log.info("session %s: PROXY v%s: client %s:%d via %s", self.tsession.id, data.version,
-                 self.tsession.peer_host, self.tsession.peer_port, proxy)
-        return True
-
     @property
     def idle(self) -> bool:
         """No transaction in progress: safe to close at shutdown."""
@@ -276,11 +224,8 @@ class TampuSMTP(SMTP):
             if not self._greeted and status.startswith("220 "):
                 self._greeted = True
             elif status[:1] in "245":  # every line of a multi-line reply, any code
-                status = "\r\n".join(_enhance(line) for line in status.split("\r\n"))
+                status = "\r\n".join(with_enhanced_code(line) for line in status.split("\r\n"))
         await super().push(status)
-
-    async def _reply(self, reply: Reply) -> None:
-        await self.push(str(reply))
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("session %s: internal error: %s",
@@ -355,96 +300,6 @@ class TampuSMTP(SMTP):
                 await self.state.hooks.smtp_starttls(session)
             except PluginError:
                 pass
-
-    @syntax("AUTH <mechanism>")
-    async def smtp_AUTH(self, arg: str | None) -> None:
-        assert self.tsession is not None
-        if await self.check_helo_needed("EHLO"):
-            return
-        if not self.tsession.esmtp:
-            await self._reply(Reply(503, "5.5.1", "AUTH needs EHLO"))
-            return
-        if self.tsession.tls is None:
-            await self._reply(R.ENCRYPTION_REQUIRED)
-            return
-        if self.tsession.authenticated:
-            await self._reply(Reply(503, "5.5.1", "Already authenticated"))
-            return
-        assert self.session is not None and self.envelope is not None
-        if self.tenvelope.mail_from or self.envelope.mail_from:
-            await self._reply(Reply(503, "5.5.1", "AUTH not permitted during a transaction"))
-            return
-        args = (arg or "").split()
-        if not args or len(args) > 2:
-            await self._reply(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
-            return
-        mechanism = args[0].upper()
-        if mechanism == "PLAIN":
-            creds = await self._auth_plain(args)
-        elif mechanism == "LOGIN":
-            creds = await self._auth_login(args)
-        else:
-            await self._reply(Reply(504, "5.5.4", "Unrecognized authentication mechanism"))
-            return
-        if creds is None:
-            return
-        login, password = creds
-        try:
-            result = await self.state.hooks.smtp_auth(self.tsession, mechanism, login, password)
-        except PluginError:
-            await self.state.hooks.smtp_auth_result(self.tsession, login, False, "plugin error")
-            await self._reply(R.AUTH_TEMPFAIL)
-            return
-        if isinstance(result, AuthResult) and result.success:
-            self.tsession.auth_user = result.user or login
-            self.session.authenticated = True
-            log.info("session %s: authenticated as %s", self.tsession.id,
-                     self.tsession.auth_user)
-            await self.state.hooks.smtp_auth_result(self.tsession, login, True, result.reason)
-            await self._reply(R.AUTH_OK)
-            return
-        reason = result.reason if isinstance(result, AuthResult) else "no plugin answered"
-        log.info("session %s: AUTH failed for %r from %s (%s)", self.tsession.id, login,
-                 self.tsession.peer_host, reason)
-        await self.state.hooks.smtp_auth_result(self.tsession, login, False, reason)
-        await self._reply(R.AUTH_INVALID)
-
-    async def _challenge(self, prompt: bytes) -> bytes | None:
-        got = await self.challenge_auth(prompt)
-        return None if got is MISSING else bytes(got)
-
-    async def _decode(self, b64: str) -> bytes | None:
-        import base64
-        import binascii
-
-        try:
-            return base64.b64decode(b64.encode(), validate=True)
-        except (binascii.Error, ValueError):
-            await self._reply(Reply(501, "5.5.2", "Cannot decode base64"))
-            return None
-
-    async def _auth_plain(self, args: list[str]) -> tuple[str, str] | None:
-        blob = await (self._decode(args[1]) if len(args) == 2 else self._challenge(b""))
-        if blob is None:
-            return None
-        parts = blob.split(b"\0")
-        if len(parts) != 3:
-            await self._reply(Reply(501, "5.5.2", "Cannot split AUTH PLAIN response"))
-            return None
-        authz, login, password = (p.decode("utf-8", "replace") for p in parts)
-        if authz and authz != login:
-            await self._reply(Reply(535, "5.7.8", "Authorization identity must match login"))
-            return None
-        return login, password
-
-    async def _auth_login(self, args: list[str]) -> tuple[str, str] | None:
-        user = await (self._decode(args[1]) if len(args) == 2 else self._challenge(b"Username:"))
-        if user is None:
-            return None
-        password = await self._challenge(b"Password:")
-        if password is None:
-            return None
-        return user.decode("utf-8", "replace"), password.decode("utf-8", "replace")
 
     # ---------------------------------------------------------------- transaction
 
@@ -564,25 +419,6 @@ class TampuSMTP(SMTP):
             log.error("session %s: could not queue message: %s", session.id, exc)
             return R.QUEUE_WRITE_FAILED
         return Reply(250, "2.0.0", f"Queued as {item.id}")
-
-
-def _enhance(line: str) -> str:
-    """One reply line with an enhanced status code (RFC 2034), added if it has none."""
-    if line[:1] not in "245" or not line[:3].isdigit() or _HAS_ENHANCED.match(line):
-        return line
-    enhanced = _ENHANCED.get(int(line[:3]), f"{line[0]}.0.0")
-    text = line[4:]
-    if text.startswith("Error: "):
-        text = text[7:]
-    return f"{line[:3]}{line[3:4] or ' '}{enhanced} {text}"
-
-
-def _trusted(host: str, networks: list[IPNetwork]) -> bool:
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return any(addr in net for net in networks)
 
 
 def _tls_info(transport: asyncio.BaseTransport) -> TlsInfo:
