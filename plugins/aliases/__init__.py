@@ -61,7 +61,7 @@ def build_resolver(server: ServerContext, settings: AliasesSettings) -> Resolver
     files = AliasFiles(config.domains_dir, drop, seps, interval)
     hooks = HookPrograms(config.config_dir, settings.program_timeout, interval)
     return Resolver(files, hooks, server.is_local_domain,
-                    user_exists_in(config.domains_dir, drop, seps), settings.max_depth)
+                    user_exists_in(config.domains_dir, drop, seps, interval), settings.max_depth)
 
 
 def rewrite_sender(sender: str, original: str, separators: str) -> str:

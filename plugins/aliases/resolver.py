@@ -106,6 +106,14 @@ class AliasFiles:
         self._files[domain] = _File(stamp, aliases)
         return aliases
 
+    def cached(self, domain: str) -> dict[str, list[Target]] | None:
+        """The aliases of ``domain`` if they are loaded and the file has not changed since
+        (no I/O beyond a stat every ``check_interval``): the event loop's fast path."""
+        watch, cached = self._stamps.get(domain), self._files.get(domain)
+        if watch is None or cached is None or watch.stamp() != cached.stamp:
+            return None
+        return cached.aliases
+
     def reload(self) -> None:
         for domain in list(self._files):
             self.get(domain, force=True)
@@ -193,7 +201,9 @@ class Resolver:
 
     async def _file_lookup(self, key: str) -> list[Target]:
         domain = key.rpartition("@")[2]
-        aliases = await asyncio.to_thread(self.files.get, domain)
+        aliases = self.files.cached(domain)
+        if aliases is None:  # first use or changed: read (and parse) it off the loop
+            aliases = await asyncio.to_thread(self.files.get, domain)
         return list(aliases.get(key, ()))
 
     async def lookup(self, address: str) -> list[Target]:
@@ -242,7 +252,7 @@ class Resolver:
             targets = await self.lookup(clean)
         if not targets:
             clean_user = clean.rpartition("@")[0]
-            if await asyncio.to_thread(self.user_exists, clean_user, domain.lower()):
+            if self.user_exists(clean_user, domain.lower()):  # cached; a stat per interval
                 return [Final(Kind.EMAIL, address, here)]
             targets = await self.lookup(f"*@{domain.lower()}")
             if not targets:
@@ -263,16 +273,20 @@ class Resolver:
         return finals
 
 
-def user_exists_in(domains_dir: Path, drop: str, separators: str) -> Callable[[str, str], bool]:
+def user_exists_in(domains_dir: Path, drop: str, separators: str,
+                   check_interval: float = 0.0) -> Callable[[str, str], bool]:
     """A ``user_exists(user, domain)`` over ``domains/<domain>/users`` (tampu's user files)."""
     from tampu.plugins.auth.userdb import UserDirectory
 
-    directory = UserDirectory(domains_dir)
+    directory = UserDirectory(domains_dir, check_interval)
 
     def exists(user: str, domain: str) -> bool:
+        users = directory.db(domain).users()
+        if user.lower() in users:
+            return True
         wanted = remove_drops_and_suffix(f"{user}@{domain}", drop, separators)
         return any(remove_drops_and_suffix(f"{u}@{domain}", drop, separators) == wanted
-                   for u in directory.db(domain).users())
+                   for u in users)
 
     return exists
 

@@ -58,7 +58,8 @@ class DomainInfoPlugin:
         self.ctx = ctx
         directory = ctx.server.data_dir / ctx.settings.directory
         self.store = DomainInfoStore(directory, incoming=ctx.settings.incoming,
-                                     outgoing=ctx.settings.outgoing)
+                                     outgoing=ctx.settings.outgoing,
+                                     check_interval=ctx.server.settings.file_check_interval)
 
     @hookimpl
     def tampu_startup(self, context: ServerContext) -> None:
@@ -78,6 +79,8 @@ class DomainInfoPlugin:
         if not domain or spf is None or spf.result != "pass" or spf.domain.lower() != domain:
             return None  # no proof that the client speaks for the domain: do not judge
         level = SecLevel.PLAIN if session.tls is None else SecLevel.TLS_UNVERIFIED
+        if level == self.store.cached_level(domain, "incoming"):
+            return None  # the usual case: as secure as before, nothing to record
         ok = await asyncio.to_thread(self.store.check_incoming, domain, level)
         if ok:
             return None

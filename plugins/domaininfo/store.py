@@ -16,7 +16,8 @@ Other plugins reach the store through the server's stash::
     ok = await asyncio.to_thread(store.check_outgoing, "example.com", SecLevel.TLS_VERIFIED)
 
 The store's methods do file I/O: call them in a thread (``asyncio.to_thread``) or from a
-``@blocking`` hook, never directly on the event loop.
+``@blocking`` hook, never directly on the event loop; ``cached_level`` is the exception (a stat
+at most every ``check_interval`` seconds) for a fast path on the loop.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from enum import IntEnum
@@ -35,6 +35,7 @@ from typing import Literal
 from urllib.parse import quote
 
 from tampu import StashKey
+from tampu.files import FileStamp, Stamp, fsync_dir, write_durably
 
 log = logging.getLogger("tampu.plugins.domaininfo")
 
@@ -67,11 +68,14 @@ class SecLevel(IntEnum):
 class DomainInfoStore:
     """Remembers, per domain, the highest security level seen in each direction."""
 
-    def __init__(self, directory: Path, *, incoming: bool = True, outgoing: bool = True) -> None:
+    def __init__(self, directory: Path, *, incoming: bool = True, outgoing: bool = True,
+                 check_interval: float = 0.0) -> None:
         self.directory = directory
         self.incoming_enabled = incoming
         self.outgoing_enabled = outgoing
+        self.check_interval = check_interval
         self._lock = threading.Lock()
+        self._cache: dict[Path, tuple[FileStamp, Stamp | None, dict[str, str]]] = {}
 
     # ------------------------------------------------------------------ reading
 
@@ -106,6 +110,23 @@ class DomainInfoStore:
 
     def outgoing(self, domain: str) -> SecLevel:
         return self.level(domain, "outgoing")
+
+    def cached_level(self, domain: str, direction: Direction) -> SecLevel:
+        """The recorded level from memory, re-read when the file changed (it is stat'ed at most
+        every ``check_interval`` seconds). Cheap enough for the event loop: a check whose level
+        equals this one needs no thread and no lock."""
+        path = self.path(domain)
+        if path is None:
+            return SecLevel.PLAIN
+        entry = self._cache.get(path)
+        watch = entry[0] if entry is not None else FileStamp(path, self.check_interval)
+        stamp = watch.stamp()
+        if entry is None or entry[1] != stamp:
+            entry = (watch, stamp, self._read(path) if stamp is not None else {})
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[path] = entry
+        return SecLevel.from_label(entry[2].get(direction, "plain"))
 
     # ------------------------------------------------------------------ checking
 
@@ -151,7 +172,7 @@ class DomainInfoStore:
                 path.unlink()
             except FileNotFoundError:
                 return False
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return True
 
     # ------------------------------------------------------------------ writing
@@ -169,27 +190,7 @@ class DomainInfoStore:
                 os.close(fd)  # releases the flock
 
     def _write(self, path: Path, data: dict[str, str]) -> None:
-        body = json.dumps(data, sort_keys=True).encode() + b"\n"
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(body)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.directory)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        write_durably(path, [json.dumps(data, sort_keys=True).encode() + b"\n"])
 
 
 DOMAININFO_STORE: StashKey[DomainInfoStore] = StashKey()

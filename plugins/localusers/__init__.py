@@ -36,8 +36,8 @@ class LocalUsersPlugin:
         wanted = server.normalize_user(user)
         if self.ctx.settings.accept_postmaster and wanted == "postmaster":
             return True
-        return any(server.normalize_user(u) == wanted
-                   for u in self.users.db(domain).users())
+        users = self.users.db(domain).users()
+        return wanted in users or any(server.normalize_user(u) == wanted for u in users)
 
     @hookimpl
     def smtp_rcpt_to(self, session: Session, envelope: Envelope, address: str,

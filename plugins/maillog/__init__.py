@@ -19,6 +19,8 @@ import logging.handlers
 import os
 import queue
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,15 +66,15 @@ def _client(session: Session) -> str:
 
 
 class MailLog:
-    """The output: a dedicated logger whose lines a thread writes (file or syslog)."""
+    """The output: lines handed to a writer thread, which writes them (file or syslog) in
+    batches. The event loop only formats a line and queues it."""
 
     def __init__(self, settings: MailLogSettings, data_dir: Path) -> None:
         self.settings = settings
         self.path = data_dir / settings.path
-        self.logger = logging.Logger("tampu.maillog", logging.INFO)  # not in the global tree
-        self.logger.propagate = False
-        self.queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self.listener: logging.handlers.QueueListener | None = None
+        self.queue: queue.SimpleQueue[tuple[float, str] | None] = queue.SimpleQueue()
+        self.handler: logging.Handler | None = None
+        self.thread: threading.Thread | None = None
 
     def open(self) -> None:
         """Open the file or the syslog socket (blocking: run in a thread). Raises OSError."""
@@ -86,30 +88,45 @@ class MailLog:
             target.setFormatter(logging.Formatter("tampu: %(message)s"))
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # reopened when logrotate moves the file away
             target = logging.handlers.WatchedFileHandler(self.path, encoding="utf-8")
             fmt = "%(message)s" if self.settings.format == "json" else "%(asctime)s %(message)s"
             target.setFormatter(logging.Formatter(fmt))
-        self.listener = logging.handlers.QueueListener(self.queue, target)
-        self.listener.start()
-        self.logger.addHandler(logging.handlers.QueueHandler(self.queue))
+        self.handler = target
+        self.thread = threading.Thread(target=self._write_lines, name="tampu-maillog",
+                                       daemon=True)
+        self.thread.start()
+
+    def _write_lines(self) -> None:
+        assert self.handler is not None
+        while True:
+            entry = self.queue.get()
+            if entry is None:
+                return
+            created, line = entry
+            record = logging.LogRecord("tampu.maillog", logging.INFO, "", 0, line, None, None)
+            record.created, record.msecs = created, (created % 1) * 1000
+            self.handler.handle(record)
 
     def close(self) -> None:
         """Write what is pending and close (blocking: run in a thread)."""
-        for handler in list(self.logger.handlers):
-            self.logger.removeHandler(handler)
-        if self.listener is not None:
-            self.listener.stop()
-            for handler in self.listener.handlers:
-                handler.close()
-            self.listener = None
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(10)
+            self.thread = None
+        if self.handler is not None:
+            self.handler.close()
+            self.handler = None
 
     def event(self, event: str, text: str, fields: dict[str, Any]) -> None:
+        now = time.time()
         if self.settings.format == "json":
-            now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
-            self.logger.info("%s", json.dumps({"time": now, "event": event, **fields},
-                                              ensure_ascii=False))
+            stamp = datetime.datetime.fromtimestamp(now, datetime.UTC)
+            line = json.dumps({"time": stamp.isoformat(timespec="milliseconds"),
+                               "event": event, **fields}, ensure_ascii=False)
         else:
-            self.logger.info("%s", _clean(text))
+            line = _clean(text)
+        self.queue.put((now, line))
 
 
 MAILLOG: StashKey[MailLog] = StashKey()

@@ -9,7 +9,6 @@ configurable; by default only ``fail`` is refused, with ``550 5.7.23 SPF check f
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Literal
 
@@ -74,8 +73,8 @@ class SpfPlugin:
         return action
 
     async def evaluate(self, ip: str, sender: str, helo: str) -> Evaluation:
-        """Run one SPF check in a worker thread (pyspf and dnspython block)."""
-        return await asyncio.to_thread(self.checker.check, ip, sender, helo)
+        """Run one SPF check on the event loop (asynchronous DNS; see check.py)."""
+        return await self.checker.check_async(ip, sender, helo)
 
     @hookimpl
     async def smtp_mail_from(self, session: Session, envelope: Envelope, address: str,

@@ -6,11 +6,16 @@ process, :class:`SpfChecker` builds a subclass of ``spf.query`` whose ``dns`` me
 own code bound to a namespace where ``DNSLookup`` is ours: caching, CNAME chasing and the
 RFC 7208 lookup limits stay pyspf's, the queries go to ``[server] dns_servers``.
 
-Everything here blocks (network I/O): call :meth:`SpfChecker.check` from a worker thread.
+:meth:`SpfChecker.check_async` evaluates on the event loop without threads: pyspf runs with
+a ``DNSLookup`` that answers from the lookups done so far and raises :class:`_NeedLookup` for a
+new one; the lookup is then made with dnspython's asynchronous resolver and pyspf runs again
+from the start (it is cheap; the answers are remembered), until a run needs nothing new.
+:meth:`SpfChecker.check` is the same evaluation with blocking lookups, for a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import re
@@ -18,6 +23,7 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+import dns.asyncresolver
 import dns.exception
 import dns.nameserver
 import dns.resolver
@@ -53,6 +59,31 @@ def make_resolver(servers: list[str], timeout: float) -> dns.resolver.Resolver:
     return res
 
 
+def make_async_resolver(servers: list[str], timeout: float) -> dns.asyncresolver.Resolver:
+    """The asynchronous twin of :func:`make_resolver`."""
+    res = dns.asyncresolver.Resolver(configure=not servers)
+    if servers:
+        res.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                           for host, port in map(parse_dns_server, servers)]
+    res.timeout = timeout
+    res.lifetime = timeout
+    return res
+
+
+Answers = list[tuple[tuple[str, str], Any]]
+MAX_ROUNDS = 40
+"""pyspf runs per asynchronous check at most (RFC 7208 allows 10 DNS-querying mechanisms, each
+with a few lookups)."""
+
+
+class _NeedLookup(BaseException):
+    """Raised through pyspf (a BaseException: its ``except Exception`` clauses let it pass)."""
+
+    def __init__(self, key: tuple[str, str]) -> None:
+        super().__init__(key)
+        self.key = key
+
+
 def printable(text: str, limit: int = 200) -> str:
     """``text`` safe for an SMTP reply or a header: printable ASCII, bounded."""
     return _UNPRINTABLE.sub("?", text)[:limit]
@@ -75,9 +106,85 @@ class SpfChecker:
     def __init__(self, servers: list[str], query_timeout: float, total_timeout: float,
                  receiver: str) -> None:
         self.resolver = make_resolver(servers, query_timeout)
+        self.async_resolver = make_async_resolver(servers, query_timeout)
         self.total_timeout = total_timeout
         self.receiver = receiver
+        self._active: Any = self._lookup
+        """The DNSLookup of the evaluation running now (runs are synchronous: one at a time)."""
         self._query_class = self._make_query_class()
+
+    def _dispatch(self, name: str, qtype: str, strict: Any = True,
+                  timeout: float = 20.0) -> Answers:
+        return self._active(name, qtype, strict, timeout)
+
+    @staticmethod
+    def _convert(answer: Any, name: str, qtype: str) -> Answers:
+        out: Answers = []
+        for rdata in answer:
+            if qtype in ("A", "AAAA"):
+                out.append(((name, qtype), rdata.address))
+            elif qtype == "MX":
+                out.append(((name, qtype), (rdata.preference, rdata.exchange)))
+            elif qtype == "PTR":
+                out.append(((name, qtype), rdata.target.to_text(True)))
+            elif qtype in ("TXT", "SPF"):
+                out.append(((name, qtype), rdata.strings))
+        return out
+
+    async def _lookup_async(self, name: str, qtype: str) -> Answers | spf.TempError:
+        try:
+            answer = await self.async_resolver.resolve(name, qtype, search=False)
+        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+            return []
+        except dns.exception.Timeout:
+            return spf.TempError(f"DNS timeout looking up {name} {qtype}")
+        except dns.exception.DNSException as exc:
+            return spf.TempError(f"DNS error looking up {name} {qtype}: {exc}")
+        return self._convert(answer, name, qtype)
+
+    async def check_async(self, ip: str, sender: str, helo: str) -> Evaluation:
+        """:meth:`check` on the event loop: DNS through the asynchronous resolver, no thread."""
+        answers: dict[tuple[str, str], Answers | spf.TempError] = {}
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                for _ in range(MAX_ROUNDS):
+                    missing: list[tuple[str, str]] = []
+
+                    def replay(name: str, qtype: str, strict: Any = True,
+                               timeout: float = 20.0) -> Answers:
+                        got = answers.get((name, qtype))
+                        if got is None:
+                            missing.append((name, qtype))
+                            raise _NeedLookup((name, qtype))
+                        if isinstance(got, spf.TempError):
+                            raise spf.TempError(*got.args)
+                        return got
+
+                    self._active = replay
+                    try:
+                        evaluation: Evaluation | None = self.check(ip, sender, helo)
+                    except _NeedLookup:
+                        evaluation = None
+                    finally:
+                        self._active = self._lookup
+                    # pyspf swallows errors in a few places (exp= lookups): a completed run may
+                    # still have asked for something; look it up and run again.
+                    if not missing and evaluation is not None:
+                        return evaluation
+                    for key in dict.fromkeys(missing):
+                        answers[key] = await self._lookup_async(*key)
+        except TimeoutError:
+            pass
+        return self._failed(ip, sender, helo, "temperror",
+                            f"SPF evaluation took too long ({len(answers)} DNS lookups)")
+
+    def _failed(self, ip: str, sender: str, helo: str, result: str, why: str) -> Evaluation:
+        identity = sender or f"postmaster@{helo}"
+        domain = identity.rpartition("@")[2].lower()
+        header = f"{result.capitalize()} ({self.receiver}: {printable(why)})"
+        return Evaluation(SpfResult(result=result, explanation=printable(why),
+                                    identity=identity, domain=domain),
+                          received_spf=header, scope="mailfrom" if sender else "helo")
 
     def _lookup(self, name: str, qtype: str, strict: Any = True,
                 timeout: float = 20.0) -> list[tuple[tuple[str, str], Any]]:
@@ -91,22 +198,12 @@ class SpfChecker:
             raise spf.TempError(f"DNS timeout looking up {name} {qtype}") from exc
         except dns.exception.DNSException as exc:
             raise spf.TempError(f"DNS error looking up {name} {qtype}: {exc}") from exc
-        out: list[tuple[tuple[str, str], Any]] = []
-        for rdata in answer:
-            if qtype in ("A", "AAAA"):
-                out.append(((name, qtype), rdata.address))
-            elif qtype == "MX":
-                out.append(((name, qtype), (rdata.preference, rdata.exchange)))
-            elif qtype == "PTR":
-                out.append(((name, qtype), rdata.target.to_text(True)))
-            elif qtype in ("TXT", "SPF"):
-                out.append(((name, qtype), rdata.strings))
-        return out
+        return self._convert(answer, name, qtype)
 
     def _make_query_class(self) -> type:
         base_dns = spf.query.dns
         namespace = dict(vars(spf))
-        namespace["DNSLookup"] = self._lookup
+        namespace["DNSLookup"] = self._dispatch
         dns_method = types.FunctionType(base_dns.__code__, namespace, base_dns.__name__,
                                         base_dns.__defaults__, base_dns.__closure__)
         return type("TampuSpfQuery", (spf.query,), {"dns": dns_method})
