@@ -225,8 +225,8 @@ def main() -> int:
         from tests.dnsserver import DNSServer
 
         spf = "v=spf1 ip4:127.0.0.1 -all"
-        if args.dns == "dnsmasq" or (args.dns == "auto" and shutil.which("dnsmasq")
-                                     or os.path.exists("/usr/sbin/dnsmasq")):
+        have_dnsmasq = bool(shutil.which("dnsmasq")) or os.path.exists("/usr/sbin/dnsmasq")
+        if args.dns == "dnsmasq" or (args.dns == "auto" and have_dnsmasq):
             dns = Dnsmasq({"example.org": spf})
         else:
             dns = DNSServer({"example.org": {"TXT": [f'"{spf}"']}})

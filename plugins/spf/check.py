@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import time
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,8 @@ def make_async_resolver(servers: list[str], timeout: float) -> dns.asyncresolver
 
 
 Answers = list[tuple[tuple[str, str], Any]]
+DNS_CACHE_MAX_TTL = 300
+DNS_CACHE_SIZE = 10_000
 MAX_ROUNDS = 40
 """pyspf runs per asynchronous check at most (RFC 7208 allows 10 DNS-querying mechanisms, each
 with a few lookups)."""
@@ -109,6 +112,9 @@ class SpfChecker:
         self.async_resolver = make_async_resolver(servers, query_timeout)
         self.total_timeout = total_timeout
         self.receiver = receiver
+        self._dns_cache: dict[tuple[str, str], tuple[float, Answers]] = {}
+        """Positive DNS answers of the asynchronous path, kept for their TTL (at most
+        DNS_CACHE_MAX_TTL): each lookup is otherwise a few hundred microseconds of Python."""
         self._active: Any = self._lookup
         """The DNSLookup of the evaluation running now (runs are synchronous: one at a time)."""
         self._query_class = self._make_query_class()
@@ -132,6 +138,10 @@ class SpfChecker:
         return out
 
     async def _lookup_async(self, name: str, qtype: str) -> Answers | spf.TempError:
+        now = time.monotonic()
+        cached = self._dns_cache.get((name, qtype))
+        if cached is not None and cached[0] > now:
+            return cached[1]
         try:
             answer = await self.async_resolver.resolve(name, qtype, search=False)
         except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
@@ -140,7 +150,13 @@ class SpfChecker:
             return spf.TempError(f"DNS timeout looking up {name} {qtype}")
         except dns.exception.DNSException as exc:
             return spf.TempError(f"DNS error looking up {name} {qtype}: {exc}")
-        return self._convert(answer, name, qtype)
+        result = self._convert(answer, name, qtype)
+        ttl = min(answer.rrset.ttl if answer.rrset is not None else 0, DNS_CACHE_MAX_TTL)
+        if ttl > 0:  # positive answers only, for their TTL: what a caching resolver does
+            if len(self._dns_cache) >= DNS_CACHE_SIZE:
+                self._dns_cache.clear()
+            self._dns_cache[(name, qtype)] = (now + ttl, result)
+        return result
 
     async def check_async(self, ip: str, sender: str, helo: str) -> Evaluation:
         """:meth:`check` on the event loop: DNS through the asynchronous resolver, no thread."""
