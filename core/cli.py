@@ -22,7 +22,7 @@ PIDFILE = "tampu.pid"
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s tampu[%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-line chatter

@@ -1,0 +1,122 @@
+"""``[server] workers``: several reception processes share the listener (SO_REUSEPORT).
+
+A real ``tampu serve`` with three processes; many short connections are spread over them; every
+accepted message is delivered (the workers hand their new items to the main process, which
+runs the delivery loop); SIGTERM to the main process stops all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tampu.testing import make_config_dir
+from tests.recording import fixed_port
+
+MESSAGES = 60
+QID_RE = re.compile(rb"Queued as ([a-z0-9]+)")
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("tampu serve did not listen within 20 s")
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True, check=False).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_workers_share_the_listener_and_every_message_is_delivered(tmp_path):
+    port = fixed_port()
+    cdir = make_config_dir(tmp_path / "conf", users={"user@example.test": "pw"}, base=(
+        textwrap.dedent(f"""\
+        [server]
+        hostname = "localhost"
+        local_domains = ["example.test"]
+        workers = 3
+        retry_schedule = [0.5]
+        shutdown_timeout = 2
+        log_level = "info"
+        [server.listeners.smtp]
+        kind = "smtp"
+        addresses = ["127.0.0.1:{port}"]
+        [plugins.localusers]
+        enabled = true
+        [plugins.delivery_maildir]
+        enabled = true
+        """)))
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tampu.cli", "serve", "--config-dir", str(cdir)],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_listening(port, proc, log)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, f"expected 2 reception workers, found {workers}"
+
+        def send(n: int) -> bytes:
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+                client.ehlo("client.test")
+                client.mail("sender@example.org")
+                client.rcpt("user@example.test")
+                code, reply = client.data(f"Subject: worker-test-{n}\r\n\r\nbody {n}\r\n".encode())
+                assert code == 250, reply
+                return reply
+
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(send, range(MESSAGES)))
+        qids = {QID_RE.search(r).group(1) for r in replies}
+        assert len(qids) == MESSAGES  # queue IDs are unique across processes
+
+        maildir = cdir / "data" / "mail" / "example.test" / "user" / "new"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if maildir.is_dir() and len(os.listdir(maildir)) >= MESSAGES:
+                break
+            time.sleep(0.1)
+        subjects = {re.search(rb"Subject: worker-test-(\d+)", (maildir / f).read_bytes())
+                    .group(1) for f in os.listdir(maildir)}
+        assert subjects == {str(n).encode() for n in range(MESSAGES)}
+        queue_dir = cdir / "data" / "queue"
+        assert not [p for p in queue_dir.iterdir() if p.name.endswith(".item")]
+
+        # The connections were spread over the processes: several logged transactions.
+        receivers = set(re.findall(r"tampu\[(\d+)\] INFO tampu\.smtp: session=\d+ qid=",
+                                   log.read_text()))
+        assert len(receivers) >= 2, f"all mail was received by one process: {receivers}"
+        assert receivers <= {str(p) for p in workers | {proc.pid}}
+    finally:
+        proc.terminate()
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0, log.read_text()[-2000:]
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), f"worker {pid} still runs"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
