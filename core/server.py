@@ -113,6 +113,10 @@ class Server:
                 raise ConfigError([f"listener {name}: kind submissions needs a certificate in "
                                    f"{self.config.certs_dir}/<name>/ (or self_signed_cert = "
                                    "true)"])
+            if lst.kind == "submission" and self.tls is None:
+                log.warning("listener %s: no certificate in %s/<name>/, so no STARTTLS: nobody "
+                            "can authenticate, and submission requires it", name,
+                            self.config.certs_dir)
         if problems := proxy_problems(self.config):
             raise ConfigError(problems)
         if not self._sockets:

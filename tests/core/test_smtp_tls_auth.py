@@ -11,6 +11,7 @@ import base64
 import smtplib
 import ssl
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -301,3 +302,40 @@ def test_failed_handshake_closes_only_that_connection(srv):
     while srv.server.state.connections and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not srv.server.state.connections
+
+
+@pytest.mark.parametrize(("listener", "starttls"), [("submission", "on"),
+                                                    ("submissions", "off")])
+def test_msmtp_sends_with_tls_and_auth(srv, tmp_path, tampu_ca, listener, starttls):
+    """A real mail client (msmtp) submits over STARTTLS and over implicit TLS, verifying the
+    server's certificate against the test CA, with AUTH; the message reaches the queue."""
+    msmtp = require_tool("msmtp")
+    ca_file = tmp_path / "ca.pem"
+    tampu_ca.cert_pem.write_to_path(str(ca_file))
+    conf = tmp_path / "msmtprc"
+    conf.write_text(textwrap.dedent(f"""\
+        account tampu
+        host localhost
+        port {srv.port(listener)}
+        domain client.test
+        tls on
+        tls_starttls {starttls}
+        tls_trust_file {ca_file}
+        auth plain
+        user {USER}
+        password {PASSWORD}
+        from {USER}
+        account default : tampu
+        """))
+    conf.chmod(0o600)
+    before = set(srv.queue_items())
+    done = subprocess.run(
+        [msmtp, "-C", str(conf), "friend@remote.example"],
+        input=f"From: {USER}\nTo: friend@remote.example\nSubject: via msmtp {listener}\n\nhi\n",
+        capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = set(srv.queue_items()) - before
+    assert len(new) == 1
+    header, message = read_queue_item(srv.queue_dir / f"{new.pop()}.item")
+    assert header["auth_user"] == USER
+    assert f"Subject: via msmtp {listener}".encode() in message
