@@ -20,24 +20,17 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from _common import free_port, wait_port, write_bench_config  # noqa: E402 - after sys.path
 
 
 async def read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -137,17 +130,7 @@ async def run_load(host: str, port: int, clients: int, messages: int, size: int,
 
 def write_config(root: Path, port: int, dns_port: int, workers: int, fsync_note: str,
                  disable: list[str] | None = None) -> None:
-    from tampu.plugins.auth.userdb import UserDB, hash_password
-
-    (root / "conf.d").mkdir(parents=True)
-    (root / "domains" / "example.test").mkdir(parents=True)
-    UserDB(root / "domains" / "example.test" / "users").write(
-        {"user": hash_password("benchpass", log_n=10)})
-    # the repository's default plugin configuration, with the server section replaced
-    for src in sorted((ROOT / "conf.d").glob("*.toml")):
-        if src.name != "00-server.toml":
-            shutil.copy(src, root / "conf.d" / src.name)
-    (root / "conf.d" / "00-server.toml").write_text(textwrap.dedent(f"""\
+    write_bench_config(root, f"""\
         # benchmark configuration ({fsync_note})
         [server]
         hostname = "bench.test"
@@ -161,7 +144,7 @@ def write_config(root: Path, port: int, dns_port: int, workers: int, fsync_note:
         [server.listeners.smtp]
         kind = "smtp"
         addresses = ["127.0.0.1:{port}"]
-        """))
+        """)
     if disable:  # for finding where the time goes: the pipeline without some plugins
         (root / "conf.d" / "99-bench-disable.toml").write_text(
             "".join(f"[plugins.{name}]\nenabled = false\n" for name in disable))
@@ -183,17 +166,6 @@ class Dnsmasq:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"server did not listen on {port}")
 
 
 def main() -> int:
@@ -237,7 +209,7 @@ def main() -> int:
         tampu = shutil.which("tampu") or str(Path(sys.executable).parent / "tampu")
         proc = subprocess.Popen([tampu, "serve", "--config-dir", str(tmp)],
                                 stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"))
-        wait_port(port)
+        wait_port("127.0.0.1", port)
     try:
         if args.keep:
             pid = proc.pid if proc else '-'

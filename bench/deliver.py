@@ -25,38 +25,24 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PASSWORD = "benchpass"
+from _common import (  # noqa: E402 - after sys.path
+    PASSWORD,
+    free_port,
+    wait_port,
+    write_bench_config,
+)
+
 SINK_HOST = "127.0.0.2"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(host: str, port: int, timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {host}:{port} after {timeout:.0f}s")
 
 
 def make_body(n: int, size: int, to: str) -> bytes:
@@ -67,16 +53,7 @@ def make_body(n: int, size: int, to: str) -> bytes:
 
 
 def write_config(root: Path, smtp: int, submission: int, dns_port: int, sink_port: int) -> None:
-    from tampu.plugins.auth.userdb import UserDB, hash_password
-
-    (root / "conf.d").mkdir(parents=True)
-    (root / "domains" / "example.test").mkdir(parents=True)
-    UserDB(root / "domains" / "example.test" / "users").write(
-        {"user": hash_password(PASSWORD, log_n=10)})
-    for src in sorted((ROOT / "conf.d").glob("*.toml")):  # the shipped plugin configuration
-        if src.name != "00-server.toml":
-            shutil.copy(src, root / "conf.d" / src.name)
-    (root / "conf.d" / "00-server.toml").write_text(textwrap.dedent(f"""\
+    write_bench_config(root, f"""\
         # delivery benchmark configuration (fsync on)
         [server]
         hostname = "bench.test"
@@ -92,7 +69,7 @@ def write_config(root: Path, smtp: int, submission: int, dns_port: int, sink_por
         [server.listeners.submission]
         kind = "submission"
         addresses = ["127.0.0.1:{submission}"]
-        """))
+        """)
     (root / "conf.d" / "99-bench.toml").write_text(
         f"[plugins.delivery_smtp]\nport = {sink_port}\n")
 

@@ -119,7 +119,7 @@ class ServerContext:
                 res.nameservers = []
                 ports: dict[str, int] = {}
                 for spec in servers:
-                    host, port = _dns_server(spec)
+                    host, port = parse_dns_server(spec)
                     res.nameservers.append(host)
                     ports[host] = port
                 res.nameserver_ports = ports
@@ -129,10 +129,11 @@ class ServerContext:
         return self._resolver
 
 
-def _dns_server(spec: str) -> tuple[str, int]:
+def parse_dns_server(spec: str) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port`` (a ``[server] dns_servers`` entry)."""
     if spec.startswith("["):
         host, _, port = spec[1:].partition("]:")
-        return host, int(port or 53)
+        return host.rstrip("]"), int(port or 53)
     if spec.count(":") == 1:
         host, _, port = spec.partition(":")
         return host, int(port)

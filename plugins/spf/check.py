@@ -22,7 +22,7 @@ import re
 import time
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -30,6 +30,7 @@ import dns.nameserver
 import dns.resolver
 import spf
 
+from tampu.context import parse_dns_server
 from tampu.plugins.spf.result import SpfResult
 
 log = logging.getLogger("tampu.plugins.spf")
@@ -38,31 +39,13 @@ RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerro
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
-def parse_dns_server(spec: str) -> tuple[str, int]:
-    """``host``, ``host:port`` or ``[v6]:port`` → (host, port)."""
-    if spec.startswith("["):
-        host, _, port = spec[1:].partition("]:")
-        return host.rstrip("]"), int(port or 53)
-    if spec.count(":") == 1:
-        host, _, port = spec.partition(":")
-        return host, int(port)
-    return spec, 53
+R = TypeVar("R", dns.resolver.Resolver, dns.asyncresolver.Resolver)
 
 
-def make_resolver(servers: list[str], timeout: float) -> dns.resolver.Resolver:
-    """A synchronous dnspython resolver for ``servers`` (empty: the system's resolv.conf)."""
-    res = dns.resolver.Resolver(configure=not servers)
-    if servers:
-        res.nameservers = [dns.nameserver.Do53Nameserver(host, port)
-                           for host, port in map(parse_dns_server, servers)]
-    res.timeout = timeout
-    res.lifetime = timeout
-    return res
-
-
-def make_async_resolver(servers: list[str], timeout: float) -> dns.asyncresolver.Resolver:
-    """The asynchronous twin of :func:`make_resolver`."""
-    res = dns.asyncresolver.Resolver(configure=not servers)
+def make_resolver(servers: list[str], timeout: float,
+                  kind: type[R] = dns.resolver.Resolver) -> R:  # type: ignore[assignment]
+    """A dnspython resolver (``kind``: sync or async) for ``servers`` (empty: resolv.conf)."""
+    res = kind(configure=not servers)
     if servers:
         res.nameservers = [dns.nameserver.Do53Nameserver(host, port)
                            for host, port in map(parse_dns_server, servers)]
@@ -109,7 +92,7 @@ class SpfChecker:
     def __init__(self, servers: list[str], query_timeout: float, total_timeout: float,
                  receiver: str) -> None:
         self.resolver = make_resolver(servers, query_timeout)
-        self.async_resolver = make_async_resolver(servers, query_timeout)
+        self.async_resolver = make_resolver(servers, query_timeout, dns.asyncresolver.Resolver)
         self.total_timeout = total_timeout
         self.receiver = receiver
         self._dns_cache: dict[tuple[str, str], tuple[float, Answers]] = {}
