@@ -115,8 +115,10 @@ class MdaPlugin:
         self.ctx = ctx
         settings = ctx.settings
         if shutil.which(settings.command) is None:
-            ctx.log.warning("MDA %r not found or not executable; local deliveries will be "
-                            "retried until it is installed", settings.command)
+            ctx.log.warning("MDA %r not found or not executable: mailboxes this plugin claims "
+                            "(none while a Maildir or LMTP backend comes first) are retried "
+                            "until it is installed; pipe aliases are not affected",
+                            settings.command)
         if settings.timeout > self.delivery_timeout_share():
             ctx.log.warning("timeout %gs is above %d%% of [server] delivery_timeout; using %gs",
                             settings.timeout, TIMEOUT_SHARE * 100, self.delivery_timeout_share())
