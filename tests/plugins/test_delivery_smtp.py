@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from tampu import Envelope, QueueItem, Recipient, hookimpl
+from tampu.testing import server_toml
 from tests.plugins.delivery_kit import Recorder, wait_for
 from tests.plugins.remote_kit import MXFarm, Sink, free_port, remote_conf, submit
 
@@ -221,3 +222,26 @@ class _LocalUser:
         from tampu.reply import RECIPIENT_OK
 
         return RECIPIENT_OK if address == "fwd@example.test" else None
+
+
+def test_tampu_delivers_to_another_tampu(tampu_server, make_dns):
+    """End to end between two real tampu servers: A relays for its authenticated user by MX
+    to B, which accepts for its local user over opportunistic STARTTLS and stores the message
+    in a Maildir."""
+    b = tampu_server(
+        base=server_toml(domains=("far.test",)), users={"bob@far.test": "pw"}, deliver=True,
+        conf={"40-local.toml": "[plugins.delivery_maildir]\nenabled = true\n"})
+    dns = make_dns({"far.test": {"MX": ["10 mx.far.test."]},
+                    "mx.far.test": {"A": ["127.0.0.1"]}})
+    a = tampu_server(**remote_conf(dns.port, b.port("smtp")))
+    submit(a, ["bob@far.test"], body=b"From: user@example.test\r\nSubject: a to b\r\n\r\nhi b\r\n")
+
+    maildir = b.server.config.data_dir / "mail" / "far.test" / "bob" / "new"
+    files = wait_for(lambda: list(maildir.iterdir()) if maildir.is_dir() else [],
+                     what="delivery into B's Maildir")
+    message = files[0].read_bytes()
+    assert b"Subject: a to b" in message and b"hi b" in message
+    received = [line for line in message.split(b"\n") if line.startswith(b"Received:")]
+    assert len(received) == 2  # B's (from A, over TLS) on top of A's (from the client)
+    assert b"(tampu) with ESMTPS" in message.split(b"Received:")[1]  # B's header: TLS used
+    wait_for(lambda: not a.queue_items(), what="A's queue to empty")
