@@ -110,7 +110,12 @@ def build_registry(
     for name, info in list_available(eps).items():
         infos[name] = info
 
+    extra = list(extra)
+    given = {getattr(obj, "name", None) or obj.__name__.lower()
+             for obj in extra if inspect.isclass(obj)}  # configured by their conf.d table
     for name, table in config.plugins.items():
+        if name in given:
+            continue
         if name not in eps:
             where = table.files[0] if table.files else "conf.d"
             problems.append(
@@ -153,12 +158,23 @@ def build_registry(
 
     for i, obj in enumerate(extra):
         name = getattr(obj, "name", None) or f"extra-{i}-{type(obj).__name__}"
+        prio = int(getattr(obj, "priority", DEFAULT_PRIORITY))
+        if inspect.isclass(obj):  # a plugin class, as an entry point would name it (tests)
+            name = getattr(obj, "name", None) or obj.__name__.lower()
+            try:
+                settings = settings_class(obj).model_validate(
+                    {**(config.plugins[name].values if name in config.plugins else {}),
+                     "enabled": True})
+                obj = _instantiate(obj, name, settings, context)
+                prio = settings.priority
+            except (ValueError, ConfigError) as exc:
+                problems.append(f"plugin {name}: {exc}")
+                continue
         try:
             pm.register(obj, name=name)
         except pluggy.PluginValidationError as exc:
             problems.append(f"plugin {name}: invalid hook implementation: {exc}")
             continue
-        prio = int(getattr(obj, "priority", DEFAULT_PRIORITY))
         ordering[name] = (prio, 5_000 + i)
         infos[name] = PluginInfo(name=name, distribution="(test)", version="", builtin=False,
                                  enabled=True, priority=prio, order=5_000 + i, obj=obj)
