@@ -36,6 +36,7 @@ def fork_workers(config: Config, count: int) -> tuple[list[int], int | None]:
     for index in range(count):
         pid = os.fork()
         if pid == 0:
+            _die_with_parent()
             os.close(rfd)
             code = 1
             try:
@@ -49,6 +50,20 @@ def fork_workers(config: Config, count: int) -> tuple[list[int], int | None]:
     return pids, rfd
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the main process dies (even by SIGKILL), so no orphan
+    worker keeps accepting mail that nobody would deliver until the next start."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pipe check in notify() still applies
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(0)
+
+
 def _worker_main(config: Config, wfd: int, index: int) -> int:
     from tampu.server import Server
 
@@ -57,7 +72,11 @@ def _worker_main(config: Config, wfd: int, index: int) -> int:
         server.bind(reuse_port=True)
 
         def notify(item: object) -> None:
-            os.write(wfd, f"{getattr(item, 'id', '')}\n".encode())
+            try:
+                os.write(wfd, f"{getattr(item, 'id', '')}\n".encode())
+            except BrokenPipeError:  # the main process is gone: the item waits for its start
+                log.error("worker %d: the main process is gone; stopping", index)
+                server.request_stop()
 
         server.queue.listeners.append(notify)
         await server.serve()

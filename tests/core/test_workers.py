@@ -126,3 +126,39 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+def test_workers_end_when_the_main_process_is_killed(tmp_path):
+    port = fixed_port()
+    cdir = make_config_dir(tmp_path / "conf", base=textwrap.dedent(f"""\
+        [server]
+        local_domains = ["example.test"]
+        workers = 3
+        [server.listeners.smtp]
+        kind = "smtp"
+        addresses = ["127.0.0.1:{port}"]
+        """))
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tampu.cli", "serve", "--config-dir", str(cdir)],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_listening(port, proc, log)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+    finally:
+        proc.kill()  # SIGKILL: no chance to stop the workers itself
+        proc.wait(10)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "orphan workers still run"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not _zombie(pid)
