@@ -5,6 +5,7 @@ Kept out of conftest.py (owned by the lead); import with ``from tests.helpers im
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +167,23 @@ def issue_cert(ca: Any, certs_dir: Path, name: str, *hosts: str) -> Path:
         for pem in cert.cert_chain_pems:
             fh.write(pem.bytes())
     return target
+
+
+@contextlib.contextmanager
+def serving(root: Path, port: int) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """``tampu serve`` in a subprocess (log in ``root/serve.log``), listening on ``port``;
+    killed at the end if still running."""
+    log = root / "serve.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([*tampu_command(), "serve", "--config-dir", str(root)],
+                                stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
+    try:
+        try:
+            wait_for_port(port, proc=proc)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; tampu serve log:\n{log.read_text()}") from None
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

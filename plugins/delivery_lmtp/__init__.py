@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 
 from pydantic import Field, field_validator, model_validator
 
@@ -29,10 +28,10 @@ from tampu import (
     split_address,
 )
 from tampu.config import split_hostport
+from tampu.placeholders import check_placeholders, expand_placeholders
 from tampu.plugins.delivery_lmtp.client import LmtpError, LmtpReply, open_session
 
 PLACEHOLDERS = frozenset({"user", "domain", "address"})
-_PLACEHOLDER_RE = re.compile(r"%([a-z_]+)%")
 TIMEOUT_SHARE = 0.9
 """Part of ``[server] delivery_timeout`` a session may use, so that tampu ends it, not the core."""
 
@@ -64,11 +63,7 @@ class LmtpSettings(PluginSettings):
     @field_validator("recipient")
     @classmethod
     def _check_recipient(cls, value: str) -> str:
-        unknown = set(_PLACEHOLDER_RE.findall(value)) - PLACEHOLDERS
-        if unknown:
-            raise ValueError(f"unknown placeholder(s) {', '.join(sorted(unknown))}; use "
-                             "%user%, %domain% or %address%")
-        return value
+        return check_placeholders(value, PLACEHOLDERS)
 
     @field_validator("domains")
     @classmethod
@@ -117,8 +112,7 @@ class LmtpPlugin:
         user, domain = split_address(address)
         values = {"user": self.ctx.server.normalize_user(user), "domain": domain,
                   "address": address}
-        return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(1), m.group(0)),
-                                   self.ctx.settings.recipient)
+        return expand_placeholders(self.ctx.settings.recipient, values)
 
     @hookimpl
     async def deliver(self, item: QueueItem, recipient: Recipient,

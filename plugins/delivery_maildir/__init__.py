@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import re
 import socket
 import threading
 import time
@@ -36,9 +35,9 @@ from tampu import (
     split_address,
 )
 from tampu.files import fsync_dir
+from tampu.placeholders import check_placeholders, expand_placeholders
 
 PLACEHOLDERS = frozenset({"user", "domain"})
-_PLACEHOLDER_RE = re.compile(r"%([a-z_]+)%")
 
 
 class MaildirSettings(PluginSettings):
@@ -55,10 +54,7 @@ class MaildirSettings(PluginSettings):
     @field_validator("path")
     @classmethod
     def _check_path(cls, value: str) -> str:
-        unknown = set(_PLACEHOLDER_RE.findall(value)) - PLACEHOLDERS
-        if unknown:
-            raise ValueError(f"unknown placeholder(s) {', '.join(sorted(unknown))}; "
-                             "use %user% and %domain%")
+        check_placeholders(value, PLACEHOLDERS)
         if "%user%" not in value:
             raise ValueError("must contain %user%, or every user shares one Maildir")
         return value
@@ -67,11 +63,6 @@ class MaildirSettings(PluginSettings):
     @classmethod
     def _lower(cls, value: list[str]) -> list[str]:
         return [d.lower() for d in value]
-
-
-def expand(template: str, values: dict[str, str]) -> str:
-    """Replace each ``%name%`` by its value in one pass (values are never re-expanded)."""
-    return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 def safe_component(value: str) -> bool:
@@ -172,7 +163,7 @@ class MaildirPlugin:
         user = self.ctx.server.normalize_user(user)
         if not (safe_component(user) and safe_component(domain)):
             return None
-        relative = expand(self.ctx.settings.path, {"user": user, "domain": domain})
+        relative = expand_placeholders(self.ctx.settings.path, {"user": user, "domain": domain})
         return self.ctx.server.data_dir / relative
 
     def claims(self, recipient: Recipient) -> bool:

@@ -32,11 +32,11 @@ from tampu import (
     hookimpl,
     split_address,
 )
+from tampu.placeholders import check_placeholders, expand_placeholders
 from tampu.plugins.delivery_mda.run import base_environment, result_of, run_program
 
 PLACEHOLDERS = frozenset({"user", "domain", "from", "from_user", "from_domain", "to",
                           "to_user", "to_domain"})
-_PLACEHOLDER_RE = re.compile(r"%([a-z_]+)%")
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f/;\"'\\|*&$%()\[\]{}`!]")
 """Characters removed from substituted values, as chasquid does (defence in depth)."""
 
@@ -67,11 +67,7 @@ class MdaSettings(PluginSettings):
     @classmethod
     def _check_args(cls, value: list[str]) -> list[str]:
         for arg in value:
-            unknown = set(_PLACEHOLDER_RE.findall(arg)) - PLACEHOLDERS
-            if unknown:
-                raise ValueError(f"unknown placeholder(s) {', '.join(sorted(unknown))} in "
-                                 f"{arg!r}; known: "
-                                 + " ".join(f"%{p}%" for p in sorted(PLACEHOLDERS)))
+            check_placeholders(arg, PLACEHOLDERS)
         return value
 
     @field_validator("domains")
@@ -100,7 +96,7 @@ def build_argv(command: str, templates: list[str], values: dict[str, str]) -> li
     """The argv of one run. Raises ValueError when a value would turn into an option."""
     argv = [command]
     for template in templates:
-        arg = _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+        arg = expand_placeholders(template, values)
         if arg.startswith("-") and not template.startswith("-"):
             raise ValueError(f"refusing to pass {arg!r} as an argument: it would read as an "
                              "option")

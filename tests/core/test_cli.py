@@ -3,19 +3,17 @@ configuration)."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tampu.testing import make_config_dir, server_toml
 from tests.conftest import require_tool
-from tests.helpers import RawClient, free_ports, run_tampu, tampu_command, wait_for_port
+from tests.helpers import RawClient, free_ports, run_tampu, serving
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,25 +95,6 @@ def _serve_confdir(root: Path, ports: list[int]) -> Path:
     assert "127.0.0.1:0" not in base
     return make_config_dir(root, base=base, users={"user@example.test": "secret"}, conf={
         "10-serve.toml": "[server]\nself_signed_cert = true\nshutdown_timeout = 5\n"})
-
-
-@contextlib.contextmanager
-def serving(root: Path, port: int) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """``tampu serve`` in a subprocess (log in a file); killed at the end if still running."""
-    log = root / "serve.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen([*tampu_command(), "serve", "--config-dir", str(root)],
-                                stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
-    try:
-        try:
-            wait_for_port(port, proc=proc)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; tampu serve log:\n{log.read_text()}") from None
-        yield proc, log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
 
 
 def test_sigterm_stops_gracefully(tmp_path):

@@ -10,31 +10,18 @@ from __future__ import annotations
 import os
 import re
 import smtplib
-import socket
 import subprocess
-import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tampu.testing import make_config_dir
+from tests.helpers import serving
 from tests.recording import fixed_port
 
 MESSAGES = 60
 QID_RE = re.compile(rb"Queued as ([a-z0-9]+)")
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("tampu serve did not listen within 20 s")
 
 
 def _children(pid: int) -> set[int]:
@@ -62,13 +49,7 @@ def test_workers_share_the_listener_and_every_message_is_delivered(tmp_path):
         [plugins.delivery_maildir]
         enabled = true
         """)))
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tampu.cli", "serve", "--config-dir", str(cdir)],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_listening(port, proc, log)
+    with serving(cdir, port) as (proc, log):
         workers = _children(proc.pid)
         assert len(workers) == 2, f"expected 2 reception workers, found {workers}"
 
@@ -109,13 +90,8 @@ def test_workers_share_the_listener_and_every_message_is_delivered(tmp_path):
                                    log.read_text()))
         assert len(receivers) >= 2, f"all mail was received by one process: {receivers}"
         assert receivers <= {str(p) for p in workers | {proc.pid}}
-    finally:
         proc.terminate()
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        code = proc.wait(30)
     assert code == 0, log.read_text()[-2000:]
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), f"worker {pid} still runs"
@@ -138,16 +114,9 @@ def test_workers_end_when_the_main_process_is_killed(tmp_path):
         kind = "smtp"
         addresses = ["127.0.0.1:{port}"]
         """))
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tampu.cli", "serve", "--config-dir", str(cdir)],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_listening(port, proc, log)
+    with serving(cdir, port) as (proc, _log):
         workers = _children(proc.pid)
         assert len(workers) == 2
-    finally:
         proc.kill()  # SIGKILL: no chance to stop the workers itself
         proc.wait(10)
     deadline = time.monotonic() + 15
