@@ -32,12 +32,17 @@ Zone = dict[str, dict[str, list[str]]]
 
 class DNSServer:
     def __init__(self, zone: Zone | None = None, host: str = "127.0.0.1",
-                 timeout: set[str] | None = None) -> None:
+                 timeout: set[str] | None = None, authenticated: bool = False,
+                 ttl: int = 60) -> None:
         self.zone: Zone = {}
         for name, records in (zone or {}).items():
             for rtype, values in records.items():
                 self.set(name, rtype, values)
         self.timeout = {self._key(n) for n in (timeout or set())}
+        self.authenticated = authenticated
+        """Set the AD bit on answers, as a validating resolver does for signed zones."""
+        self.ttl = ttl
+        self.servfail: set[str] = set()
         self.host = host
         self.queries: list[tuple[str, str]] = []
         self._udp: socketserver.UDPServer | None = None
@@ -50,16 +55,21 @@ class DNSServer:
     def set(self, name: str, rtype: str, values: list[str]) -> None:
         self.zone.setdefault(self._key(name), {})[rtype.upper()] = list(values)
 
-    def answer(self, wire: bytes) -> bytes | None:
+    def answer(self, wire: bytes, udp: bool = False) -> bytes | None:
         query = dns.message.from_wire(wire)
         resp = dns.message.make_response(query)
         resp.flags |= dns.flags.AA
+        if self.authenticated:
+            resp.flags |= dns.flags.AD
         q = query.question[0]
         name = q.name.to_text().lower()
         rtype = dns.rdatatype.to_text(q.rdtype)
         self.queries.append((name, rtype))
         if name in self.timeout:
             return None
+        if name in {self._key(n) for n in self.servfail}:
+            resp.set_rcode(dns.rcode.SERVFAIL)
+            return resp.to_wire()
         records = self.zone.get(name)
         if records is None:
             resp.set_rcode(dns.rcode.NXDOMAIN)
@@ -68,9 +78,14 @@ class DNSServer:
             if not values and "CNAME" in records and rtype != "CNAME":
                 rtype, values = "CNAME", records["CNAME"]
             if values:
-                rrset = dns.rrset.from_text_list(q.name, 60, "IN", rtype, values)
+                rrset = dns.rrset.from_text_list(q.name, self.ttl, "IN", rtype, values)
                 resp.answer.append(rrset)
-        return resp.to_wire()
+        out = resp.to_wire()
+        if udp and len(out) > 512:  # too big for plain UDP: truncated, ask again over TCP
+            resp.answer.clear()
+            resp.flags |= dns.flags.TC
+            out = resp.to_wire()
+        return out
 
     def __enter__(self) -> DNSServer:
         self.start()
@@ -94,7 +109,7 @@ class DNSServer:
         class UDPHandler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 data, sock = self.request
-                reply = outer.answer(data)
+                reply = outer.answer(data, udp=True)
                 if reply is not None:
                     sock.sendto(reply, self.client_address)
 
