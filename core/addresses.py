@@ -29,7 +29,8 @@ MAX_DOMAIN: Final = 255
 MAX_PATH: Final = 256
 """Octets, brackets included (RFC 5321 4.5.3.1)."""
 
-_LDH_DOMAIN = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_LDH_DOMAIN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _DOT_ATOM = re.compile(rf"^[{_ATEXT}]+(\.[{_ATEXT}]+)*$")
 _DOT_ATOM_UTF8 = re.compile(rf"^[{_ATEXT}\u0080-\U0010ffff]+(\.[{_ATEXT}\u0080-\U0010ffff]+)*$")

@@ -345,7 +345,7 @@ class Resolver:
         return proto
 
     async def _udp(self, server: tuple[str, int], wire: bytes, qid: int,
-                   timeout: float) -> bytes:
+                   limit: float) -> bytes:
         proto = await self._socket(server)
         while qid in proto.waiting:
             qid = (qid + 1) & 0xFFFF
@@ -356,15 +356,15 @@ class Resolver:
         proto.transport.sendto(wire)
         proto.sent += 1
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(limit):
                 return await fut
         finally:
             proto.waiting.pop(qid, None)
 
     async def _tcp(self, server: tuple[str, int], query: dns.message.Message,
-                   timeout: float) -> dns.message.Message:
+                   limit: float) -> dns.message.Message:
         wire = query.to_wire()
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit):
             reader, writer = await asyncio.open_connection(*server)
             try:
                 writer.write(struct.pack("!H", len(wire)) + wire)
