@@ -229,6 +229,12 @@ class Hooks:
         return cast("list[Recipient] | None", await self.caller.first(
             "queue_expand_recipient", envelope=envelope, item=item, recipient=recipient))
 
+    async def queue_add_headers(self, item: QueueItem,
+                                message: bytes) -> list[tuple[str, str]]:
+        lists = await self.caller.all("queue_add_headers", strict=True, item=item,
+                                      message=message)
+        return [pair for sub in lists for pair in sub]
+
     async def queue_enqueued(self, item: QueueItem) -> None:
         await self.caller.all("queue_enqueued", item=item)
 

@@ -353,6 +353,27 @@ def queue_expand_recipient(
 
 
 @hookspec
+def queue_add_headers(item: QueueItem, message: bytes) -> list[tuple[str, str]] | None:
+    """Add header fields on top of a new item's message before it is made durable (DKIM).
+
+    **Fires:** once per new item (received mail, DSNs and other mail the server makes), after
+    recipient expansion, before the item is written; the bytes written are the bytes with
+    these headers on top, so a signature covers exactly what is queued.
+
+    :param item: the item being built (``mail_from``, ``auth_user``, ``origin``, recipients).
+    :param message: the message as it will be queued (the core's ``Received:`` on top).
+
+    **Result:** collecting. Each implementation may return ``(name, value)`` pairs; they are
+    put on top of the message in the order the plugins run (a value may be folded with
+    ``\r\n\t``). A failing implementation fails the intake: ``451 4.3.0``.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.2
+    """
+
+
+@hookspec
 def queue_enqueued(item: QueueItem) -> None:
     """An item is durable on disk.
 

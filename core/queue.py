@@ -200,6 +200,10 @@ class Queue:
                     item.recipients.append(final)
         if not item.recipients:
             log.info("qid=%s has no recipients after expansion; dropped", item.id)
+        added = await self.hooks.queue_add_headers(item, data)
+        if added:
+            data = b"".join(f"{n}: {v}\r\n".encode("utf-8", "surrogateescape")
+                            for n, v in added) + data
         await self.write(item, data)
         self._estimate += 1
         item._data = data  # the delivery runner's first round needs no re-read

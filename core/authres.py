@@ -1,0 +1,79 @@
+"""Authentication results (RFC 8601): what SPF, DKIM, DMARC and other checks concluded.
+
+Checking plugins record one :class:`MethodResult` per check on the transaction's envelope::
+
+    add_result(envelope, MethodResult("dkim", "pass", (("header.d", "example.com"),
+                                                       ("header.s", "sel1"))))
+
+and read the others' (DMARC reads SPF and DKIM) with :func:`results`. The core writes them
+all into **one** ``Authentication-Results`` header with the server's authserv-id (its
+hostname), after removing any header that claims that authserv-id (RFC 8601 section 5).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tampu.envelope import Envelope, StashKey
+
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~/@=]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class MethodResult:
+    """One ``method=result`` of an Authentication-Results header."""
+
+    method: str
+    """``spf``, ``dkim``, ``dmarc``, ``auth``, ``iprev`` ..."""
+    result: str
+    """``pass``, ``fail``, ``softfail``, ``neutral``, ``none``, ``temperror``, ``permerror``..."""
+    props: tuple[tuple[str, str], ...] = ()
+    """``(ptype.property, value)`` pairs: ``("smtp.mailfrom", "a@b")``, ``("header.d", "b")``."""
+    reason: str = ""
+    comment: str = ""
+
+    def prop(self, name: str) -> str | None:
+        for key, value in self.props:
+            if key == name:
+                return value
+        return None
+
+    def __str__(self) -> str:
+        out = f"{self.method}={self.result}"
+        if self.comment:
+            out += f" ({_comment(self.comment)})"
+        if self.reason:
+            out += f' reason="{_quoted(self.reason)}"'
+        for key, value in self.props:
+            out += f" {key}={value if _TOKEN.match(value) else chr(34) + _quoted(value) + chr(34)}"
+        return out
+
+
+AUTH_RESULTS: StashKey[list[MethodResult]] = StashKey()
+
+
+def add_result(envelope: Envelope, result: MethodResult) -> None:
+    """Record a result for this transaction (it goes into the Authentication-Results header)."""
+    envelope.stash.setdefault(AUTH_RESULTS, []).append(result)
+
+
+def results(envelope: Envelope, method: str | None = None) -> list[MethodResult]:
+    """The results recorded so far, all or those of one method, in the order they came."""
+    found = envelope.stash.get(AUTH_RESULTS, [])
+    return [r for r in found if method is None or r.method == method]
+
+
+def header_value(authserv_id: str, found: list[MethodResult]) -> str:
+    """The value of one Authentication-Results header (``authserv-id; none`` if empty)."""
+    if not found:
+        return f"{authserv_id}; none"
+    return f"{authserv_id};" + ";".join(f"\r\n\t{r}" for r in found)
+
+
+def _comment(text: str) -> str:
+    return "".join(c for c in text if c.isprintable() and c not in "()\\")[:200]
+
+
+def _quoted(text: str) -> str:
+    return "".join(c for c in text if c.isprintable() and c not in '"\\')[:200]
