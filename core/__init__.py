@@ -6,8 +6,10 @@ The public API for plugin authors::
 """
 
 from tampu._markers import blocking, hookimpl, hookspec
+from tampu.addresses import domain_of, split_address
+from tampu.authres import MethodResult, add_result, results
 from tampu.config import PluginSettings, ServerSettings
-from tampu.context import PluginContext, ServerContext, domain_of, split_address
+from tampu.context import PluginContext, ServerContext
 from tampu.envelope import (
     AuthResult,
     Envelope,
@@ -17,12 +19,13 @@ from tampu.envelope import (
     Stash,
     StashKey,
     TlsInfo,
+    Verdict,
 )
 from tampu.errors import ConfigError, PluginError, TampuError
-from tampu.item import DeliveryResult, QueueItem, Recipient, RecipientStatus
+from tampu.item import DeliveryResult, QueueItem, Recipient, RecipientStatus, Route
 from tampu.reply import Reply
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AuthResult",
@@ -31,6 +34,7 @@ __all__ = [
     "Envelope",
     "ListenerInfo",
     "Message",
+    "MethodResult",
     "PluginContext",
     "PluginError",
     "PluginSettings",
@@ -38,6 +42,7 @@ __all__ = [
     "Recipient",
     "RecipientStatus",
     "Reply",
+    "Route",
     "ServerContext",
     "ServerSettings",
     "Session",
@@ -45,10 +50,13 @@ __all__ = [
     "StashKey",
     "TampuError",
     "TlsInfo",
+    "Verdict",
     "__version__",
+    "add_result",
     "blocking",
     "domain_of",
     "hookimpl",
     "hookspec",
+    "results",
     "split_address",
 ]

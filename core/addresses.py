@@ -148,6 +148,18 @@ def normalize_address(address: str) -> str:
     return f"{normalize_user(user)}@{normalize_domain(domain)}"
 
 
+def ascii_address(address: str) -> str:
+    """``address`` with its domain in A-labels when its local part is ASCII, so that a peer
+    without SMTPUTF8 can take it (RFC 6531 3.2: only the domain may be downgraded)."""
+    user, domain = split_address(address)
+    if not domain or address.isascii() or not user.isascii():
+        return address
+    try:
+        return f"{user}@{domain_to_ascii(domain)}"
+    except AddressError:
+        return address
+
+
 # ---------------------------------------------------------------------------- SMTP paths
 
 
@@ -185,10 +197,12 @@ def parse_params(text: str, sender: bool) -> dict[str, str | bool]:
     return params
 
 
-def parse_path(arg: str, *, sender: bool, postmaster_domain: str = "") -> Path:
+def parse_path(arg: str, *, sender: bool, postmaster_domain: str = "",
+               smtputf8: bool = False) -> Path:
     """Parse ``FROM:<path> params`` / ``TO:<path> params`` (the prefix already removed).
 
-    ``postmaster_domain`` is the domain ``RCPT TO:<Postmaster>`` (no domain) goes to.
+    ``postmaster_domain`` is the domain ``RCPT TO:<Postmaster>`` (no domain) goes to;
+    ``smtputf8``: the transaction's MAIL FROM had SMTPUTF8 (RFC 6531: for every path of it).
     Raises PathError with the reply to send.
     """
     text = arg.strip()
@@ -204,7 +218,7 @@ def parse_path(arg: str, *, sender: bool, postmaster_domain: str = "") -> Path:
         if ">" in raw or "<" in raw:
             raise _fail(sender, "Unbalanced '>' in address")
     params = parse_params(rest, sender)
-    smtputf8 = params.get("SMTPUTF8") is True
+    smtputf8 = smtputf8 or params.get("SMTPUTF8") is True
     if len(raw.encode("utf-8", "surrogatepass")) + 2 > MAX_PATH:
         raise _fail(sender, "Address too long")
     if raw.startswith("@"):  # a source route (RFC 5321 4.1.2): accepted and ignored

@@ -71,6 +71,35 @@ def header_value(authserv_id: str, found: list[MethodResult]) -> str:
     return f"{authserv_id};" + ";".join(f"\r\n\t{r}" for r in found)
 
 
+def strip_own(message: bytes, authserv_id: str) -> bytes:
+    """``message`` without the Authentication-Results headers that claim to come from
+    ``authserv_id`` (RFC 8601 5: only this server may say what this server checked)."""
+    end = message.find(b"\r\n\r\n")
+    head = message[: end + 2] if end >= 0 else message
+    if b"authentication-results" not in head.lower():
+        return message
+    own = authserv_id.lower().encode()
+    blocks: list[list[bytes]] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and blocks:
+            blocks[-1].append(line)
+        else:
+            blocks.append([line])
+    kept = []
+    for block in blocks:
+        name, colon, value = b"".join(block).partition(b":")
+        if colon and name.strip().lower() == b"authentication-results" and \
+                _authserv_id(value) == own:
+            continue
+        kept.extend(block)
+    return b"".join(kept) + (message[end + 2:] if end >= 0 else b"")
+
+
+def _authserv_id(value: bytes) -> bytes:
+    text = re.sub(rb"\([^)]*\)", b"", value)  # comments (not nested: enough for an id)
+    return text.split(b";", 1)[0].strip().lower()
+
+
 def _comment(text: str) -> str:
     return "".join(c for c in text if c.isprintable() and c not in "()\\")[:200]
 

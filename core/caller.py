@@ -2,7 +2,10 @@
 
 pluggy is the registry (specs, markers, validation, entry points, blocking); this module calls
 the implementations itself so that ``async def`` implementations, ``@blocking`` ones, per-call
-timeouts and the first-verdict rule all work in one place.
+timeouts and the first-verdict rule all work in one place. A plain function runs inline, with
+no timer and no coroutine (the fast path); only awaitables get a timeout, and ``@blocking``
+functions run in a thread under one. Timing is sampled (every :data:`SAMPLE_EVERY` th call of
+a hook, and every failure), unless ``TAMPU_TRACE_HOOKS=1`` asks for all of them.
 """
 
 from __future__ import annotations
@@ -12,26 +15,29 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import pluggy
 
 from tampu._markers import is_blocking
+from tampu.envelope import AuthResult
 from tampu.errors import PluginError
-from tampu.hookspecs import HOOK_NAMES, VERDICT_HOOKS
+from tampu.item import DeliveryResult
+from tampu.reply import Reply
 
 if TYPE_CHECKING:
-    from tampu.context import ServerContext
-    from tampu.envelope import AuthResult, Envelope, Message, Session
-    from tampu.item import DeliveryResult, QueueItem, Recipient
-    from tampu.reply import Reply
+    import argparse
+
+    from tampu.context import HookObserver, ServerContext
+    from tampu.envelope import Envelope, Message, Session, Verdict
+    from tampu.item import QueueItem, Recipient
 
 log = logging.getLogger("tampu.hooks")
 
-DEFAULT_PRIORITY = 100
-
+DEFAULT_PRIORITY: Final = 100
+SAMPLE_EVERY: Final = 16
 
 @dataclass(frozen=True, slots=True)
 class _Impl:
@@ -41,8 +47,10 @@ class _Impl:
     blocking: bool
 
 
-HookObserver = Callable[[str, str, float, str], None]
-"""Called after each implementation ran: (hook, plugin, seconds, outcome ok|error|timeout)."""
+@dataclass
+class _Hook:
+    impls: list[_Impl]
+    calls: int = 0
 
 
 def _is_async(func: Callable[..., Any]) -> bool:
@@ -51,101 +59,108 @@ def _is_async(func: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(inspect.unwrap(func))
 
 
+@dataclass
 class HookCaller:
-    """Calls one hook's implementations in tampu's order, awaiting and timing each."""
+    """Calls one hook's implementations in tampu's order, awaiting and timing them."""
 
-    def __init__(
-        self,
-        pm: pluggy.PluginManager,
-        ordering: Mapping[str, tuple[int, int]],
-        timeout: float,
-        hook_timeouts: Mapping[str, float] | None = None,
-        plugin_timeouts: Mapping[str, float] | None = None,
-    ) -> None:
-        self._pm = pm
-        self._ordering = ordering
-        self.timeout = timeout
-        self.hook_timeouts = dict(hook_timeouts or {})
-        """Per-hook overrides of ``timeout`` (``deliver`` gets ``[server] delivery_timeout``)."""
-        self.plugin_timeouts = dict(plugin_timeouts or {})
-        """Per-plugin overrides (``[plugins.NAME] hook_timeout``); they win over per-hook ones."""
-        self._cache: dict[str, list[_Impl]] = {}
-        self.trace = os.environ.get("TAMPU_TRACE_HOOKS", "") not in ("", "0")
-        self.observers: list[HookObserver] = []
+    pm: pluggy.PluginManager
+    ordering: Mapping[str, tuple[int, int]]
+    timeout: float
+    hook_timeouts: Mapping[str, float] = field(default_factory=dict)
+    """Per-hook overrides of ``timeout`` (``deliver`` gets ``[server] delivery_timeout``)."""
+    plugin_timeouts: Mapping[str, float] = field(default_factory=dict)
+    """Per-plugin overrides (``[plugins.NAME] hook_timeout``); they win over per-hook ones."""
+    observers: list[HookObserver] = field(default_factory=list)
+    trace: bool = field(default_factory=lambda: os.environ.get("TAMPU_TRACE_HOOKS", "")
+                        not in ("", "0"))
+    _hooks: dict[str, _Hook] = field(default_factory=dict)
 
     def implementations(self, name: str) -> list[_Impl]:
         """The implementations of hook ``name`` in call order (priority, then conf.d order)."""
-        cached = self._cache.get(name)
-        if cached is not None:
-            return cached
-        hook = getattr(self._pm.hook, name)
-        impls = []
-        for position, impl in enumerate(reversed(hook.get_hookimpls())):
-            prio, order = self._ordering.get(impl.plugin_name, (DEFAULT_PRIORITY, 10_000))
-            impls.append(((prio, order, position), _Impl(
-                plugin=impl.plugin_name,
-                function=impl.function,
-                argnames=tuple(impl.argnames),
-                blocking=is_blocking(impl.function) and not _is_async(impl.function),
-            )))
-        impls.sort(key=lambda pair: pair[0])
-        result = [impl for _, impl in impls]
-        self._cache[name] = result
-        return result
+        return self._hook(name).impls
 
-    async def _run(self, name: str, impl: _Impl, kwargs: Mapping[str, Any]) -> Any:
+    def _hook(self, name: str) -> _Hook:
+        found = self._hooks.get(name)
+        if found is not None:
+            return found
+        ranked = []
+        for position, impl in enumerate(reversed(getattr(self.pm.hook, name).get_hookimpls())):
+            prio, order = self.ordering.get(impl.plugin_name, (DEFAULT_PRIORITY, 10_000))
+            ranked.append(((prio, order, position), _Impl(
+                impl.plugin_name, impl.function, tuple(impl.argnames),
+                is_blocking(impl.function) and not _is_async(impl.function))))
+        ranked.sort(key=lambda pair: pair[0])
+        found = self._hooks[name] = _Hook([impl for _, impl in ranked])
+        return found
+
+    def _timeout(self, name: str, impl: _Impl) -> float:
+        return self.plugin_timeouts.get(impl.plugin) or self.hook_timeouts.get(name,
+                                                                               self.timeout)
+
+    async def _run(self, name: str, impl: _Impl, kwargs: Mapping[str, Any], timed: bool) -> Any:
         args = [kwargs[a] for a in impl.argnames]
-        timeout = self.plugin_timeouts.get(impl.plugin) or self.hook_timeouts.get(
-            name, self.timeout)
-        start = time.perf_counter()
+        start = time.perf_counter() if timed else 0.0
         outcome = "ok"
         try:
             if impl.blocking:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(self._timeout(name, impl)):
                     return await asyncio.to_thread(impl.function, *args)
             res = impl.function(*args)
             if inspect.isawaitable(res):
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(self._timeout(name, impl)):
                     res = await res
             return res
         except TimeoutError:
-            outcome = "timeout"
-            log.error("plugin %s timed out in %s after %.0fs", impl.plugin, name, timeout)
-            raise PluginError(impl.plugin, name, f"timed out after {timeout:g}s") from None
+            outcome, timed = "timeout", True
+            limit = self._timeout(name, impl)
+            log.error("plugin %s timed out in %s after %gs", impl.plugin, name, limit)
+            raise PluginError(impl.plugin, name, f"timed out after {limit:g}s") from None
         except PluginError:
-            outcome = "error"
+            outcome, timed = "error", True
             raise
         except Exception as exc:
-            outcome = "error"
+            outcome, timed = "error", True
             log.exception("plugin %s failed in %s: %s", impl.plugin, name, exc)
             raise PluginError(impl.plugin, name, f"{type(exc).__name__}: {exc}") from exc
         finally:
-            elapsed = time.perf_counter() - start
-            if self.trace:
-                log.info("trace hook=%s plugin=%s outcome=%s %.1fms", name, impl.plugin,
-                         outcome, elapsed * 1000)
-            for observer in self.observers:
-                observer(name, impl.plugin, elapsed, outcome)
+            if timed:
+                elapsed = time.perf_counter() - start if start else 0.0
+                if self.trace:
+                    log.info("trace hook=%s plugin=%s outcome=%s %.1fms", name, impl.plugin,
+                             outcome, elapsed * 1000)
+                for observer in self.observers:
+                    observer(name, impl.plugin, elapsed, outcome)
 
-    async def first(self, name: str, **kwargs: Any) -> Any:
-        """Verdict hook: the first non-None result, or None. Plugin failures raise PluginError."""
-        for impl in self.implementations(name):
-            res = await self._run(name, impl, kwargs)
+    def _sampled(self, hook: _Hook) -> bool:
+        hook.calls += 1
+        return self.trace or (bool(self.observers) and hook.calls % SAMPLE_EVERY == 0)
+
+    async def first(self, name: str, **kwargs: Any) -> tuple[Any, str | None]:
+        """Verdict hook: (the first non-None result, the plugin that gave it), or (None, None).
+        Plugin failures raise PluginError."""
+        hook = self._hook(name)
+        timed = self._sampled(hook)
+        for impl in hook.impls:
+            res = await self._run(name, impl, kwargs, timed)
             if res is not None:
                 if self.trace:
                     log.info("trace hook=%s verdict by %s: %r", name, impl.plugin, res)
-                return res
-        return None
+                return res, impl.plugin
+        return None, None
 
     async def all(self, name: str, *, strict: bool = False, **kwargs: Any) -> list[Any]:
         """Notification/collecting hook: run every implementation; non-None results listed.
 
         A failing implementation is logged and skipped, unless ``strict`` (then it raises).
         """
+        hook = self._hook(name)
+        if not hook.impls:
+            return []
+        timed = self._sampled(hook)
         out = []
-        for impl in self.implementations(name):
+        for impl in hook.impls:
             try:
-                res = await self._run(name, impl, kwargs)
+                res = await self._run(name, impl, kwargs, timed)
             except PluginError:
                 if strict:
                     raise
@@ -154,15 +169,42 @@ class HookCaller:
                 out.append(res)
         return out
 
+    def call_sync(self, name: str, **kwargs: Any) -> list[Any]:
+        """Run a hook's plain implementations synchronously (CLI registration only)."""
+        return [impl.function(*[kwargs[a] for a in impl.argnames])
+                for impl in self._hook(name).impls]
+
+
+def _typed(name: str, found: tuple[Any, str | None], kind: type) -> tuple[Any, str | None]:
+    """A verdict of the wrong type is the plugin's bug: a PluginError (fail closed)."""
+    value, plugin = found
+    if value is not None and not isinstance(value, kind):
+        log.error("plugin %s returned %r from %s, not a %s", plugin, value, name, kind.__name__)
+        raise PluginError(plugin or "?", name, f"returned a {type(value).__name__}, "
+                          f"not a {kind.__name__}")
+    return found
+
 
 class Hooks:
-    """The typed facade over every hook of ``hookspecs``: the core calls hooks only here."""
+    """The typed facade over every hook of ``hookspecs``: the core calls hooks only here.
+
+    Verdict methods return ``(verdict, plugin)``: who decided is part of the answer. A verdict
+    of the wrong type raises PluginError, as a failing plugin does.
+    """
 
     def __init__(self, caller: HookCaller) -> None:
         self.caller = caller
 
     def has(self, name: str) -> bool:
         return bool(self.caller.implementations(name))
+
+    async def _reply(self, name: str, **kwargs: Any) -> tuple[Reply | None, str | None]:
+        return cast("tuple[Reply | None, str | None]",
+                    _typed(name, await self.caller.first(name, **kwargs), Reply))
+
+    def order(self, names: Sequence[str]) -> dict[str, list[str]]:
+        """The plugins on each hook, in call order (``tampu plugins``, the status page)."""
+        return {name: [i.plugin for i in self.caller.implementations(name)] for name in names}
 
     # lifecycle
     async def tampu_startup(self, context: ServerContext) -> None:
@@ -174,13 +216,16 @@ class Hooks:
     async def tampu_shutdown(self, context: ServerContext) -> None:
         await self.caller.all("tampu_shutdown", context=context)
 
-    # reception
-    async def smtp_connect(self, session: Session) -> Reply | None:
-        return cast("Reply | None", await self.caller.first("smtp_connect", session=session))
+    def tampu_register_cli(self, subparsers: argparse._SubParsersAction[Any]) -> None:
+        self.caller.call_sync("tampu_register_cli", subparsers=subparsers)
 
-    async def smtp_helo(self, session: Session, hostname: str) -> Reply | None:
-        return cast("Reply | None",
-                    await self.caller.first("smtp_helo", session=session, hostname=hostname))
+    # reception
+    async def smtp_connect(self, session: Session) -> tuple[Reply | None, str | None]:
+        return await self._reply("smtp_connect", session=session)
+
+    async def smtp_helo(self, session: Session,
+                        hostname: str) -> tuple[Reply | None, str | None]:
+        return await self._reply("smtp_helo", session=session, hostname=hostname)
 
     async def smtp_ehlo_capabilities(self, session: Session) -> list[str]:
         lists = await self.caller.all("smtp_ehlo_capabilities", session=session)
@@ -190,9 +235,10 @@ class Hooks:
         await self.caller.all("smtp_starttls", session=session)
 
     async def smtp_auth(self, session: Session, mechanism: str, login: str,
-                        password: str) -> AuthResult | None:
-        return cast("AuthResult | None", await self.caller.first(
-            "smtp_auth", session=session, mechanism=mechanism, login=login, password=password))
+                        password: str) -> tuple[AuthResult | None, str | None]:
+        return cast("tuple[AuthResult | None, str | None]", _typed("smtp_auth", await (
+            self.caller.first("smtp_auth", session=session, mechanism=mechanism, login=login,
+                              password=password)), AuthResult))
 
     async def smtp_auth_result(self, session: Session, login: str, success: bool,
                                reason: str) -> None:
@@ -200,20 +246,24 @@ class Hooks:
                               success=success, reason=reason)
 
     async def smtp_mail_from(self, session: Session, envelope: Envelope, address: str,
-                             params: dict[str, str | bool]) -> Reply | None:
-        return cast("Reply | None", await self.caller.first(
-            "smtp_mail_from", session=session, envelope=envelope, address=address,
-            params=params))
+                             params: dict[str, str | bool]) -> tuple[Reply | None, str | None]:
+        return await self._reply("smtp_mail_from", session=session, envelope=envelope,
+                                 address=address, params=params)
 
     async def smtp_rcpt_to(self, session: Session, envelope: Envelope, address: str,
-                           params: dict[str, str | bool]) -> Reply | None:
-        return cast("Reply | None", await self.caller.first(
-            "smtp_rcpt_to", session=session, envelope=envelope, address=address, params=params))
+                           params: dict[str, str | bool]) -> tuple[Reply | None, str | None]:
+        return await self._reply("smtp_rcpt_to", session=session, envelope=envelope,
+                                 address=address, params=params)
 
     async def smtp_data(self, session: Session, envelope: Envelope,
-                        message: Message) -> Reply | None:
-        return cast("Reply | None", await self.caller.first(
-            "smtp_data", session=session, envelope=envelope, message=message))
+                        message: Message) -> tuple[Reply | None, str | None]:
+        return await self._reply("smtp_data", session=session, envelope=envelope,
+                                 message=message)
+
+    async def smtp_verdict(self, session: Session, envelope: Envelope | None,
+                           verdict: Verdict) -> None:
+        await self.caller.all("smtp_verdict", session=session, envelope=envelope,
+                              verdict=verdict)
 
     async def smtp_transaction_done(self, session: Session, envelope: Envelope, reply: Reply,
                                     queue_id: str | None) -> None:
@@ -224,9 +274,10 @@ class Hooks:
         await self.caller.all("smtp_disconnect", session=session)
 
     # queue
-    async def queue_expand_recipient(self, envelope: Envelope | None, item: QueueItem,
-                                     recipient: str) -> list[Recipient] | None:
-        return cast("list[Recipient] | None", await self.caller.first(
+    async def queue_expand_recipient(
+            self, envelope: Envelope | None, item: QueueItem,
+            recipient: str) -> tuple[list[Recipient] | None, str | None]:
+        return cast("tuple[list[Recipient] | None, str | None]", await self.caller.first(
             "queue_expand_recipient", envelope=envelope, item=item, recipient=recipient))
 
     async def queue_add_headers(self, item: QueueItem,
@@ -239,35 +290,28 @@ class Hooks:
         await self.caller.all("queue_enqueued", item=item)
 
     async def deliver(self, item: QueueItem, recipient: Recipient,
-                      message: bytes) -> DeliveryResult | None:
-        return cast("DeliveryResult | None", await self.caller.first(
-            "deliver", item=item, recipient=recipient, message=message))
+                      message: bytes) -> tuple[DeliveryResult | None, str | None]:
+        return cast("tuple[DeliveryResult | None, str | None]", _typed("deliver", await (
+            self.caller.first("deliver", item=item, recipient=recipient, message=message)),
+            DeliveryResult))
 
     async def delivery_attempted(self, item: QueueItem, recipient: Recipient,
-                                 result: DeliveryResult) -> None:
+                                 result: DeliveryResult, backend: str) -> None:
         await self.caller.all("delivery_attempted", item=item, recipient=recipient,
-                              result=result)
+                              result=result, backend=backend)
 
     async def retry_delay(self, item: QueueItem, attempt: int) -> float | None:
-        return cast("float | None",
-                    await self.caller.first("retry_delay", item=item, attempt=attempt))
+        delay, _ = await self.caller.first("retry_delay", item=item, attempt=attempt)
+        return cast("float | None", delay)
 
     async def queue_give_up(self, item: QueueItem, failed: list[Recipient]) -> None:
         await self.caller.all("queue_give_up", item=item, failed=failed)
 
-    async def make_dsn(self, item: QueueItem, failed: list[Recipient],
-                       message: bytes) -> bytes | None:
-        return cast("bytes | None", await self.caller.first(
-            "make_dsn", item=item, failed=failed, message=message))
+    async def make_dsn(self, item: QueueItem, recipients: list[Recipient], message: bytes,
+                       action: str) -> bytes | None:
+        dsn, _ = await self.caller.first("make_dsn", item=item, failed=recipients,
+                                         message=message, action=action)
+        return cast("bytes | None", dsn)
 
     async def queue_done(self, item: QueueItem) -> None:
         await self.caller.all("queue_done", item=item)
-
-
-def _check_facade() -> None:
-    missing = [n for n in HOOK_NAMES if not hasattr(Hooks, n)]
-    assert not missing, f"Hooks facade lacks {missing}"
-    assert VERDICT_HOOKS  # the catalogue has verdict hooks
-
-
-_check_facade()

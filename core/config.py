@@ -9,17 +9,26 @@ problem; nothing is started until the whole configuration is valid.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from tampu.envelope import ListenerKind
 from tampu.errors import ConfigError
 
-ListenerKindName = Literal["smtp", "submission", "submissions"]
 DEFAULT_PORTS: dict[str, int] = {"smtp": 25, "submission": 587, "submissions": 465}
 
 
@@ -28,8 +37,8 @@ class _Strict(BaseModel):
 
 
 class ListenerSettings(_Strict):
-    kind: ListenerKindName = Field(description="smtp (MX, port 25), submission (587, AUTH "
-                                   "required), or submissions (465, implicit TLS, AUTH required).")
+    kind: ListenerKind = Field(description="smtp (MX, port 25), submission (587, AUTH "
+                               "required), or submissions (465, implicit TLS, AUTH required).")
     addresses: list[str] = Field(
         default_factory=list,
         description="host:port pairs to listen on; [::1]:25 for IPv6. Empty: the kind's "
@@ -55,11 +64,23 @@ class ListenerSettings(_Strict):
     @field_validator("proxy_trusted")
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
-        import ipaddress
-
         for net in value:
             ipaddress.ip_network(net, strict=False)  # ValueError names the bad network
         return value
+
+    @model_validator(mode="after")
+    def _proxy_before_tls(self) -> ListenerSettings:
+        if self.proxy_protocol and self.kind == "submissions":
+            raise ValueError("proxy_protocol is not supported on kind submissions (implicit "
+                             "TLS comes first); use a submission listener, or let the proxy "
+                             "pass TLS through to a listener without PROXY")
+        return self
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(host, port) pairs to bind: the addresses, or the kind's default port."""
+        if not self.addresses:
+            return [("", DEFAULT_PORTS[self.kind])]
+        return [split_hostport(a) for a in self.addresses]
 
 
 def split_hostport(addr: str) -> tuple[str, int]:
@@ -67,8 +88,20 @@ def split_hostport(addr: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{addr!r} is not host:port")
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        raise ValueError(f"{addr!r} is not host:port (write IPv6 addresses as [::1]:25)")
     host = host.strip("[]")
+    if host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _HOSTNAME.match(host):
+                raise ValueError(f"{addr!r}: {host!r} is not an IP address or host name"
+                                 ) from None
     return host, int(port)
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
 
 class ServerSettings(_Strict):
@@ -103,12 +136,30 @@ class ServerSettings(_Strict):
     max_recipients: int = Field(default=100, gt=0, description="Recipients per message.")
     max_line_length: int = Field(default=1000, ge=512,
                                  description="Longest command or text line, CRLF included.")
-    idle_timeout: float = Field(default=300.0, gt=0,
-                                description="Seconds a client may stay silent.")
+    command_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds a client has to send each command line, "
+        "counted from the previous reply (chasquid: 1 minute).")
+    session_timeout: float = Field(
+        default=1200.0, gt=0, description="Seconds a connection may last in all, DATA "
+        "transfers aside (chasquid: 20 minutes).")
+    data_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds a DATA transfer may take at least; the "
+        "deadline grows with max_message_size / min_data_rate when that is longer.")
+    min_data_rate: int = Field(
+        default=8192, ge=0, description="Bytes per second a DATA transfer must average over "
+        "each minute; slower clients are disconnected (421). 0: no minimum.")
+    tls_handshake_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a TLS handshake (STARTTLS or implicit TLS) "
+        "may take.")
     max_connections: int = Field(default=1000, gt=0,
                                  description="Concurrent connections per process.")
-    max_unknown_commands: int = Field(default=10, gt=0,
-                                      description="Unknown commands before the session is closed.")
+    max_errors: int = Field(
+        default=3, gt=0, description="Errors a session may make (5xx replies: bad syntax, "
+        "unknown commands, failed AUTH, refused recipients beyond free_refused_recipients) "
+        "before it gets 421 and is closed (chasquid: 3).")
+    free_refused_recipients: int = Field(
+        default=10, ge=0, description="Refused recipients per session that do not count as "
+        "errors (a sender cleaning a list is not an attacker).")
     max_queue_items: int = Field(default=200, gt=0,
                                  description="Items in the queue before new mail gets 452.")
     file_check_interval: float = Field(
@@ -129,11 +180,15 @@ class ServerSettings(_Strict):
     )
     give_up_after: float = Field(default=20 * 3600.0, gt=0,
                                  description="Seconds after which undelivered mail bounces.")
+    delay_warning_after: float = Field(
+        default=4 * 3600.0, ge=0, description="Seconds after which recipients that asked for "
+        "it (NOTIFY=DELAY, RFC 3461) get one delay notification; 0: never.")
     dns_servers: list[str] = Field(
         default_factory=list,
-        description="DNS servers as host or host:port; empty: the system's resolv.conf.",
+        description="DNS servers as IP or IP:port ([v6]:port); empty: the system's "
+        "resolv.conf. DANE needs a validating resolver here (e.g. unbound on 127.0.0.1).",
     )
-    dns_timeout: float = Field(default=5.0, gt=0, description="Seconds per DNS query.")
+    dns_timeout: float = Field(default=5.0, gt=0, description="Seconds per DNS lookup.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Level of the server log."
     )
@@ -141,10 +196,32 @@ class ServerSettings(_Strict):
     @field_validator("dns_servers")
     @classmethod
     def _check_dns(cls, value: list[str]) -> list[str]:
+        from tampu.dns import parse_server
+
         for server in value:
-            if ":" in server.strip("[]") and not server.startswith("[") and server.count(":") == 1:
-                split_hostport(server)
+            parse_server(server)  # ValueError names the entry
         return value
+
+    @field_validator("local_domains")
+    @classmethod
+    def _check_domains(cls, value: list[str]) -> list[str]:
+        from tampu.addresses import normalize_domain
+
+        return [normalize_domain(d) for d in value]  # AddressError (a ValueError) names it
+
+    @model_validator(mode="after")
+    def _one_listener_per_address(self) -> ServerSettings:
+        seen: dict[tuple[str, int], str] = {}
+        for name, lst in self.listeners.items():
+            for host, port in lst.endpoints():
+                if port == 0:
+                    continue  # ephemeral: each gets its own
+                for (other_host, other_port), other in seen.items():
+                    if port == other_port and (host == other_host or not host or not other_host):
+                        raise ValueError(f"listeners {other} and {name} both listen on "
+                                         f"{host or '*'}:{port}")
+                seen[(host, port)] = name
+        return self
 
 
 class PluginSettings(BaseModel):

@@ -1,55 +1,63 @@
-"""What a plugin gets: the server context (shared) and its own plugin context."""
+"""What a plugin gets: the server context (shared) and its own plugin context.
+
+A :class:`ServerContext` is made for each configuration (at start and on every reload) and
+owns what the plugins share: the validated configuration, the queue store, the local domains
+and users, the DNS resolver and the server stash. It holds no hooks: the core's
+:class:`tampu.runtime.Runtime` pairs a context with the hooks built for it.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
-from tampu.config import Config, PluginSettings
+from tampu.addresses import domain_of, lookup_key, split_address
+from tampu.config import Config, PluginSettings, ServerSettings
+from tampu.dns import Resolver
 from tampu.envelope import Stash
-from tampu.files import FileStamp, Stamp
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    import dns.asyncresolver
-
-    from tampu.caller import Hooks
-    from tampu.item import Recipient
-    from tampu.queue import Queue
+from tampu.files import FileStamp
+from tampu.item import Recipient
+from tampu.store import QueueStore
+from tampu.users import Domains, UserDirectory
 
 S = TypeVar("S", bound=PluginSettings)
 
-
-def domain_of(address: str) -> str:
-    """The domain of ``user@domain`` (lower-cased), or "" when there is none."""
-    return address.rpartition("@")[2].lower() if "@" in address else ""
-
-
-def split_address(address: str) -> tuple[str, str]:
-    user, _, domain = address.rpartition("@")
-    if not _:
-        return address, ""
-    return user, domain.lower()
+HookObserver = Callable[[str, str, float, str], None]
+"""Called with (hook, plugin, seconds, outcome ok|error|timeout) for sampled hook calls."""
 
 
 @dataclass(eq=False)
 class ServerContext:
-    """The server as plugins see it. One per server (and per worker process)."""
+    """The server as plugins see it. One per configuration (and per worker process)."""
 
     config: Config
-    hooks: Hooks | None = None
-    queue: Queue | None = None
+    store: QueueStore
+    dns: Resolver
     stash: Stash = field(default_factory=Stash)
-    _domains_cache: tuple[Stamp | None, frozenset[str]] | None = None
-    _domains_stamp: FileStamp | None = None
-    _resolver: Any = None
+    """Server-wide plugin state; survives reloads (plugins hand state over through it)."""
+    domains: Domains = field(init=False)
+    users: UserDirectory = field(init=False)
+    node: str = ""
+    """This node's name in records shared with other nodes (the hostname by default)."""
+    hook_observers: list[HookObserver] = field(default_factory=list)
+    """Observers of hook timings (metrics); the hooks of this configuration call them."""
+    plugin_order: dict[str, list[str]] = field(default_factory=dict)
+    """The enabled plugins on each hook, in call order (filled once the plugins are loaded)."""
+
+    def __post_init__(self) -> None:
+        server = self.config.server
+        self.domains = Domains(self.config.domains_dir, server.local_domains,
+                               server.file_check_interval)
+        self.users = UserDirectory(self.domains, server.suffix_separators,
+                                   server.drop_characters, server.file_check_interval)
+        self.node = self.node or server.hostname
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> ServerSettings:
         return self.config.server
 
     @property
@@ -62,82 +70,40 @@ class ServerContext:
 
     @property
     def hostname(self) -> str:
-        return str(self.config.server.hostname)
+        return self.config.server.hostname
 
     def local_domains(self) -> frozenset[str]:
-        """``[server] local_domains`` and each ``domains/<domain>/`` folder (re-read on change)."""
-        ddir = self.config.domains_dir
-        if self._domains_stamp is None:
-            self._domains_stamp = self.file_stamp(ddir)
-        stamp = self._domains_stamp.stamp()
-        if self._domains_cache is None or stamp != self._domains_cache[0]:
-            names = set()
-            if stamp is not None:
-                names = {p.name.lower() for p in ddir.iterdir() if p.is_dir()}
-            names.update(d.lower() for d in self.config.server.local_domains)
-            self._domains_cache = (stamp, frozenset(names))
-        return self._domains_cache[1]
+        """``[server] local_domains`` and each ``domains/<domain>/`` folder, canonical."""
+        return self.domains.all()
 
     def file_stamp(self, path: Path) -> FileStamp:
         """A FileStamp for ``path`` checked every ``[server] file_check_interval``."""
         return FileStamp(path, self.config.server.file_check_interval)
 
     def is_local_domain(self, domain: str) -> bool:
-        return domain.lower() in self.local_domains()
+        return self.domains.is_local(domain)
 
     def is_local_address(self, address: str) -> bool:
-        return self.is_local_domain(domain_of(address))
+        return self.domains.is_local(domain_of(address))
 
-    def is_local_mailbox(self, recipient: Recipient, domains: Sequence[str] = ()) -> bool:
-        """For local delivery backends: a recipient in a local domain (and in ``domains``, if
-        given) that is not a pipe or a ``via`` route, which other backends handle."""
-        if "pipe" in recipient.route or "via" in recipient.route:
+    def mailbox_of(self, address: str) -> tuple[str, str]:
+        """(user, domain) naming the mailbox of a local ``address``: the user's lookup form
+        (case-mapped, no suffix, no drop characters) and the canonical domain. Every
+        spelling of an address (``J.Doe+x@XN--...``) names the same mailbox."""
+        user, _ = split_address(address)
+        settings = self.config.server
+        return lookup_key(user, settings.suffix_separators, settings.drop_characters), \
+            domain_of(address)
+
+    def is_local_mailbox(self, recipient: Recipient, domains: list[str] | None = None) -> bool:
+        """For local delivery backends: a recipient in a local domain (and in ``domains``,
+        if given) whose route is not a pipe or a ``via``, which other backends handle."""
+        if recipient.route.pipe is not None or recipient.route.via:
             return False
         domain = domain_of(recipient.address)
-        if not domain or not self.is_local_domain(domain):
+        if not domain or not self.domains.is_local(domain):
             return False
-        return not domains or domain in domains
-
-    def normalize_user(self, user: str) -> str:
-        """The lookup form of a local user: lower case, suffix and drop characters removed."""
-        settings = self.config.server
-        user = user.lower()
-        for sep in settings.suffix_separators:
-            user = user.split(sep, 1)[0]
-        for ch in settings.drop_characters:
-            user = user.replace(ch, "")
-        return user
-
-    def resolver(self) -> dns.asyncresolver.Resolver:
-        """A dnspython async resolver using ``[server] dns_servers`` (or resolv.conf)."""
-        if self._resolver is None:
-            import dns.asyncresolver
-
-            servers = self.config.server.dns_servers
-            res = dns.asyncresolver.Resolver(configure=not servers)
-            if servers:
-                res.nameservers = []
-                ports: dict[str, int] = {}
-                for spec in servers:
-                    host, port = parse_dns_server(spec)
-                    res.nameservers.append(host)
-                    ports[host] = port
-                res.nameserver_ports = ports
-            res.lifetime = self.config.server.dns_timeout
-            res.timeout = self.config.server.dns_timeout
-            self._resolver = res
-        return self._resolver
-
-
-def parse_dns_server(spec: str) -> tuple[str, int]:
-    """``host``, ``host:port`` or ``[v6]:port`` (a ``[server] dns_servers`` entry)."""
-    if spec.startswith("["):
-        host, _, port = spec[1:].partition("]:")
-        return host.rstrip("]"), int(port or 53)
-    if spec.count(":") == 1:
-        host, _, port = spec.partition(":")
-        return host, int(port)
-    return spec, 53
+        return not domains or domain in {self.domains.canonical(d) for d in domains}
 
 
 @dataclass(eq=False)

@@ -13,10 +13,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, cast
 
+from tampu.reply import Reply
+
 T = TypeVar("T")
 D = TypeVar("D")
 
 ListenerKind = Literal["smtp", "submission", "submissions"]
+"""smtp (MX, port 25), submission (587, AUTH required), submissions (465, implicit TLS)."""
 
 
 class StashKey(Generic[T]):
@@ -105,6 +108,8 @@ class Envelope:
     """The reverse path; ``""`` is the null sender ``<>``."""
     mail_params: dict[str, str | bool] = field(default_factory=dict)
     rcpt_to: list[str] = field(default_factory=list)
+    rcpt_params: list[dict[str, str | bool]] = field(default_factory=list)
+    """The ESMTP parameters of each accepted recipient (``NOTIFY``, ``ORCPT``), in order."""
     smtputf8: bool = False
     stash: Stash = field(default_factory=Stash)
 
@@ -170,6 +175,28 @@ def iter_headers(data: bytes) -> list[tuple[str, str]]:
         if sep:
             out.append((name.strip(), value.strip()))
     return out
+
+
+Stage = Literal["connect", "helo", "auth", "mail", "rcpt", "data", "queue"]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What was decided at one stage of a session, and by whom (``smtp_verdict``)."""
+
+    stage: Stage
+    reply: Reply
+    """What the client was told."""
+    plugin: str
+    """The plugin whose answer decided, or ``core`` (syntax, limits, nobody accepted)."""
+    address: str = ""
+    """The address the stage was about (MAIL FROM, RCPT TO, the AUTH login)."""
+    seconds: float = 0.0
+    """How long the stage's hooks took."""
+
+    @property
+    def refused(self) -> bool:
+        return not self.reply.is_positive
 
 
 @dataclass(frozen=True, slots=True)

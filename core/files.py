@@ -45,22 +45,48 @@ class FileStamp:
         self._checked = float("-inf")
 
 
-def write_durably(path: Path, chunks: list[bytes], fsync: bool = True) -> None:
+def write_durably(path: Path, chunks: list[bytes], fsync: bool = True, *, mode: int = 0o600,
+                  keep_attributes: bool = False) -> None:
     """Write ``chunks`` to ``path`` so that a crash leaves the old file or the whole new one:
-    a temporary file, fsync, rename over ``path``, fsync of the directory."""
+    a temporary file, fsync, rename over ``path``, fsync of the directory.
+
+    ``keep_attributes``: a file that exists keeps its mode, owner and group (files an
+    administrator manages, such as users files, stay readable by whom they were).
+    On any failure the temporary file is removed.
+    """
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    old: os.stat_result | None = None
+    if keep_attributes:
+        try:
+            old = os.stat(path)
+        except FileNotFoundError:
+            pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            if old is not None:
+                os.fchmod(fd, old.st_mode & 0o7777)
+                if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                    try:
+                        os.fchown(fd, old.st_uid, old.st_gid)
+                    except PermissionError:
+                        pass  # not root: the file becomes ours, with its old mode
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     if fsync:
         fsync_dir(path.parent)
 

@@ -18,16 +18,24 @@ broken by the order the plugins' tables appear in conf.d. An exception or a time
 reception the core then answers ``451 4.3.0`` (never a silent accept), in the queue the attempt
 counts as a temporary failure.
 
-Firing order for one SMTP session::
+Firing order for one SMTP session (``smtp_verdict`` follows every stage that decided
+something, accepted or refused; ``smtp_disconnect`` ends every session that reached
+``smtp_connect``, whatever the way it ended)::
 
-    smtp_connect -> smtp_helo -> smtp_ehlo_capabilities -> [STARTTLS: smtp_starttls]
-      -> [smtp_auth -> smtp_auth_result] -> ( smtp_mail_from -> smtp_rcpt_to* -> smtp_data
-                          -> queue_expand_recipient* -> queue_enqueued )* -> smtp_disconnect
+    [implicit TLS: handshake -> smtp_starttls] -> smtp_connect -> (greeting)
+      -> ( smtp_helo -> [EHLO: smtp_ehlo_capabilities]
+         | STARTTLS -> smtp_starttls
+         | smtp_auth -> smtp_auth_result
+         | smtp_mail_from -> smtp_rcpt_to* -> smtp_data
+             -> queue_expand_recipient* -> queue_add_headers -> queue_enqueued
+             -> smtp_transaction_done )*
+      -> smtp_disconnect
 
 Firing order for one queue item::
 
     queue_enqueued -> ( deliver -> delivery_attempted )* per pending recipient
-      -> [some temporary: retry_delay, wait, again] -> [failures: queue_give_up -> make_dsn]
+      -> [NOTIFY=SUCCESS: make_dsn(delivered)] -> [some temporary: retry_delay, wait,
+      [late: make_dsn(delayed)], again] -> [failures: queue_give_up -> make_dsn(failed)]
       -> queue_done
 
 Lifecycle: ``tampu_startup`` (before listeners open), ``tampu_reload`` (SIGHUP),
@@ -41,8 +49,10 @@ from typing import TYPE_CHECKING
 from tampu._markers import hookspec
 
 if TYPE_CHECKING:
+    import argparse
+
     from tampu.context import ServerContext
-    from tampu.envelope import AuthResult, Envelope, Message, Session
+    from tampu.envelope import AuthResult, Envelope, Message, Session, Verdict
     from tampu.item import DeliveryResult, QueueItem, Recipient
     from tampu.reply import Reply
 
@@ -86,6 +96,26 @@ def tampu_reload(context: ServerContext) -> None:
 
 
 @hookspec
+def tampu_register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add subcommands to the ``tampu`` command (``tampu user``, ``tampu dkim`` ...).
+
+    **Fires:** each time the ``tampu`` command builds its parser, for every available plugin
+    (enabled or not: ``tampu user add`` works whatever the configuration), on the plugin's
+    **module**: implement it as a module-level function.
+
+    :param subparsers: argparse's subparsers of the ``tampu`` command. Give every subcommand
+        ``tampu.cli.config_dir_option(parser)`` so that ``--config-dir`` works in the same
+        place everywhere.
+
+    **Result:** none.
+
+    **Async:** no: a plain function.
+
+    **Since:** 0.2 (before: a ``register_cli`` function found by name).
+    """
+
+
+@hookspec
 def tampu_shutdown(context: ServerContext) -> None:
     """The server is stopping: listeners are closed and sessions drained.
 
@@ -110,8 +140,8 @@ def tampu_shutdown(context: ServerContext) -> None:
 def smtp_connect(session: Session) -> Reply | None:
     """A client connected; the greeting is not sent yet.
 
-    **Fires:** once per connection, after accept (and after the TLS handshake on an
-    implicit-TLS listener).
+    **Fires:** once per connection, after accept, the PROXY header (if the listener takes
+    one) and, on an implicit-TLS listener, the TLS handshake and ``smtp_starttls``.
 
     :param session: the new session (peer address, listener).
 
@@ -164,7 +194,8 @@ def smtp_ehlo_capabilities(session: Session) -> list[str] | None:
 def smtp_starttls(session: Session) -> None:
     """The TLS handshake completed (STARTTLS or an implicit-TLS listener).
 
-    **Fires:** once per session that has TLS; ``session.tls`` is set.
+    **Fires:** once per session that has TLS, after the handshake: after STARTTLS, or on an
+    implicit-TLS listener before ``smtp_connect``; ``session.tls`` is set.
 
     :param session: the session.
 
@@ -289,12 +320,35 @@ def smtp_data(session: Session, envelope: Envelope, message: Message) -> Reply |
 
 
 @hookspec
+def smtp_verdict(session: Session, envelope: Envelope | None, verdict: Verdict) -> None:
+    """A stage of the session was decided: who decided what (after a verdict).
+
+    **Fires:** after each connect, HELO/EHLO, AUTH, MAIL FROM, RCPT TO and DATA stage, before
+    the reply is sent, whether it accepted or refused, including what the core decided itself
+    (syntax errors, limits, fail-closed refusals: ``verdict.plugin == "core"``).
+
+    :param session: the session.
+    :param envelope: the transaction (None before MAIL FROM was accepted).
+    :param verdict: the stage, the reply, the plugin that decided, the address concerned and
+        how long the stage's hooks took.
+
+    **Result:** notification (metrics, mail log, decision records); every implementation runs.
+    It cannot change the verdict.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.2
+    """
+
+
+@hookspec
 def smtp_transaction_done(
     session: Session, envelope: Envelope, reply: Reply, queue_id: str | None
 ) -> None:
-    """A transaction ended with the final reply to DATA (or a refusal at DATA).
+    """A transaction ended with the final reply to DATA (accepted or refused).
 
-    **Fires:** once per DATA command that got a final reply.
+    **Fires:** once per DATA command whose data was read (refusals before DATA are told by
+    ``smtp_verdict``).
 
     :param session: the session.
     :param envelope: the transaction.
@@ -343,8 +397,9 @@ def queue_expand_recipient(
     :param recipient: the address as accepted at RCPT TO.
 
     **Result:** verdict. None: the recipient is final as it is. A list of ``Recipient``
-    (possibly with ``route`` hints like ``{"pipe": "cmd"}``) replaces it; an empty list drops
-    it. Duplicates across recipients are merged by the core.
+    (possibly with a ``Route``: ``Route(pipe="cmd")``, ``Route(forward=True, via=(...))``)
+    replaces it; an empty list drops it. Duplicates (same address and route) are merged by
+    the core. An exception fails the intake: ``451 4.3.0``, nothing queued.
 
     **Async:** ``async def`` allowed, or ``@blocking``.
 
@@ -375,9 +430,10 @@ def queue_add_headers(item: QueueItem, message: bytes) -> list[tuple[str, str]] 
 
 @hookspec
 def queue_enqueued(item: QueueItem) -> None:
-    """An item is durable on disk.
+    """An item is durable in the store.
 
-    **Fires:** once per new item, after fsync and rename, before the ``250``.
+    **Fires:** once per new item, after the store made it durable, before the ``250`` (and
+    before its delivery is scheduled).
 
     :param item: the item.
 
@@ -411,14 +467,17 @@ def deliver(item: QueueItem, recipient: Recipient, message: bytes) -> DeliveryRe
 
 
 @hookspec
-def delivery_attempted(item: QueueItem, recipient: Recipient, result: DeliveryResult) -> None:
+def delivery_attempted(item: QueueItem, recipient: Recipient, result: DeliveryResult,
+                       backend: str) -> None:
     """A delivery attempt finished.
 
-    **Fires:** after each ``deliver`` (and after the core's own failures).
+    **Fires:** after each ``deliver`` (and after the core's own decisions: its relay guard,
+    no backend claiming the recipient, a backend failing).
 
     :param item: the queue item.
     :param recipient: the recipient, already updated with the result.
     :param result: what the backend answered.
+    :param backend: the plugin that answered, or ``core``.
 
     **Result:** notification (logs, metrics); every implementation runs.
 
@@ -464,22 +523,27 @@ def queue_give_up(item: QueueItem, failed: list[Recipient]) -> None:
 
 
 @hookspec(firstresult=True)
-def make_dsn(item: QueueItem, failed: list[Recipient], message: bytes) -> bytes | None:
-    """Build the delivery status notification for failed recipients.
+def make_dsn(item: QueueItem, failed: list[Recipient], message: bytes,
+             action: str) -> bytes | None:
+    """Build a delivery status notification (RFC 3464) for some recipients.
 
-    **Fires:** once per item with failures, after ``queue_give_up``, unless the item's sender
-    is the null sender ``<>`` (no bounce loops).
+    **Fires:** never for the null sender ``<>`` (no bounce loops); ``action`` ``failed``: once
+    per item with failures, after ``queue_give_up``, for the failed recipients that did not
+    ask for NOTIFY=NEVER; ``delayed``: once for recipients that asked for NOTIFY=DELAY and are
+    still pending after ``[server] delay_warning_after``; ``delivered``: for recipients that
+    asked for NOTIFY=SUCCESS, after their delivery.
 
-    :param item: the queue item.
+    :param item: the queue item (``dsn_ret``, ``dsn_envid``; each recipient's ``orcpt``).
     :param failed: the recipients to report.
     :param message: the original message bytes.
+    :param action: ``failed``, ``delayed`` or ``delivered`` (the report's Action field).
 
     **Result:** verdict. The DSN message bytes; the core queues it from ``<>`` to the sender
     with origin ``dsn``. None: no DSN is sent.
 
     **Async:** ``async def`` allowed, or ``@blocking``.
 
-    **Since:** 0.1
+    **Since:** 0.1 (``action`` since 0.2: before, only failures were reported)
     """
 
 

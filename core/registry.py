@@ -2,7 +2,8 @@
 
 Built-in plugins are entry points of the ``tampu`` distribution in group ``tampu.plugins``,
 exactly like third-party ones. ``[plugins.NAME] enabled = true`` in conf.d loads NAME; nothing
-else is loaded. The core never imports ``tampu.plugins.*``.
+else is loaded. The core never imports ``tampu.plugins.*``. Plugin objects given by a test go
+through the same validation (their conf.d table, if any, with ``enabled`` forced on).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pydantic import ValidationError
 
 from tampu import hookspecs
 from tampu._markers import PROJECT
-from tampu.caller import DEFAULT_PRIORITY, HookCaller, Hooks
 from tampu.config import Config, PluginSettings, format_validation_error, resolve_secrets
 from tampu.context import PluginContext, ServerContext
 from tampu.errors import ConfigError
 
 GROUP = "tampu.plugins"
+DEFAULT_PRIORITY = 100
+UNSUPPORTED_MARKS = ("wrapper", "hookwrapper", "tryfirst", "trylast")
 
 
 @dataclass
@@ -42,15 +44,12 @@ class PluginInfo:
 
 @dataclass
 class Registry:
-    pm: pluggy.PluginManager
-    hooks: Hooks
-    plugins: dict[str, PluginInfo]
+    """The loaded plugins of one configuration: a PluginManager, their order and timeouts."""
 
-    def order_by_hook(self) -> dict[str, list[str]]:
-        return {
-            name: [impl.plugin for impl in self.hooks.caller.implementations(name)]
-            for name in hookspecs.HOOK_NAMES
-        }
+    pm: pluggy.PluginManager
+    plugins: dict[str, PluginInfo]
+    ordering: dict[str, tuple[int, int]]
+    plugin_timeouts: dict[str, float]
 
 
 def available_entry_points() -> dict[str, EntryPoint]:
@@ -71,18 +70,20 @@ def settings_class(obj: Any) -> type[PluginSettings]:
     return PluginSettings
 
 
-def validate_plugin_settings(config: Config, name: str, obj: Any) -> PluginSettings:
+def validate_plugin_settings(config: Config, name: str, obj: Any,
+                             force_enabled: bool = False) -> PluginSettings:
     """Validate ``[plugins.NAME]`` against the plugin's Settings; raises ConfigError."""
-    table = config.plugins[name]
-    cls = settings_class(obj)
+    table = config.plugins.get(name)
+    values = dict(table.values) if table is not None else {}
+    if force_enabled:
+        values["enabled"] = True
     try:
-        values = resolve_secrets(table.values, config.config_dir)
-        return cls.model_validate(values)
+        return settings_class(obj).model_validate(resolve_secrets(values, config.config_dir))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, ("plugins", name),
+                                                  config.origin_of)) from None
     except ValueError as exc:
-        if isinstance(exc, ValidationError):
-            raise ConfigError(format_validation_error(
-                exc, ("plugins", name), config.origin_of)) from None
-        where = table.files[0] if table.files else "conf.d"
+        where = table.files[0] if table is not None and table.files else "conf.d"
         raise ConfigError([f"{where}: plugins.{name}: {exc}"]) from None
 
 
@@ -92,115 +93,110 @@ def new_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-def build_registry(
-    config: Config,
-    context: ServerContext,
-    extra: Iterable[Any] = (),
-) -> Registry:
-    """Load the enabled plugins of ``config`` (and ``extra`` objects, for tests).
+def _unsupported(pm: pluggy.PluginManager, name: str) -> list[str]:
+    """tampu calls implementations itself, in priority order: pluggy's wrappers and
+    tryfirst/trylast would be silently mishandled, so they are refused at start-up."""
+    plugin = pm.get_plugin(name)
+    problems = []
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            marks = [m for m in UNSUPPORTED_MARKS if getattr(impl, m, False)]
+            if marks:
+                problems.append(f"plugin {name}: hook {caller.name} is marked "
+                                f"{'/'.join(marks)}, which tampu does not support; order "
+                                f"plugins with [plugins.{name}] priority instead")
+    return problems
 
-    Collects every problem before raising one ConfigError, so ``tampu check`` shows them all.
-    """
-    pm = new_plugin_manager()
+
+class _Loader:
+    def __init__(self, config: Config, context: ServerContext) -> None:
+        self.config = config
+        self.context = context
+        self.pm = new_plugin_manager()
+        self.problems: list[str] = []
+        self.infos = list_available()
+        self.ordering: dict[str, tuple[int, int]] = {}
+
+    def add(self, name: str, obj: Any, order: int, *, given: bool = False) -> None:
+        """Validate settings, instantiate and register one plugin (problems are collected)."""
+        try:
+            settings = validate_plugin_settings(self.config, name, obj, force_enabled=given)
+        except ConfigError as exc:
+            self.problems.extend(exc.problems)
+            return
+        info = self.infos.get(name) or PluginInfo(name, "(test)", "", False, True)
+        self.infos[name] = info
+        info.settings, info.enabled = settings, settings.enabled
+        info.priority, info.order = settings.priority, order
+        if not settings.enabled:
+            self.pm.set_blocked(name)
+            return
+        try:
+            factory: Any = obj
+            instance = factory(PluginContext(name, settings, self.context)) \
+                if inspect.isclass(obj) else obj
+            self.pm.register(instance, name=name)
+        except ConfigError as exc:
+            self.problems.extend(exc.problems)
+            return
+        except pluggy.PluginValidationError as exc:
+            self.problems.append(f"plugin {name}: invalid hook implementation: {exc}")
+            return
+        except Exception as exc:  # a broken plugin must not crash start-up
+            self.problems.append(f"plugin {name}: failed to start: {type(exc).__name__}: {exc}")
+            return
+        self.problems.extend(_unsupported(self.pm, name))
+        info.obj = instance
+        priority = settings.priority
+        if given and not inspect.isclass(obj) and isinstance(getattr(obj, "priority", None), int):
+            priority = info.priority = obj.priority  # a test object may say it itself
+        self.ordering[name] = (priority, order)
+
+
+def build_registry(config: Config, context: ServerContext,
+                   extra: Iterable[Any] = ()) -> Registry:
+    """Load the enabled plugins of ``config`` (and ``extra`` plugin objects or classes, for
+    tests). Collects every problem before raising one ConfigError."""
+    loader = _Loader(config, context)
     eps = available_entry_points()
-    problems: list[str] = []
-    infos: dict[str, PluginInfo] = {}
-    ordering: dict[str, tuple[int, int]] = {}
-
-    for name, info in list_available(eps).items():
-        infos[name] = info
-
     extra = list(extra)
-    given = {getattr(obj, "name", None) or obj.__name__.lower()
-             for obj in extra if inspect.isclass(obj)}  # configured by their conf.d table
+    names = [getattr(obj, "name", None) or (obj.__name__.lower() if inspect.isclass(obj)
+                                            else f"extra-{i}-{type(obj).__name__}")
+             for i, obj in enumerate(extra)]
     for name, table in config.plugins.items():
-        if name in given:
-            continue
+        if name in names:
+            continue  # a test gives this plugin itself; its table configures it
         if name not in eps:
             where = table.files[0] if table.files else "conf.d"
-            problems.append(
-                f"{where}: key plugins.{name}: unknown plugin {name!r} "
-                f"(available: {', '.join(sorted(eps)) or 'none'})"
-            )
+            loader.problems.append(f"{where}: key plugins.{name}: unknown plugin {name!r} "
+                                   f"(available: {', '.join(sorted(eps)) or 'none'})")
             continue
         try:
             obj = eps[name].load()
         except Exception as exc:  # a broken third-party package must not crash start-up
-            problems.append(f"plugin {name}: cannot be loaded: {type(exc).__name__}: {exc}")
+            loader.problems.append(f"plugin {name}: cannot be loaded: "
+                                   f"{type(exc).__name__}: {exc}")
             continue
-        try:
-            settings = validate_plugin_settings(config, name, obj)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-            continue
-        info = infos[name]
-        info.settings = settings
-        info.enabled = settings.enabled
-        info.priority = settings.priority
-        info.order = table.order
-        if not settings.enabled:
-            pm.set_blocked(name)
-            continue
-        try:
-            instance = _instantiate(obj, name, settings, context)
-            pm.register(instance, name=name)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-            continue
-        except pluggy.PluginValidationError as exc:
-            problems.append(f"plugin {name}: invalid hook implementation: {exc}")
-            continue
-        except Exception as exc:
-            problems.append(f"plugin {name}: failed to start: {type(exc).__name__}: {exc}")
-            continue
-        info.obj = instance
-        ordering[name] = (settings.priority, table.order)
-
-    for i, obj in enumerate(extra):
-        name = getattr(obj, "name", None) or f"extra-{i}-{type(obj).__name__}"
-        prio = int(getattr(obj, "priority", DEFAULT_PRIORITY))
-        if inspect.isclass(obj):  # a plugin class, as an entry point would name it (tests)
-            name = getattr(obj, "name", None) or obj.__name__.lower()
-            try:
-                settings = settings_class(obj).model_validate(
-                    {**(config.plugins[name].values if name in config.plugins else {}),
-                     "enabled": True})
-                obj = _instantiate(obj, name, settings, context)
-                prio = settings.priority
-            except (ValueError, ConfigError) as exc:
-                problems.append(f"plugin {name}: {exc}")
-                continue
-        try:
-            pm.register(obj, name=name)
-        except pluggy.PluginValidationError as exc:
-            problems.append(f"plugin {name}: invalid hook implementation: {exc}")
-            continue
-        ordering[name] = (prio, 5_000 + i)
-        infos[name] = PluginInfo(name=name, distribution="(test)", version="", builtin=False,
-                                 enabled=True, priority=prio, order=5_000 + i, obj=obj)
-
+        loader.add(name, obj, table.order)
+    for i, (name, obj) in enumerate(zip(names, extra, strict=True)):
+        loader.add(name, obj, 5_000 + i, given=True)
     try:
-        pm.check_pending()
+        loader.pm.check_pending()
     except pluggy.PluginValidationError as exc:  # name it as conf.d does, not by its repr
-        name = pm.get_name(exc.plugin) or repr(exc.plugin)
-        problems.append(f"plugin {name}: {str(exc).split(' in plugin ', 1)[0]} "
-                        "(not in tampu's hook catalogue: misspelt?)")
-
-    if problems:
-        raise ConfigError(problems)
-
-    caller = HookCaller(
-        pm, ordering, timeout=config.server.plugin_timeout,
-        hook_timeouts={"deliver": config.server.delivery_timeout},
-        plugin_timeouts={name: info.settings.hook_timeout for name, info in infos.items()
-                         if info.enabled and info.settings is not None
-                         and info.settings.hook_timeout},
-    )
-    hooks = Hooks(caller)
-    for name, info in infos.items():
+        name = loader.pm.get_name(exc.plugin) or repr(exc.plugin)
+        loader.problems.append(f"plugin {name}: {str(exc).split(' in plugin ', 1)[0]} "
+                               "(not in tampu's hook catalogue: misspelt?)")
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    pm = loader.pm
+    for name, info in loader.infos.items():
         if info.enabled and pm.has_plugin(name):
             info.hooks = sorted(h.name for h in pm.get_hookcallers(pm.get_plugin(name)) or [])
-    return Registry(pm=pm, hooks=hooks, plugins=infos)
+    timeouts = {name: info.settings.hook_timeout for name, info in loader.infos.items()
+                if info.enabled and info.settings is not None and info.settings.hook_timeout}
+    return Registry(pm, loader.infos, loader.ordering, timeouts)
 
 
 def list_available(eps: dict[str, EntryPoint] | None = None) -> dict[str, PluginInfo]:
@@ -213,9 +209,19 @@ def list_available(eps: dict[str, EntryPoint] | None = None) -> dict[str, Plugin
     return out
 
 
-def _instantiate(obj: Any, name: str, settings: PluginSettings, context: ServerContext) -> Any:
-    """A class is instantiated with a PluginContext; a module or object is used as it is."""
-    if inspect.isclass(obj):
-        factory: Any = obj
-        return factory(PluginContext(name=name, settings=settings, server=context))
-    return obj
+def cli_plugins() -> pluggy.PluginManager:
+    """The module of every available plugin, for ``tampu_register_cli``: module-level
+    implementations, neither enabled nor instantiated (``tampu user add`` works with the
+    server stopped and whatever the configuration)."""
+    import sys
+
+    pm = new_plugin_manager()
+    for name, ep in sorted(available_entry_points().items()):
+        try:
+            obj = ep.load()
+            module = obj if inspect.ismodule(obj) else sys.modules[obj.__module__]
+            if not pm.is_registered(module):
+                pm.register(module, name=name)
+        except Exception:  # a broken plugin must not break the CLI
+            continue
+    return pm

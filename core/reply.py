@@ -69,7 +69,7 @@ QUEUE_FULL: Final = Reply(452, "4.3.1", "Queue full, try again later")
 QUEUE_WRITE_FAILED: Final = Reply(451, "4.3.0", "Could not queue the message, try again later")
 TOO_MANY_CONNECTIONS: Final = Reply(421, "4.7.0", "Too many connections, try again later")
 SHUTTING_DOWN: Final = Reply(421, "4.3.2", "Server shutting down, try again later")
-TOO_MANY_ERRORS: Final = Reply(421, "4.7.0", "Too many unrecognized commands, goodbye")
+TOO_MANY_ERRORS: Final = Reply(421, "4.7.0", "Too many errors, closing connection")
 LOOP_DETECTED: Final = Reply(554, "5.4.6", "Loop detected: too many Received headers")
 
 

@@ -1,430 +1,556 @@
-"""The SMTP dialogue: an aiosmtpd ``SMTP`` subclass that asks the hooks at every stage.
+"""The SMTP dialogue (RFC 5321, 3207, 4954, 6531, 3461, 2920, 2034): one task per connection.
 
-aiosmtpd does the parsing and the line protocol; this class replaces the parts whose built-in
-behaviour is not enough: EHLO (what works), AUTH (over STARTTLS *and* implicit TLS, through
-``smtp_auth``), MAIL/RCPT/DATA verdicts through hooks, enhanced status codes on every reply,
-a per-session unknown-command budget, and the durable hand-off to the queue.
+The session reads commands through :class:`tampu.smtp_wire.Wire` (bounded buffers,
+deadlines), asks the hooks at every stage, tells observers what was decided
+(``smtp_verdict``), and hands accepted messages to the intake, which returns the queue ID
+for the ``250``. Every reply carries an enhanced status code (RFC 2034) except the greeting
+and the answers to HELO/EHLO. Errors are budgeted: past ``[server] max_errors`` the session
+gets ``421`` and is closed; a peer that is not speaking SMTP (HTTP, a TLS ClientHello on a
+plain port) is closed at once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 import re
-from typing import TYPE_CHECKING, Any, cast
-
-from aiosmtpd.smtp import MISSING, syntax
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from tampu import reply as R
-from tampu.envelope import Envelope, ListenerInfo, Message, Session, TlsInfo
+from tampu.addresses import PathError, is_literal, parse_path, split_address
+from tampu.authres import header_value, results, strip_own
+from tampu.envelope import Envelope, ListenerInfo, Message, Session, Stage, TlsInfo, Verdict
 from tampu.errors import PluginError, QueueError, QueueFull
+from tampu.intake import Intake, Submission
 from tampu.received import received_header
 from tampu.reply import Reply, with_enhanced_code
-from tampu.smtp_auth import AuthMixin
-from tampu.smtp_proxy import PROXY_TIMEOUT, IPNetwork, ProxyMixin
+from tampu.smtp_auth import authenticate
+from tampu.smtp_proxy import IPNetwork, read_proxy_header
+from tampu.smtp_wire import Closed, LineTooLong, Wire
 
 if TYPE_CHECKING:
-    import ssl
-
-    from tampu.server import ServerState
+    from tampu.caller import Hooks
+    from tampu.config import ServerSettings
+    from tampu.state import ServerState
 
 log = logging.getLogger("tampu.smtp")
 
-# The common address forms, parsed without the email package (slow); anything else (quoted
-# local parts, comments, source routes) goes to aiosmtpd's full parser.
-_SIMPLE_ADDR = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\x80-\U0010ffff]+@[A-Za-z0-9.\-\[\]:"
-                          r"\x80-\U0010ffff]+|)>(?: +(.*))?$")
-_IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+_HTTP = re.compile(rb"^(GET|POST|HEAD|PUT|DELETE|OPTIONS|CONNECT|PATCH|TRACE) \S+ HTTP/\d")
+_NOT_SMTP_START = (b"\x16\x03", b"\x80")  # a TLS or SSLv2 ClientHello on a plain port
+_ENVID = re.compile(r"^[\x21-\x2a\x2c-\x3c\x3e-\x7e+]{1,100}$")  # xtext (RFC 3461 4.4)
+_ORCPT = re.compile(r"^[A-Za-z0-9-]+;[\x21-\x2a\x2c-\x3c\x3e-\x7e+]{1,500}$")
+_NOTIFY = re.compile(r"^(NEVER|(SUCCESS|FAILURE|DELAY)(,(SUCCESS|FAILURE|DELAY))*)$", re.I)
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 
 
-def parse_params(options: list[str]) -> dict[str, str | bool]:
-    params: dict[str, str | bool] = {}
-    for opt in options:
-        name, eq, value = opt.partition("=")
-        params[name.upper()] = value if eq else True
-    return params
+class NotSmtp(Exception):
+    """The peer speaks another protocol."""
 
 
-class _Commands(dict[str, Any]):
-    """aiosmtpd's command table, answering unknown commands with our own counter."""
-
-    def __init__(self, known: dict[str, Any], unknown: Any) -> None:
-        super().__init__(known)
-        self.unknown = unknown
-
-    def get(self, key: str, default: Any = None) -> Any:  # noqa: ANN401 - dict API
-        found = super().get(key)
-        return found if found is not None else self.unknown
-
-
-_COMMAND_TABLES: dict[type[Any], tuple[tuple[str, str], ...]] = {}
-
-
-def _command_table(cls: type[Any]) -> tuple[tuple[str, str], ...]:
-    """(COMMAND, method name) for every ``smtp_*`` method of ``cls``, computed once."""
-    table = _COMMAND_TABLES.get(cls)
-    if table is None:
-        table = tuple((name[5:], name) for name in dir(cls) if name.startswith("smtp_"))
-        _COMMAND_TABLES[cls] = table
-    return table
-
-
-class TampuSMTP(AuthMixin, ProxyMixin):
+class SmtpSession(Wire):
     """One SMTP connection on one listener."""
 
-    def __init__(self, state: ServerState, listener: ListenerInfo,
-                 starttls_context: ssl.SSLContext | None,
-                 proxy_trusted: list[IPNetwork] | None = None) -> None:
-        # aiosmtpd's SMTP.__init__ introspects the class and handler (inspect.getmembers) on
-        # every connection: a sixth of the CPU of a connection. We set the same attributes
-        # directly, with the per-class tables computed once (see _aiosmtpd_compat test).
-        settings = state.context.config.server
-        loop = asyncio.get_running_loop()
-        self.line_length_limit = settings.max_line_length + 1  # + the transparent dot
-        asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=loop)
-        self.__ident__ = "ESMTP tampu"
-        self.loop = loop
-        self.event_handler = None
-        self.data_size_limit = settings.max_message_size
-        self.enable_SMTPUTF8 = True
-        self._decode_data = False
-        self.hostname = settings.hostname
-        self.tls_context = starttls_context
-        self.require_starttls = False
-        self._timeout_duration = settings.idle_timeout
-        self._timeout_handle: asyncio.TimerHandle | None = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = True
-        self._proxy_timeout = PROXY_TIMEOUT if proxy_trusted is not None else None
-        self.proxy_trusted = proxy_trusted or []
-        self._authenticator = None
-        self._auth_callback = None
-        self._auth_required = listener.kind != "smtp"
-        self._auth_methods: dict[str, Any] = {}
-        self._ehlo_hook_ver = None
-        self._enforce_call_limit = False
-        # aiosmtpd keeps this dict on the class and grows it on every EHLO: keep our own.
-        self.command_size_limits = collections.defaultdict(lambda: 512, {"MAIL": 512 + 26 + 10})
-        # aiosmtpd asks this table which handler hooks exist; ours all go to _call_handler_hook
-        self._handle_hooks = {k: self._call_handler_hook for k in ("MAIL", "RCPT", "DATA")}
-        if proxy_trusted is not None:
-            self._handle_hooks["PROXY"] = self._call_handler_hook
-        self._smtp_methods = _Commands(
-            {name: getattr(self, attr) for name, attr in _command_table(type(self))},
-            self._unknown_command)
+    def __init__(self, state: ServerState, intake: Intake, listener: ListenerInfo,
+                 tls: ssl.SSLContext | None, proxy_trusted: list[IPNetwork] | None) -> None:
+        settings = state.runtime.config.server
+        super().__init__(settings.max_line_length)
         self.state = state
+        self.intake = intake
         self.listener = listener
-        self.settings = settings
-        self._unknown_budget = settings.max_unknown_commands
-        self._greeted = False
-        self.tsession: Session | None = None
-        self.tenvelope = Envelope()
-        self.in_data = False
+        self.tls = tls
+        self.implicit_tls = listener.kind == "submissions"
+        self.proxy_trusted = proxy_trusted
+        self.session: Session | None = None
+        self.envelope: Envelope | None = None
+        self.errors = 0
+        self.refused_rcpts = 0
+        self.waiting = False
+        self.session_end = 0.0
 
-    # ---------------------------------------------------------------- connection lifecycle
+    # ---------------------------------------------------------------- lifecycle
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.tsession is None
+    def connection_made(self, transport: Any) -> None:  # noqa: ANN401 - asyncio's API
         super().connection_made(transport)
-        if first:
-            peer = transport.get_extra_info("peername") or ("", 0)
-            self.tsession = Session(peer_host=str(peer[0]), peer_port=int(peer[1]),
-                                    listener=self.listener)
-            self.state.connections.add(self)
-            if transport.get_extra_info("ssl_object") is not None:  # implicit TLS
-                self.tsession.tls = _tls_info(transport)
-        else:
-            assert self.tsession is not None
-            self.tsession.tls = _tls_info(transport)
-            self.tsession.helo = None
-            self.tsession.esmtp = False
-            self.tenvelope = Envelope()
-
-    def connection_lost(self, error: Exception | None) -> None:
-        super().connection_lost(error)
-        if self in self.state.connections:
-            self.state.connections.discard(self)
-            if self.state.hooks.has("smtp_disconnect"):
-                self.state.spawn(self._disconnected())
-
-    async def _disconnected(self) -> None:
-        assert self.tsession is not None
-        await self.state.hooks.smtp_disconnect(self.tsession)
-
-    async def _handle_client(self) -> None:
-        assert self.tsession is not None
-        if self._proxy_timeout is not None:
-            # Before smtp_connect, so that plugins see the proxied client; then tell aiosmtpd
-            # the handshake is done (it would otherwise wait for a second header).
-            if not await self._proxy_handshake():
-                self._close()
-                return
-            self._proxy_timeout = None
-        if len(self.state.connections) > self.settings.max_connections:
-            await self._reply(R.TOO_MANY_CONNECTIONS)
-            self._close()
-            return
-        if self.state.stopping:
-            await self._reply(R.SHUTTING_DOWN)
-            self._close()
-            return
-        try:
-            if self.tsession.tls is not None:
-                await self.state.hooks.smtp_starttls(self.tsession)
-            refusal = await self.state.hooks.smtp_connect(self.tsession)
-        except PluginError:
-            refusal = Reply(421, "4.3.0", "Local error, try again later")
-        if refusal is not None:
-            await self._reply(refusal)
-            self._close()
-            return
-        await super()._handle_client()
-
-    def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        # Idle means silent: aiosmtpd restarts its timer only per command, so a DATA upload
-        # longer than idle_timeout was cut mid-message. (During PROXY: the proxy's timeout.)
-        self._reset_timeout(self._proxy_timeout)
-        super().data_received(data)
-
-    def _timeout_cb(self) -> None:
-        transport = cast("asyncio.Transport | None", self.transport)  # uvloop's: no subclass
-        if transport is not None and not transport.is_closing():
-            transport.write(f"{_IDLE_TIMEOUT}\r\n".encode())  # say why, then close
-        super()._timeout_cb()
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.session = Session(peer_host=str(peer[0]), peer_port=int(peer[1]),
+                               listener=self.listener)
+        self.state.connections.add(self)
+        self.state.spawn(self._serve())
 
     @property
     def idle(self) -> bool:
-        """No transaction in progress: safe to close at shutdown."""
-        return not self.in_data and not self.tenvelope.rcpt_to
+        """Waiting for a command outside a transaction: safe to close at shutdown."""
+        return self.waiting and self.envelope is None
 
-    async def close_for_shutdown(self) -> None:
+    def close_for_shutdown(self) -> None:
+        self.write(f"{R.SHUTTING_DOWN}\r\n".encode())
+        self.abort()
+
+    @property
+    def settings(self) -> ServerSettings:
+        return self.state.runtime.config.server
+
+    @property
+    def hooks(self) -> Hooks:
+        return self.state.runtime.hooks
+
+    async def _serve(self) -> None:
+        assert self.session is not None
+        session = self.session
+        connected = False
+        self.session_end = self.loop.time() + self.settings.session_timeout
         try:
-            await self._reply(R.SHUTTING_DOWN)
-        except Exception:  # the client may be gone already
+            if self.proxy_trusted is not None and not await read_proxy_header(self):
+                return
+            if len(self.state.connections) > self.settings.max_connections:
+                return self.reply(R.TOO_MANY_CONNECTIONS)
+            if self.state.stopping:
+                return self.reply(R.SHUTTING_DOWN)
+            if self.implicit_tls and not await self._handshake():
+                return
+            connected = True
+            if session.tls is not None:
+                await self._call(self.hooks.smtp_starttls(session))
+            start = time.perf_counter()
+            try:
+                refusal, plugin = await self.hooks.smtp_connect(session)
+            except PluginError as exc:
+                refusal, plugin = Reply(421, "4.3.0", "Local error, try again later"), exc.plugin
+            if refusal is not None:
+                await self._verdict("connect", refusal, plugin, "", start)
+                return self.reply(refusal)
+            self.write(f"220 {self.settings.hostname} ESMTP tampu\r\n".encode())
+            await self._commands()
+        except (Closed, ConnectionError):
             pass
-        self._close()
+        except NotSmtp:
+            log.info("session %s: %s is not speaking SMTP; closed", session.id,
+                     session.peer_host)
+        except Exception:  # a bug: say so once, with the session, and close
+            log.exception("session %s: internal error", session.id)
+        finally:
+            if self.expired:
+                log.info("session %s: %s from %s; closed", session.id,
+                         "deadline passed" if self.expired == "timeout" else self.expired,
+                         session.peer_host)
+            self.state.connections.discard(self)
+            self.close()
+            if connected:
+                try:
+                    await self.hooks.smtp_disconnect(session)
+                except Exception:  # noqa: S110 - notification failures are logged there
+                    pass
+
+    async def _call(self, awaitable: Awaitable[Any]) -> None:
+        try:
+            await awaitable
+        except PluginError:
+            pass
+
+    async def _handshake(self) -> bool:
+        assert self.session is not None and self.tls is not None
+        try:
+            await self.start_tls(self.tls, self.settings.tls_handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.info("session %s: TLS handshake with %s failed: %s", self.session.id,
+                     self.session.peer_host, str(exc) or type(exc).__name__)
+            return False
+        assert self.transport is not None
+        self.session.tls = tls_info(self.transport)
+        return True
 
     # ---------------------------------------------------------------- replies
 
-    async def push(self, status: Any) -> None:  # noqa: ANN401 - aiosmtpd's AnyStr API
-        if isinstance(status, str):
-            if not self._greeted and status.startswith("220 "):
-                self._greeted = True
-            elif status[:1] in "245":  # every line of a multi-line reply, any code
-                status = "\r\n".join(with_enhanced_code(line) for line in status.split("\r\n"))
-        await super().push(status)
+    def reply(self, reply: Reply) -> None:
+        if reply.code >= 500:
+            self.errors += 1
+        text = str(reply)
+        if not reply.status:  # a plugin's reply without an enhanced code gets one (RFC 2034)
+            text = "\r\n".join(with_enhanced_code(line) for line in text.split("\r\n"))
+        self.write((text + "\r\n").encode("ascii", "replace"))
 
-    async def handle_exception(self, error: Exception) -> str:
-        log.exception("session %s: internal error: %s",
-                      self.tsession.id if self.tsession else "?", error)
-        return str(R.PLUGIN_FAILED)
+    async def _verdict(self, stage: Stage, reply: Reply, plugin: str | None, address: str,
+                       start: float) -> None:
+        if self.hooks.has("smtp_verdict"):
+            assert self.session is not None
+            verdict = Verdict(stage, reply, plugin or "core", address,
+                              time.perf_counter() - start)
+            await self._call(self.hooks.smtp_verdict(self.session, self.envelope, verdict))
 
-    async def _unknown_command(self, arg: str | None) -> None:
-        self._unknown_budget -= 1
-        if self._unknown_budget < 1:
-            await self._reply(R.TOO_MANY_ERRORS)
-            self._close()
-            return
-        await self._reply(Reply(500, "5.5.1", "Command unrecognized"))
+    # ---------------------------------------------------------------- command loop
+
+    async def _commands(self) -> None:
+        table: dict[bytes, Callable[[str], Awaitable[None]]] = {
+            b"HELO": self.helo, b"EHLO": self.ehlo, b"MAIL": self.mail, b"RCPT": self.rcpt,
+            b"DATA": self.data, b"RSET": self.rset, b"NOOP": self.noop, b"QUIT": self.quit,
+            b"VRFY": self.vrfy, b"EXPN": self.expn, b"HELP": self.help,
+            b"STARTTLS": self.starttls, b"AUTH": self.auth,
+        }
+        while not self.closed:
+            if self.errors >= self.settings.max_errors:  # after the reply that made it so
+                log.info("session %s: %d errors from %s; closed", self.session.id if
+                         self.session else "?", self.errors,
+                         self.session.peer_host if self.session else "?")
+                self.errors = 0
+                self.reply(R.TOO_MANY_ERRORS)
+                return self.close()
+            self.waiting = True
+            try:
+                if self.peek().startswith(_NOT_SMTP_START):
+                    raise NotSmtp()
+                deadline = min(self.loop.time() + self.settings.command_timeout,
+                               self.session_end)
+                line = await self.readline(deadline)
+            except LineTooLong:
+                self.waiting = False
+                self.reply(R.LINE_TOO_LONG)
+                continue
+            self.waiting = False
+            verb, _, rest = line.partition(b" ")
+            handler = table.get(verb.upper())
+            if handler is None:
+                if _HTTP.match(line) or line.startswith(_NOT_SMTP_START):
+                    raise NotSmtp()
+                self.reply(Reply(500, "5.5.1", "Command unrecognized"))
+                continue
+            try:
+                arg = rest.decode("utf-8")
+            except UnicodeDecodeError:
+                if verb.upper() in (b"MAIL", b"RCPT"):
+                    status = "5.1.7" if verb.upper() == b"MAIL" else "5.1.3"
+                    self.reply(Reply(501, status, "Address is not valid UTF-8"))
+                    continue
+                arg = rest.decode("utf-8", "replace")
+            await handler(arg)
+            if self.loop.time() > self.session_end and not self.closed:
+                self.reply(Reply(421, "4.4.2", "Session too long, closing connection"))
+                return self.close()
 
     # ---------------------------------------------------------------- HELO / EHLO
 
-    @syntax("HELO hostname")
-    async def smtp_HELO(self, hostname: str | None) -> None:
-        await self._helo(hostname, esmtp=False)
+    async def helo(self, arg: str) -> None:
+        await self._greet(arg, esmtp=False)
 
-    @syntax("EHLO hostname")
-    async def smtp_EHLO(self, hostname: str | None) -> None:
-        await self._helo(hostname, esmtp=True)
+    async def ehlo(self, arg: str) -> None:
+        await self._greet(arg, esmtp=True)
 
-    async def _helo(self, hostname: str | None, *, esmtp: bool) -> None:
-        assert self.tsession is not None
-        verb = "EHLO" if esmtp else "HELO"
-        if not hostname:
-            await self._reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
-            return
-        self._set_rset_state()
-        self.tsession.esmtp = esmtp
-        try:
-            refusal = await self.state.hooks.smtp_helo(self.tsession, hostname)
-            extra = await self.state.hooks.smtp_ehlo_capabilities(self.tsession) if esmtp else []
-        except PluginError:
-            await self._reply(R.PLUGIN_FAILED)
-            return
-        if refusal is not None and not refusal.is_positive:
-            await self._reply(refusal)
-            return
+    async def _greet(self, arg: str, *, esmtp: bool) -> None:
         assert self.session is not None
-        self.session.host_name = hostname
-        self.session.extended_smtp = esmtp
-        self.tsession.helo = hostname
+        hostname = arg.strip()
+        if not hostname or " " in hostname or not hostname.isprintable():
+            return self.reply(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} "
+                                                  "hostname"))
+        self.envelope = None
+        session = self.session
+        session.esmtp = esmtp
+        start = time.perf_counter()
+        try:
+            refusal, plugin = await self.hooks.smtp_helo(session, hostname)
+            extra = await self.hooks.smtp_ehlo_capabilities(session) if esmtp else []
+        except PluginError as exc:
+            await self._verdict("helo", R.PLUGIN_FAILED, exc.plugin, hostname, start)
+            return self.reply(R.PLUGIN_FAILED)
+        if refusal is not None and not refusal.is_positive:
+            await self._verdict("helo", refusal, plugin, hostname, start)
+            return self.reply(refusal)
+        session.helo = hostname
+        name = self.settings.hostname
         if not esmtp:  # RFC 2034 3: no enhanced code in the reply to HELO/EHLO
-            await super().push(f"250 {self.hostname}")
-            return
-        caps = [self.hostname, "PIPELINING", f"SIZE {self.data_size_limit}", "8BITMIME",
-                "ENHANCEDSTATUSCODES", "SMTPUTF8"]
-        if self.tls_context is not None and self.tsession.tls is None:
+            return self.write(f"250 {name}\r\n".encode())
+        caps = [name, "PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME",
+                "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
+        if self.tls is not None and session.tls is None:
             caps.append("STARTTLS")
-        if self.tsession.tls is not None and not self.tsession.authenticated:
+        if session.tls is not None and not session.authenticated:
             caps.append("AUTH PLAIN LOGIN")
         caps.extend(kw for kw in extra if kw not in caps)
         lines = [f"250-{c}" for c in caps[:-1]] + [f"250 {caps[-1]}"]
-        self._greeted = True
-        await super().push("\r\n".join(lines))
+        self.write(("\r\n".join(lines) + "\r\n").encode("ascii", "replace"))
 
     # ---------------------------------------------------------------- STARTTLS / AUTH
 
-    @syntax("STARTTLS", when="tls_context")
-    async def smtp_STARTTLS(self, arg: str | None) -> None:
-        assert self.tsession is not None
-        if self.tsession.tls is not None:
-            await self._reply(Reply(503, "5.5.1", "TLS already active"))
-            return
-        await super().smtp_STARTTLS(arg)
-        session: Session = self.tsession  # connection_made set .tls during the handshake
-        if session.tls is not None:
-            try:
-                await self.state.hooks.smtp_starttls(session)
-            except PluginError:
-                pass
+    async def starttls(self, arg: str) -> None:
+        assert self.session is not None
+        if self.tls is None:
+            return self.reply(Reply(502, "5.5.1", "STARTTLS not available"))
+        if self.session.tls is not None:
+            return self.reply(Reply(503, "5.5.1", "TLS already active"))
+        if arg.strip():
+            return self.reply(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+        self.write(b"220 2.0.0 Ready to start TLS\r\n")
+        if self.discard_input():  # RFC 3207 5: nothing sent before the handshake counts
+            log.info("session %s: discarded commands pipelined before the TLS handshake",
+                     self.session.id)
+        if not await self._handshake():
+            raise Closed("handshake failed")
+        self.session.helo, self.session.esmtp, self.envelope = None, False, None
+        await self._call(self.hooks.smtp_starttls(self.session))
+
+    async def auth(self, arg: str) -> None:
+        assert self.session is not None
+        session = self.session
+        if session.helo is None or not session.esmtp:
+            return self.reply(Reply(503, "5.5.1", "AUTH needs EHLO"))
+        if session.tls is None:
+            return self.reply(R.ENCRYPTION_REQUIRED)
+        if session.authenticated:
+            return self.reply(Reply(503, "5.5.1", "Already authenticated"))
+        if self.envelope is not None:
+            return self.reply(Reply(503, "5.5.1", "AUTH not permitted during a transaction"))
+        start = time.perf_counter()
+        reply, login = await authenticate(self, session, arg)
+        await self._verdict("auth", reply, None, login, start)
+        self.reply(reply)
+
+    async def challenge(self, prompt: bytes) -> str | None:
+        """Send a ``334`` challenge and read the answer (None: cancelled with ``*``)."""
+        import base64
+
+        self.write(b"334 " + base64.b64encode(prompt) + b"\r\n")
+        line = await self.readline(min(self.loop.time() + self.settings.command_timeout,
+                                       self.session_end))
+        text = line.decode("ascii", "replace").strip()
+        return None if text == "*" else text
 
     # ---------------------------------------------------------------- transaction
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        m = _SIMPLE_ADDR.match(arg)
-        if m is not None:
-            return m.group(1) or "<>", m.group(2) or ""
-        return super()._getaddr(arg)
+    def postmaster_domain(self) -> str:
+        domains = self.state.runtime.context.domains
+        if domains.is_local(self.settings.hostname):
+            return domains.canonical(self.settings.hostname) or ""
+        return min(domains.all(), default="")
 
-    def _set_post_data_state(self) -> None:
-        super()._set_post_data_state()
-        self.tenvelope = Envelope()
-
-    async def _call_handler_hook(self, command: str, *args: Any) -> Any:  # noqa: ANN401
-        if command == "PROXY" and "PROXY" in self._handle_hooks:
-            return self._proxy(args[0])
-        if command == "MAIL":
-            return await self._mail(args[0], args[1])
-        if command == "RCPT":
-            return await self._rcpt(args[0], args[1])
-        if command == "DATA":
-            return await self._data()
-        return MISSING
-
-    async def _mail(self, address: str, options: list[str]) -> str:
-        assert self.tsession is not None
-        if address == "<>":
-            address = ""
-        queue = self.state.context.queue
-        if queue is not None and queue.full():  # early, so no body is sent for nothing
-            return str(R.QUEUE_FULL)
-        params = parse_params(options)
-        env = Envelope(mail_from=address, mail_params=params,
-                       smtputf8=bool(params.get("SMTPUTF8")))
+    async def mail(self, arg: str) -> None:
+        assert self.session is not None
+        session = self.session
+        if session.helo is None:
+            return self.reply(Reply(503, "5.5.1", "Send HELO or EHLO first"))
+        if self.envelope is not None:
+            return self.reply(Reply(503, "5.5.1", "Nested MAIL command"))
+        if self.listener.kind != "smtp" and not session.authenticated:
+            return self.reply(R.AUTH_REQUIRED)
+        if arg[:5].upper() != "FROM:":
+            return self.reply(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+        start = time.perf_counter()
         try:
-            verdict = await self.state.hooks.smtp_mail_from(self.tsession, env, address, params)
-        except PluginError:
-            return str(R.PLUGIN_FAILED)
-        if verdict is not None and not verdict.is_positive:
-            return str(verdict)
-        self.tenvelope = env
-        assert self.envelope is not None
-        self.envelope.mail_from = address or "<>"
-        self.envelope.mail_options.extend(options)
-        return str(verdict or R.SENDER_OK)
-
-    async def _rcpt(self, address: str, options: list[str]) -> str:
-        assert self.tsession is not None
-        if address in ("", "<>"):  # the null path is a sender, never a recipient
-            return str(Reply(501, "5.1.3", "Bad recipient address syntax"))
-        if len(self.tenvelope.rcpt_to) >= self.settings.max_recipients:
-            return str(R.TOO_MANY_RECIPIENTS)
-        params = parse_params(options)
+            path = parse_path(arg[5:], sender=True)
+            self._check_mail_params(path.params)
+        except PathError as exc:
+            await self._verdict("mail", exc.reply, None, arg[5:].strip()[:256], start)
+            return self.reply(exc.reply)
+        if self.state.runtime.store.full():  # early, so no body is sent for nothing
+            await self._verdict("mail", R.QUEUE_FULL, None, path.address, start)
+            return self.reply(R.QUEUE_FULL)
+        env = Envelope(mail_from=path.address, mail_params=path.params,
+                       smtputf8=path.params.get("SMTPUTF8") is True)
         try:
-            verdict = await self.state.hooks.smtp_rcpt_to(self.tsession, self.tenvelope,
-                                                          address, params)
-        except PluginError:
-            return str(R.PLUGIN_FAILED)
+            verdict, plugin = await self.hooks.smtp_mail_from(session, env, path.address,
+                                                              path.params)
+        except PluginError as exc:
+            verdict, plugin = R.PLUGIN_FAILED, exc.plugin
+        reply = verdict or R.SENDER_OK
+        if reply.is_positive:
+            self.envelope = env
+        await self._verdict("mail", reply, plugin, path.address, start)
+        self.reply(reply)
+
+    def _check_mail_params(self, params: dict[str, str | bool]) -> None:
+        for name, value in params.items():
+            if name == "SIZE":
+                if not isinstance(value, str) or not value.isdigit():
+                    raise PathError(Reply(501, "5.5.4", "Syntax: SIZE=<bytes>"))
+                if int(value) > self.settings.max_message_size:
+                    raise PathError(R.MESSAGE_TOO_BIG)
+            elif name == "BODY":
+                if not isinstance(value, str) or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise PathError(Reply(555, "5.5.4", "BODY must be 7BIT or 8BITMIME"))
+            elif name == "SMTPUTF8":
+                if value is not True:
+                    raise PathError(Reply(555, "5.5.4", "SMTPUTF8 takes no value"))
+            elif name == "RET":
+                if not isinstance(value, str) or value.upper() not in ("FULL", "HDRS"):
+                    raise PathError(Reply(501, "5.5.4", "RET must be FULL or HDRS"))
+            elif name == "ENVID":
+                if not isinstance(value, str) or not _ENVID.match(value):
+                    raise PathError(Reply(501, "5.5.4", "Syntax: ENVID=<xtext>"))
+            elif name != "AUTH":  # RFC 4954 5: AUTH=<mailbox> is accepted and not trusted
+                raise PathError(Reply(555, "5.5.4", f"Unsupported parameter {name}"))
+
+    async def rcpt(self, arg: str) -> None:
+        assert self.session is not None
+        session, env = self.session, self.envelope
+        if self.listener.kind != "smtp" and not session.authenticated:
+            return self.reply(R.AUTH_REQUIRED)
+        if env is None:
+            return self.reply(Reply(503, "5.5.1", "Need MAIL before RCPT"))
+        if arg[:3].upper() != "TO:":
+            return self.reply(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+        start = time.perf_counter()
+        try:
+            path = parse_path(arg[3:], sender=False, postmaster_domain=self.postmaster_domain(),
+                              smtputf8=env.smtputf8)
+            self._check_rcpt_params(path.params)
+            _, domain = split_address(path.address)
+            if is_literal(domain) and not self.state.runtime.context.is_local_domain(domain):
+                raise PathError(Reply(550, "5.1.2", "Address literals are not accepted here"))
+        except PathError as exc:
+            await self._verdict("rcpt", exc.reply, None, arg[3:].strip()[:256], start)
+            return self._refuse_rcpt(exc.reply)
+        if len(env.rcpt_to) >= self.settings.max_recipients:
+            await self._verdict("rcpt", R.TOO_MANY_RECIPIENTS, None, path.address, start)
+            return self.reply(R.TOO_MANY_RECIPIENTS)
+        try:
+            verdict, plugin = await self.hooks.smtp_rcpt_to(session, env, path.address,
+                                                            path.params)
+        except PluginError as exc:
+            verdict, plugin = R.PLUGIN_FAILED, exc.plugin
         if verdict is None:
             verdict = R.UNKNOWN_RECIPIENT  # fail closed: nobody accepted it
+        await self._verdict("rcpt", verdict, plugin, path.address, start)
         if verdict.is_positive:
-            self.tenvelope.rcpt_to.append(address)
-            assert self.envelope is not None
-            self.envelope.rcpt_tos.append(address)
-        return str(verdict)
+            env.rcpt_to.append(path.address)
+            env.rcpt_params.append(path.params)
+            return self.reply(verdict)
+        self._refuse_rcpt(verdict)
 
-    async def _data(self) -> str:
-        assert self.tsession is not None
-        session, env = self.tsession, self.tenvelope
-        assert self.envelope is not None and self.envelope.original_content is not None
-        message = Message(bytes(self.envelope.original_content))
-        queue_id: str | None = None
-        self.in_data = True
-        try:
-            reply = await self._accept(session, env, message)
-            if reply.is_positive:
-                queue_id = reply.text.rpartition(" ")[2]
-        finally:
-            self.in_data = False
-        log.info("session=%s qid=%s from=<%s> to=%s peer=%s helo=%s tls=%s auth=%s size=%d "
-                 "reply=%r", session.id, queue_id or "-", env.mail_from,
-                 ",".join(f"<{r}>" for r in env.rcpt_to), session.peer_host,
-                 session.helo, session.tls.version if session.tls else "no",
-                 session.auth_user or "-", len(message.data), str(reply))
-        try:
-            await self.state.hooks.smtp_transaction_done(session, env, reply, queue_id)
-        except PluginError:
-            pass
-        return str(reply)
+    def _refuse_rcpt(self, reply: Reply) -> None:
+        self.refused_rcpts += 1
+        self.reply(reply)
+        if reply.code >= 500 and self.refused_rcpts <= self.settings.free_refused_recipients:
+            self.errors -= 1
 
-    async def _accept(self, session: Session, env: Envelope, message: Message) -> Reply:
+    def _check_rcpt_params(self, params: dict[str, str | bool]) -> None:
+        for name, value in params.items():
+            if name == "NOTIFY":
+                if not isinstance(value, str) or not _NOTIFY.match(value):
+                    raise PathError(Reply(501, "5.5.4", "NOTIFY must be NEVER or "
+                                                        "SUCCESS,FAILURE,DELAY"))
+            elif name == "ORCPT":
+                if not isinstance(value, str) or not _ORCPT.match(value):
+                    raise PathError(Reply(501, "5.5.4", "Syntax: ORCPT=addr-type;xtext"))
+            else:
+                raise PathError(Reply(555, "5.5.4", f"Unsupported parameter {name}"))
+
+    async def data(self, arg: str) -> None:
+        assert self.session is not None
+        session, env = self.session, self.envelope
+        if arg.strip():
+            return self.reply(Reply(501, "5.5.4", "Syntax: DATA"))
+        if self.listener.kind != "smtp" and not session.authenticated:
+            return self.reply(R.AUTH_REQUIRED)
+        if env is None:
+            return self.reply(Reply(503, "5.5.1", "Need MAIL before DATA"))
+        if not env.rcpt_to:
+            return self.reply(Reply(554, "5.5.1", "No valid recipients"))
+        settings = self.settings
+        self.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        limit = settings.max_message_size
+        span = max(settings.data_timeout, limit / settings.min_data_rate
+                   if settings.min_data_rate else 0.0)
         try:
-            verdict = await self.state.hooks.smtp_data(session, env, message)
-        except PluginError:
-            return R.PLUGIN_FAILED
+            result = await self.read_data(limit, self.loop.time() + span,
+                                          settings.min_data_rate)
+        except Closed as exc:
+            if str(exc) == "too slow":
+                self.expired = "too slow a transfer"
+                self.write(b"421 4.4.2 Transfer too slow, closing connection\r\n")
+            raise
+        self.envelope = None
+        start = time.perf_counter()
+        if result.message is None:
+            reply = R.MESSAGE_TOO_BIG if result.too_big else R.LINE_TOO_LONG
+            queue_id, plugin = None, None
+        else:
+            reply, queue_id, plugin = await self._accept(session, env, Message(result.message))
+        await self._verdict("data", reply, plugin, "", start)
+        self._log_transaction(session, env, reply, queue_id, result.size)
+        await self._call(self.hooks.smtp_transaction_done(session, env, reply, queue_id))
+        self.reply(reply)
+
+    async def _accept(self, session: Session, env: Envelope,
+                      message: Message) -> tuple[Reply, str | None, str | None]:
+        """Ask smtp_data, add the trace headers, queue: (reply, queue ID, deciding plugin)."""
+        try:
+            verdict, plugin = await self.hooks.smtp_data(session, env, message)
+        except PluginError as exc:
+            return R.PLUGIN_FAILED, None, exc.plugin
         if verdict is not None and not verdict.is_positive:
-            return verdict
-        queue = self.state.context.queue
-        assert queue is not None
-        headers = [*message.added_headers]
-        data = b"".join(
-            f"{name}: {value}\r\n".encode() for name, value in headers
-        )
-        queue_id = queue.new_id()
-        data = received_header(session, env, self.hostname, queue_id) + data + message.data
+            return verdict, None, plugin
+        runtime = self.state.runtime
+        hostname = self.settings.hostname
+        queue_id = runtime.store.new_id()
+        top = received_header(session, env, hostname, queue_id)
+        found = results(env)
+        if found:
+            top += f"Authentication-Results: {header_value(hostname, found)}\r\n".encode(
+                "utf-8", "replace")
+        top += b"".join(f"{n}: {v}\r\n".encode("utf-8", "surrogateescape")
+                        for n, v in message.added_headers)
+        body = strip_own(message.data, hostname)
         try:
-            item = await queue.submit(
-                item_id=queue_id, mail_from=env.mail_from, recipients=env.rcpt_to, data=data,
-                envelope=env,
-                auth_user=session.auth_user, peer=session.peer_host, helo=session.helo or "",
-            )
+            item = await self.intake.submit(Submission(
+                mail_from=env.mail_from, recipients=env.rcpt_to, data=top + body,
+                envelope=env, auth_user=session.auth_user, peer=session.peer_host,
+                helo=session.helo or "", item_id=queue_id))
         except QueueFull:
-            return R.QUEUE_FULL
-        except PluginError:
-            return R.PLUGIN_FAILED
+            return R.QUEUE_FULL, None, None
+        except PluginError as exc:
+            return R.PLUGIN_FAILED, None, exc.plugin
         except (QueueError, OSError) as exc:
-            log.error("session %s: could not queue message: %s", session.id, exc)
-            return R.QUEUE_WRITE_FAILED
-        return Reply(250, "2.0.0", f"Queued as {item.id}")
+            log.error("session %s: could not queue the message: %s", session.id, exc)
+            return R.QUEUE_WRITE_FAILED, None, None
+        return Reply(250, "2.0.0", f"Queued as {item.id}"), item.id, None
+
+    def _log_transaction(self, session: Session, env: Envelope, reply: Reply,
+                         queue_id: str | None, size: int) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info("session=%s qid=%s from=<%s> to=%s peer=%s tls=%s auth=%s size=%d "
+                     "reply=%r", session.id, queue_id or "-", env.mail_from,
+                     ",".join(f"<{r}>" for r in env.rcpt_to), session.peer_host,
+                     session.tls.version if session.tls else "no", session.auth_user or "-",
+                     size, str(reply))
+
+    # ---------------------------------------------------------------- the rest
+
+    async def rset(self, arg: str) -> None:
+        if arg.strip():
+            return self.reply(Reply(501, "5.5.4", "Syntax: RSET"))
+        self.envelope = None
+        self.reply(R.OK)
+
+    async def noop(self, arg: str) -> None:
+        self.reply(R.OK)
+
+    async def quit(self, arg: str) -> None:
+        self.write(b"221 2.0.0 Bye\r\n")
+        self.close()
+        raise Closed("quit")
+
+    async def vrfy(self, arg: str) -> None:
+        if not arg.strip():
+            return self.reply(Reply(501, "5.5.4", "Syntax: VRFY <address>"))
+        self.reply(Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and "
+                                       "attempt delivery"))
+
+    async def expn(self, arg: str) -> None:
+        self.reply(Reply(502, "5.5.1", "EXPN not available"))
+
+    async def help(self, arg: str) -> None:
+        assert self.session is not None
+        commands = ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "HELP",
+                    "QUIT"]
+        if self.tls is not None and self.session.tls is None:
+            commands.append("STARTTLS")
+        if self.session.tls is not None and not self.session.authenticated:
+            commands.append("AUTH")
+        self.reply(Reply(214, "2.0.0", "Commands: " + " ".join(commands)))
 
 
-def _tls_info(transport: asyncio.BaseTransport) -> TlsInfo:
+def tls_info(transport: Any) -> TlsInfo:  # noqa: ANN401 - an asyncio or uvloop transport
     sslobj = transport.get_extra_info("ssl_object")
     cipher = transport.get_extra_info("cipher") or ("", "", 0)
     version = sslobj.version() if sslobj is not None else ""
     name = getattr(sslobj, "_tampu_sni", None) if sslobj is not None else None
     return TlsInfo(version=version or "", cipher=cipher[0] or "", server_name=name)
-

@@ -1,8 +1,7 @@
-"""SMTP AUTH (PLAIN, LOGIN) for tampu's SMTP protocol, through the ``smtp_auth`` hook.
+"""SMTP AUTH (RFC 4954): the PLAIN and LOGIN exchanges, then the ``smtp_auth`` hook.
 
-aiosmtpd's own AUTH refuses to run on an implicit-TLS listener (it only knows STARTTLS) and
-checks credentials synchronously; this mixin replaces it: AUTH is offered and accepted once the
-session is encrypted, by either means, and plugins decide.
+AUTH is offered and accepted only once the session is encrypted (STARTTLS or an implicit-TLS
+listener); plugins decide whether the credentials are good.
 """
 
 from __future__ import annotations
@@ -12,112 +11,80 @@ import binascii
 import logging
 from typing import TYPE_CHECKING
 
-from aiosmtpd.smtp import MISSING, SMTP, syntax
-
 from tampu import reply as R
-from tampu.envelope import AuthResult, Envelope, Session
+from tampu.envelope import AuthResult, Session
 from tampu.errors import PluginError
 from tampu.reply import Reply
 
 if TYPE_CHECKING:
-    from tampu.server import ServerState
+    from tampu.smtp import SmtpSession
 
 log = logging.getLogger("tampu.smtp")
 
+CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
 
-class AuthMixin(SMTP):
-    """``smtp_AUTH`` and the PLAIN/LOGIN exchanges; mixed into TampuSMTP."""
 
-    state: ServerState
-    tsession: Session | None
-    tenvelope: Envelope
+def _decode(text: str | None) -> bytes | Reply:
+    if text is None:
+        return CANCELLED
+    try:
+        return base64.b64decode(text.encode("ascii", "replace"), validate=True)
+    except (binascii.Error, ValueError):
+        return BAD_BASE64
 
-    async def _reply(self, reply: Reply) -> None:
-        await self.push(str(reply))
 
-    @syntax("AUTH <mechanism>")
-    async def smtp_AUTH(self, arg: str | None) -> None:
-        assert self.tsession is not None
-        if await self.check_helo_needed("EHLO"):
-            return
-        if not self.tsession.esmtp:
-            await self._reply(Reply(503, "5.5.1", "AUTH needs EHLO"))
-            return
-        if self.tsession.tls is None:
-            await self._reply(R.ENCRYPTION_REQUIRED)
-            return
-        if self.tsession.authenticated:
-            await self._reply(Reply(503, "5.5.1", "Already authenticated"))
-            return
-        assert self.session is not None and self.envelope is not None
-        if self.tenvelope.mail_from or self.envelope.mail_from:
-            await self._reply(Reply(503, "5.5.1", "AUTH not permitted during a transaction"))
-            return
-        args = (arg or "").split()
-        if not args or len(args) > 2:
-            await self._reply(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
-            return
-        mechanism = args[0].upper()
-        if mechanism == "PLAIN":
-            creds = await self._auth_plain(args)
-        elif mechanism == "LOGIN":
-            creds = await self._auth_login(args)
-        else:
-            await self._reply(Reply(504, "5.5.4", "Unrecognized authentication mechanism"))
-            return
-        if creds is None:
-            return
-        login, password = creds
-        try:
-            result = await self.state.hooks.smtp_auth(self.tsession, mechanism, login, password)
-        except PluginError:
-            await self.state.hooks.smtp_auth_result(self.tsession, login, False, "plugin error")
-            await self._reply(R.AUTH_TEMPFAIL)
-            return
-        if isinstance(result, AuthResult) and result.success:
-            self.tsession.auth_user = result.user or login
-            self.session.authenticated = True
-            log.info("session %s: authenticated as %s", self.tsession.id,
-                     self.tsession.auth_user)
-            await self.state.hooks.smtp_auth_result(self.tsession, login, True, result.reason)
-            await self._reply(R.AUTH_OK)
-            return
-        reason = result.reason if isinstance(result, AuthResult) else "no plugin answered"
-        log.info("session %s: AUTH failed for %r from %s (%s)", self.tsession.id, login,
-                 self.tsession.peer_host, reason)
-        await self.state.hooks.smtp_auth_result(self.tsession, login, False, reason)
-        await self._reply(R.AUTH_INVALID)
-
-    async def _challenge(self, prompt: bytes) -> bytes | None:
-        got = await self.challenge_auth(prompt)
-        return None if got is MISSING else bytes(got)
-
-    async def _decode(self, b64: str) -> bytes | None:
-        try:
-            return base64.b64decode(b64.encode(), validate=True)
-        except (binascii.Error, ValueError):
-            await self._reply(Reply(501, "5.5.2", "Cannot decode base64"))
-            return None
-
-    async def _auth_plain(self, args: list[str]) -> tuple[str, str] | None:
-        blob = await (self._decode(args[1]) if len(args) == 2 else self._challenge(b""))
-        if blob is None:
-            return None
+async def credentials(conn: SmtpSession, mechanism: str,
+                      initial: str | None) -> tuple[str, str] | Reply:
+    """(login, password) from the client, or the reply that ends the exchange."""
+    if mechanism == "PLAIN":
+        blob = _decode(initial if initial is not None else await conn.challenge(b""))
+        if isinstance(blob, Reply):
+            return blob
         parts = blob.split(b"\0")
         if len(parts) != 3:
-            await self._reply(Reply(501, "5.5.2", "Cannot split AUTH PLAIN response"))
-            return None
+            return Reply(501, "5.5.2", "Cannot split AUTH PLAIN response")
         authz, login, password = (p.decode("utf-8", "replace") for p in parts)
         if authz and authz != login:
-            await self._reply(Reply(535, "5.7.8", "Authorization identity must match login"))
-            return None
+            return Reply(535, "5.7.8", "Authorization identity must match login")
         return login, password
+    name = _decode(initial if initial is not None else await conn.challenge(b"Username:"))
+    if isinstance(name, Reply):
+        return name
+    secret = _decode(await conn.challenge(b"Password:"))
+    if isinstance(secret, Reply):
+        return secret
+    return name.decode("utf-8", "replace"), secret.decode("utf-8", "replace")
 
-    async def _auth_login(self, args: list[str]) -> tuple[str, str] | None:
-        user = await (self._decode(args[1]) if len(args) == 2 else self._challenge(b"Username:"))
-        if user is None:
-            return None
-        password = await self._challenge(b"Password:")
-        if password is None:
-            return None
-        return user.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+
+async def authenticate(conn: SmtpSession, session: Session, arg: str) -> tuple[Reply, str]:
+    """Run one AUTH command: (the reply to send, the login tried)."""
+    args = arg.split()
+    if not args or len(args) > 2:
+        return Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"), ""
+    mechanism = args[0].upper()
+    if mechanism not in ("PLAIN", "LOGIN"):
+        return Reply(504, "5.5.4", "Unrecognized authentication mechanism"), ""
+    initial = args[1] if len(args) == 2 else None
+    if initial == "=":
+        initial = ""  # RFC 4954 4: an empty initial response
+    got = await credentials(conn, mechanism, initial)
+    if isinstance(got, Reply):
+        return got, ""
+    login, password = got
+    hooks = conn.state.runtime.hooks
+    try:
+        result, _plugin = await hooks.smtp_auth(session, mechanism, login, password)
+    except PluginError:
+        await hooks.smtp_auth_result(session, login, False, "plugin error")
+        return R.AUTH_TEMPFAIL, login
+    if isinstance(result, AuthResult) and result.success:
+        session.auth_user = result.user or login
+        log.info("session %s: authenticated as %s", session.id, session.auth_user)
+        await hooks.smtp_auth_result(session, login, True, result.reason)
+        return R.AUTH_OK, login
+    reason = result.reason if isinstance(result, AuthResult) else "no plugin answered"
+    log.info("session %s: AUTH failed for %r from %s (%s)", session.id, login,
+             session.peer_host, reason)
+    await hooks.smtp_auth_result(session, login, False, reason)
+    return R.AUTH_INVALID, login

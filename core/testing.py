@@ -46,7 +46,8 @@ def server_toml(*, hostname: str = "localhost", domains: tuple[str, ...] = (LOCA
         [server]
         hostname = "{hostname}"
         local_domains = {json.dumps(list(domains))}
-        idle_timeout = 30
+        command_timeout = 30
+        max_errors = 50
         plugin_timeout = 5
         shutdown_timeout = 2
         retry_schedule = [1.0]
@@ -55,11 +56,34 @@ def server_toml(*, hostname: str = "localhost", domains: tuple[str, ...] = (LOCA
         """) + listeners + enabled
 
 
+_DEFAULT_CA: list[Any] = []
+
+
+def default_ca() -> Any:  # noqa: ANN401 - a trustme.CA
+    """The CA of the test kit's certificates when a test does not bring its own."""
+    if not _DEFAULT_CA:
+        import trustme
+
+        _DEFAULT_CA.append(trustme.CA())
+    return _DEFAULT_CA[0]
+
+
+def runtime_for(config: Any) -> Any:  # noqa: ANN401 - a Config and a Runtime
+    """The validated runtime of ``config`` (what ``tampu check`` builds), for tests."""
+    from tampu.runtime import build_runtime
+    from tampu.store_files import FilesystemStore
+
+    return build_runtime(config, FilesystemStore(config.data_dir / "queue",
+                                                 config.server.max_queue_items))
+
+
 def make_config_dir(root: Path, *, conf: dict[str, str] | None = None,
                     users: dict[str, str] | None = None, ca: Any = None,
                     base: str | None = None) -> Path:
-    """Write a configuration directory: conf.d, domains/<d>/users, certs/localhost."""
-    from tampu.plugins.auth.userdb import UserDB, hash_password
+    """Write a configuration directory: conf.d, domains/<d>/users, certs/localhost (issued
+    by ``ca``, or by the kit's own CA)."""
+    ca = ca if ca is not None else default_ca()
+    from tampu.users import UserRecord, hash_password, write_users_file
 
     root.mkdir(parents=True, exist_ok=True)
     confd = root / "conf.d"
@@ -68,13 +92,14 @@ def make_config_dir(root: Path, *, conf: dict[str, str] | None = None,
     for name, text in (conf or {}).items():
         (confd / name).write_text(textwrap.dedent(text))
     (root / "domains" / LOCAL_DOMAIN).mkdir(parents=True, exist_ok=True)
-    by_domain: dict[str, dict[str, str]] = {}
+    by_domain: dict[str, dict[str, UserRecord]] = {}
     for address, password in (users or {}).items():
         user, _, domain = address.rpartition("@")
-        by_domain.setdefault(domain, {})[user] = hash_password(password, log_n=10)
+        by_domain.setdefault(domain, {})[user] = UserRecord(user, hash_password(password,
+                                                                                 log_n=10))
     for domain, entries in by_domain.items():
-        UserDB(root / "domains" / domain / "users").write(entries)
-    if ca is not None:
+        write_users_file(root / "domains" / domain / "users", entries, "tampu")
+    if not (root / "certs" / "localhost").exists():
         cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
         certdir = root / "certs" / "localhost"
         certdir.mkdir(parents=True, exist_ok=True)
@@ -115,11 +140,22 @@ class RunningServer:
                             local_hostname="client.test")
 
     @property
+    def store(self) -> Any:  # noqa: ANN401 - the server's QueueStore (FilesystemStore here)
+        return self.server.runtime.store
+
+    @property
     def queue_dir(self) -> Path:
-        return self.server.queue.dir
+        return self.config_dir_data / "queue"
+
+    @property
+    def config_dir_data(self) -> Path:
+        return self.server.config.data_dir
 
     def queue_items(self) -> list[str]:
-        return self.server.queue.ids()
+        """IDs of the items in the queue (read from the queue directory)."""
+        from tampu.store_files import FilesystemStore
+
+        return FilesystemStore(self.queue_dir, 1).ids_now()
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""

@@ -15,8 +15,17 @@ log = logging.getLogger("tampu.tls")
 def _context(fullchain: Path, privkey: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No session tickets: chasquid 1.15.1 turned them off after Microsoft's servers failed
+    # to deliver with them; a mail server gains little from resumption.
+    ctx.options |= ssl.OP_NO_TICKET
     ctx.load_cert_chain(fullchain, privkey)
     return ctx
+
+
+def is_handshake_noise(exc: BaseException | None) -> bool:
+    """A TLS error caused by the peer (aborted or failed handshake), not by tampu."""
+    return isinstance(exc, ssl.SSLError | ConnectionResetError | BrokenPipeError |
+                      ConnectionAbortedError | TimeoutError)
 
 
 def load_certificates(certs_dir: Path) -> dict[str, ssl.SSLContext]:
@@ -57,6 +66,22 @@ def server_context(contexts: dict[str, ssl.SSLContext], hostname: str) -> ssl.SS
 
     default.sni_callback = pick
     return default
+
+
+def ensure_self_signed(directory: Path, hostname: str) -> None:
+    """Make the self-signed certificate once: before reception workers fork, and written
+    atomically (a folder renamed into place), so that no process sees half of it."""
+    if (directory / hostname / "fullchain.pem").exists():
+        return
+    import tempfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
+        made = make_self_signed(Path(tmp), hostname)
+        try:
+            made.rename(directory / hostname)
+        except OSError:  # another process made it meanwhile: keep theirs
+            pass
 
 
 def make_self_signed(directory: Path, hostname: str) -> Path:

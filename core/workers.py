@@ -16,6 +16,7 @@ import signal
 from typing import TYPE_CHECKING
 
 from tampu.config import Config
+from tampu.item import QueueItem
 
 if TYPE_CHECKING:
     from tampu.server import Server
@@ -71,14 +72,14 @@ def _worker_main(config: Config, wfd: int, index: int) -> int:
         server = Server(config, deliver=False)
         server.bind(reuse_port=True)
 
-        def notify(item: object) -> None:
+        def notify(item: QueueItem, _message: bytes) -> None:
             try:
-                os.write(wfd, f"{getattr(item, 'id', '')}\n".encode())
+                os.write(wfd, f"{item.id}\n".encode())
             except BrokenPipeError:  # the main process is gone: the item waits for its start
                 log.error("worker %d: the main process is gone; stopping", index)
                 server.request_stop()
 
-        server.queue.listeners.append(notify)
+        server.intake.schedulers.append(notify)
         await server.serve()
 
     log.info("reception worker %d started (pid %d)", index, os.getpid())
@@ -106,7 +107,7 @@ def attach_main(server: Server, pids: list[int], rfd: int | None) -> None:
         buffer[:] = rest
         if server.runner is not None:
             for qid in lines:
-                server.runner.schedule_id(qid.decode())
+                server.state.spawn(server.runner.schedule_id(qid.decode()))
 
     os.set_blocking(rfd, False)
     loop.add_reader(rfd, readable)

@@ -44,7 +44,7 @@ class Recorder:
 
     def __init__(self, outcomes: dict[str, Any] | None = None, *,
                  retry_delay: float | None = None, accept_rcpt: bool = True,
-                 default: Any = "sent") -> None:
+                 default: Any = "sent", block: threading.Event | None = None) -> None:
         self.outcomes = dict(outcomes or {})
         self.default = default
         """Outcome of unlisted addresses: "sent", or None to leave them to other backends."""
@@ -56,6 +56,9 @@ class Recorder:
         self.enqueued: list[QueueItem] = []
         self.done: list[str] = []
         self.gave_up: list[tuple[str, list[str]]] = []
+        self.block = block
+        """While set and not yet released, each attempt waits for it (an attempt in flight)."""
+        self.blocked = False
 
     # ---------------------------------------------------------------- hooks
 
@@ -69,8 +72,22 @@ class Recorder:
             self.enqueued.append(item)
 
     @hookimpl
-    def deliver(self, item: QueueItem, recipient: Recipient,
-                message: bytes) -> DeliveryResult | None:
+    def deliver(self, item: QueueItem, recipient: Recipient, message: bytes) -> Any:
+        if self.block is not None and not self.block.is_set():
+            return self._gated(item, recipient, message)
+        return self._deliver(item, recipient, message)
+
+    async def _gated(self, item: QueueItem, recipient: Recipient,
+                     message: bytes) -> DeliveryResult | None:
+        import asyncio
+
+        assert self.block is not None
+        self.blocked = True
+        await asyncio.to_thread(self.block.wait, 10)
+        return self._deliver(item, recipient, message)
+
+    def _deliver(self, item: QueueItem, recipient: Recipient,
+                 message: bytes) -> DeliveryResult | None:
         outcome = self.outcomes.get(recipient.address, self.default)
         if isinstance(outcome, BaseException):
             with self.lock:

@@ -154,7 +154,7 @@ def test_webhook_delivers_over_http(webhook_installed, sink, tampu_server):
         by_rcpt.setdefault(headers["X-Tampu-Rcpt-To"], []).append(body)
     assert sorted(by_rcpt) == ["busy@hook.test", "gone@hook.test", "user@hook.test"]
     body = by_rcpt["user@hook.test"][0]
-    assert body.startswith(b"Received: from client.test")  # the message as queued
+    assert body.startswith(b"Received: from [127.0.0.1] (client.test)")  # as queued
     assert b"Subject: via http\r\n" in body and body.endswith(b"\r\nHello over HTTP\r\n")
     assert len(by_rcpt["busy@hook.test"]) == 2  # 503 -> temporary, retried, then 200
     assert len(by_rcpt["gone@hook.test"]) == 1  # 404 -> permanent, not retried

@@ -10,7 +10,9 @@
     *: pepe                           # catch-all, for unknown users
     *: *@other.example                # '*' on the right: the original user
 
-Later lines override earlier ones; user names are lower-cased; UTF-8. Drop characters are
+Later lines override earlier ones; users and domains are normalized as everywhere in tampu
+(:mod:`tampu.addresses`: case-mapped users, canonical IDNA 2008 domains); UTF-8. A ``#``
+after white space starts a comment that runs to the end of the line. Drop characters are
 removed from the left side up to the first suffix separator (the suffix is kept, so
 ``juana.perez+fruta`` has its own alias). Any malformed line makes the whole file invalid,
 with its line number in the error.
@@ -18,9 +20,11 @@ with its line number in the error.
 
 from __future__ import annotations
 
-import unicodedata
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from tampu.addresses import AddressError, lookup_key, normalize_address, normalize_domain
 
 
 class Kind(StrEnum):
@@ -44,20 +48,11 @@ class AliasesError(Exception):
     """A malformed aliases file or hook output."""
 
 
-def normalize_user(user: str) -> str:
-    """chasquid's user normalisation, approximately: NFC, lower case."""
-    return unicodedata.normalize("NFC", user).lower()
-
-
-def normalize_address(address: str) -> str:
-    user, at, domain = address.rpartition("@")
-    if not at:
-        return normalize_user(address)
-    return f"{normalize_user(user)}@{unicodedata.normalize('NFC', domain).lower()}"
+_COMMENT = re.compile(r"\s#.*$")
 
 
 def remove_drop_characters(address: str, drop: str, separators: str) -> str:
-    """Drop characters removed from the user up to the first suffix separator; lower-cased."""
+    """Drop characters removed from the user up to the first suffix separator; normalized."""
     user, _, domain = address.rpartition("@")
     cut = next((i for i, c in enumerate(user) if c in separators), len(user))
     head = "".join(c for c in user[:cut] if c not in drop)
@@ -67,9 +62,7 @@ def remove_drop_characters(address: str, drop: str, separators: str) -> str:
 def remove_drops_and_suffix(address: str, drop: str, separators: str) -> str:
     """The clean form: suffix (from the first separator on) and drop characters removed."""
     user, _, domain = address.rpartition("@")
-    cut = next((i for i, c in enumerate(user) if c in separators), len(user))
-    head = "".join(c for c in user[:cut] if c not in drop)
-    return normalize_address(f"{head}@{domain}")
+    return f"{lookup_key(user, separators, drop)}@{normalize_domain(domain)}"
 
 
 def parse_rhs(raw: str, domain: str) -> list[Target]:
@@ -99,7 +92,10 @@ def parse_rhs(raw: str, domain: str) -> list[Target]:
         user, _, dom = part.rpartition("@")
         if not user or not dom:
             raise AliasesError(f"invalid address {part!r}")
-        targets.append(Target(kind, normalize_address(part), via))
+        try:
+            targets.append(Target(kind, normalize_address(part), via))
+        except AddressError as exc:
+            raise AliasesError(str(exc)) from None
     return targets
 
 
@@ -120,10 +116,10 @@ def _parse_via(raw: str) -> tuple[str, tuple[str, ...]]:
 def parse_aliases(text: str, domain: str, *, drop: str = ".",
                   separators: str = "+") -> dict[str, list[Target]]:
     """Parse one domain's aliases file: ``{lookup address: targets}``. Raises AliasesError."""
-    domain = domain.lower()
+    domain = normalize_domain(domain)
     aliases: dict[str, list[Target]] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
+        line = _COMMENT.sub("", line).strip()
         if not line or line.startswith("#"):
             continue
         lhs, colon, rhs = line.partition(":")

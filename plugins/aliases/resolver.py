@@ -11,9 +11,11 @@ to it. For a local address:
 4. each target: pipes and ``via`` forwards are final; a ``*`` user is replaced by the
    original user; an address is resolved again (remote addresses are final).
 
-Resolution fails (raises :class:`AliasesError`) past ``max_depth`` levels, or when a hook
-fails. An address met again among its own ancestors is not expanded again but kept as final
-(so ``pepe: pepe, jose`` keeps a copy for pepe, and ``a: b`` + ``b: a`` ends at ``a``).
+Resolution fails (raises :class:`AliasesError`, a temporary failure for the message) past
+``max_depth`` levels, when a hook fails, or at a cycle: an address met again among its own
+ancestors is final only if it is a real user (``pepe: pepe, jose`` keeps a copy for the user
+pepe); a cycle of aliases with no user in it (``a: b`` + ``b: a``) fails, as chasquid's
+recursion limit does, rather than delivering to a mailbox nobody owns.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +71,8 @@ class _File:
 class AliasFiles:
     """The ``aliases`` file of each domain folder, re-read when its mtime or size changes."""
 
-    domains_dir: Path
+    folder: Callable[[str], Path]
+    """The folder of a domain's files (tampu.users.Domains.folder)."""
     drop: str
     separators: str
     check_interval: float = 0.0
@@ -77,7 +80,21 @@ class AliasFiles:
     _stamps: dict[str, FileStamp] = field(default_factory=dict)
 
     def path(self, domain: str) -> Path:
-        return self.domains_dir / domain / "aliases"
+        return self.folder(domain) / "aliases"
+
+    def problems(self, domains: Iterable[str]) -> list[str]:
+        """Each aliases file that cannot be parsed, with file and line (``tampu check``)."""
+        out = []
+        for domain in sorted(domains):
+            path = self.path(domain)
+            if not path.exists():
+                continue
+            try:
+                parse_aliases(path.read_text(encoding="utf-8"), domain, drop=self.drop,
+                              separators=self.separators)
+            except (OSError, UnicodeDecodeError, AliasesError) as exc:
+                out.append(f"{path}: {exc}")
+        return out
 
     def get(self, domain: str, *, force: bool = False) -> dict[str, list[Target]]:
         """The parsed aliases of ``domain`` (blocking: stats and maybe reads the file)."""
@@ -245,8 +262,9 @@ class Resolver:
             return [Final(Kind.EMAIL, address, here)]
         clean = self._clean(address)
         if clean in {self._clean(p) for p in path}:
-            log.info("alias loop at %s (%s); kept as final", address, " -> ".join(here))
-            return [Final(Kind.EMAIL, address, here)]
+            if self.user_exists(clean.rpartition("@")[0], domain):
+                return [Final(Kind.EMAIL, address, here)]  # pepe: pepe, jose
+            raise AliasesError(f"alias loop without a user: {' -> '.join(here)}")
         targets = await self.lookup(address)
         if not targets and clean != address:
             targets = await self.lookup(clean)
@@ -271,24 +289,6 @@ class Resolver:
                 continue
             finals.extend(await self._resolve(value, here, depth + 1))
         return finals
-
-
-def user_exists_in(domains_dir: Path, drop: str, separators: str,
-                   check_interval: float = 0.0) -> Callable[[str, str], bool]:
-    """A ``user_exists(user, domain)`` over ``domains/<domain>/users`` (tampu's user files)."""
-    from tampu.plugins.auth.userdb import UserDirectory
-
-    directory = UserDirectory(domains_dir, check_interval)
-
-    def exists(user: str, domain: str) -> bool:
-        users = directory.db(domain).users()
-        if user.lower() in users:
-            return True
-        wanted = remove_drops_and_suffix(f"{user}@{domain}", drop, separators)
-        return any(remove_drops_and_suffix(f"{u}@{domain}", drop, separators) == wanted
-                   for u in users)
-
-    return exists
 
 
 def kill_group(proc: asyncio.subprocess.Process) -> None:

@@ -25,7 +25,6 @@ from tampu import (
     QueueItem,
     Recipient,
     hookimpl,
-    split_address,
 )
 from tampu.config import split_hostport
 from tampu.placeholders import check_placeholders, expand_placeholders
@@ -109,8 +108,8 @@ class LmtpPlugin:
         return self.ctx.server.is_local_mailbox(recipient, self.ctx.settings.domains)
 
     def lmtp_recipient(self, address: str) -> str:
-        user, domain = split_address(address)
-        values = {"user": self.ctx.server.normalize_user(user), "domain": domain,
+        user, domain = self.ctx.server.mailbox_of(address)
+        values = {"user": user, "domain": domain,
                   "address": address}
         return expand_placeholders(self.ctx.settings.recipient, values)
 

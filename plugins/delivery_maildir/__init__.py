@@ -32,7 +32,6 @@ from tampu import (
     Recipient,
     blocking,
     hookimpl,
-    split_address,
 )
 from tampu.files import fsync_dir
 from tampu.placeholders import check_placeholders, expand_placeholders
@@ -159,8 +158,7 @@ class MaildirPlugin:
 
     def maildir_for(self, address: str) -> Path | None:
         """The Maildir of a local ``address``, or None when its user part is unusable."""
-        user, domain = split_address(address)
-        user = self.ctx.server.normalize_user(user)
+        user, domain = self.ctx.server.mailbox_of(address)
         if not (safe_component(user) and safe_component(domain)):
             return None
         relative = expand_placeholders(self.ctx.settings.path, {"user": user, "domain": domain})

@@ -2,7 +2,7 @@
 
 Two kinds of recipients are claimed:
 
-* **pipe recipients** (route ``{"pipe": "command args"}``, set by the aliases plugin), in any
+* **pipe recipients** (``route.pipe``, set by the aliases plugin), in any
   domain: the command runs as ``/bin/sh -c command``;
 * **mailbox recipients** in a local domain (limited to ``domains`` when set) without a ``via``
   route: ``command`` runs with ``args``, where ``%from%``, ``%to_user%`` and the other
@@ -140,16 +140,15 @@ class MdaPlugin:
     @hookimpl
     async def deliver(self, item: QueueItem, recipient: Recipient,
                       message: bytes) -> DeliveryResult | None:
-        pipe = recipient.route.get("pipe")
+        pipe = recipient.route.pipe
         if pipe is None and not self.claims_mailbox(recipient):
             return None
-        raw_user, domain = split_address(recipient.address)
-        user = self.ctx.server.normalize_user(raw_user)
+        user, domain = self.ctx.server.mailbox_of(recipient.address)
         env = self.environment(item, recipient, user, domain)
         data = message.replace(b"\r\n", b"\n")
         timeout = self.timeout()
         if pipe is not None:
-            if not isinstance(pipe, str) or not pipe.strip():
+            if not pipe.strip():
                 return DeliveryResult.permanent(f"bad pipe route {pipe!r}", remote="pipe")
             argv = [SHELL, "-c", pipe]
             what, remote = "pipe command", "pipe"

@@ -1,10 +1,8 @@
 """``delivery_smtp``: deliver to remote domains over SMTP (MX lookup, opportunistic TLS).
 
-The ``deliver`` hook claims a recipient when its domain is not local, or when it carries a
-``{"via": [...]}`` route. A remote recipient is only sent when the item may leave the server
-(``item.trusted_origin``: an authenticated submitter, a DSN or a server-made forward) or the
-recipient is a forward (``route["forward"]``); anything else is refused permanently, so the
-queue is never an open relay.
+The ``deliver`` hook claims a recipient when its domain is not local, or when its route has
+``via`` hosts. Whether a remote recipient may leave at all is the core's decision (its relay
+guard runs before any backend), so this backend never decides relaying.
 
 For each attempt: the domain's MX hosts in preference order (random among equals; the domain's
 own A/AAAA when it has no MX; a null MX fails for good), each host's addresses in turn, until
@@ -34,6 +32,7 @@ from tampu import (
     domain_of,
     hookimpl,
 )
+from tampu.addresses import ascii_address
 from tampu.plugins.delivery_smtp.client import ClientConfig, Job, LevelCheck, NextHost, deliver_to
 from tampu.plugins.delivery_smtp.mx import Target, host_addresses, mx_hosts, parse_via
 from tampu.plugins.domaininfo.store import DOMAININFO_STORE, SecLevel
@@ -92,20 +91,15 @@ class DeliverySmtpPlugin:
     async def deliver(self, item: QueueItem, recipient: Recipient,
                       message: bytes) -> DeliveryResult | None:
         route = recipient.route
-        if "pipe" in route:
+        if route.pipe is not None:
             return None
         domain = domain_of(recipient.address)
-        via = route.get("via")
+        via = list(route.via)
         if not via and (not domain or self.ctx.server.is_local_domain(domain)):
             return None  # local: for a local delivery backend
-        if not via and not (item.trusted_origin or route.get("forward")):
-            self.ctx.log.warning("qid=%s to=<%s>: relaying denied (from <%s>, not "
-                                 "authenticated)", item.id, recipient.address, item.mail_from)
-            return DeliveryResult.permanent(
-                f"relaying denied: {domain} is not a local domain and the message was not "
-                "submitted by an authenticated user", enhanced="5.7.1")
-        job = Job(mail_from=str(route.get("mail_from") or item.mail_from),
-                  rcpt=recipient.address, message=message, smtputf8=item.smtputf8)
+        job = Job(mail_from=ascii_address(route.mail_from or item.mail_from),
+                  rcpt=ascii_address(recipient.address), message=message,
+                  smtputf8=item.smtputf8)
         try:
             async with asyncio.timeout(self.attempt_timeout):
                 return await self._deliver(item, job, domain, via)
@@ -123,7 +117,7 @@ class DeliverySmtpPlugin:
             except ValueError as exc:
                 return DeliveryResult.permanent(f"bad via route: {exc}", enhanced="5.3.5")
         else:
-            hosts = await mx_hosts(self.ctx.server.resolver(), domain)
+            hosts = await mx_hosts(self.ctx.server.dns, domain)
             if isinstance(hosts, DeliveryResult):
                 return hosts
             targets = [Target(host, port) for host in hosts]
@@ -132,7 +126,7 @@ class DeliverySmtpPlugin:
             # via hosts are checked under their own name; MX hosts under the domain's
             check = self._level_check(target.host if via else domain)
             try:
-                addresses = await host_addresses(self.ctx.server.resolver(), target.host)
+                addresses = await host_addresses(self.ctx.server.dns, target.host)
             except LookupError as exc:
                 last = DeliveryResult.temporary(str(exc.args[0]), enhanced="4.4.3",
                                                 remote=target.host)

@@ -5,17 +5,9 @@ from __future__ import annotations
 import ipaddress
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import dns.exception
-import dns.name
-import dns.rdatatype
-import dns.resolver
 
 from tampu import DeliveryResult
-
-if TYPE_CHECKING:
-    import dns.asyncresolver
+from tampu.dns import DnsTempError, Resolver
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,12 +18,7 @@ class Target:
     port: int
 
 
-def _name(text: str) -> dns.name.Name:
-    return dns.name.from_text(text)  # absolute: no search list
-
-
-async def mx_hosts(resolver: dns.asyncresolver.Resolver, domain: str
-                   ) -> list[str] | DeliveryResult:
+async def mx_hosts(resolver: Resolver, domain: str) -> list[str] | DeliveryResult:
     """The mail hosts of ``domain`` in the order to try them, or the failure to report.
 
     Lower preference first, random among equal preferences. No MX records: the domain itself
@@ -39,15 +26,18 @@ async def mx_hosts(resolver: dns.asyncresolver.Resolver, domain: str
     not exist too; DNS trouble (SERVFAIL, timeouts) a temporary one.
     """
     try:
-        answer = await resolver.resolve(_name(domain), "MX", search=False)
-    except dns.resolver.NXDOMAIN:
-        return DeliveryResult.permanent(f"domain {domain} does not exist", enhanced="5.1.2")
-    except dns.resolver.NoAnswer:
-        return [domain]
-    except dns.exception.DNSException as exc:  # SERVFAIL (NoNameservers), timeouts
+        answer = await resolver.query(domain, "MX")
+    except DnsTempError as exc:  # SERVFAIL, timeouts
         return DeliveryResult.temporary(f"DNS lookup of MX for {domain} failed: {exc}",
                                         enhanced="4.4.3")
-    records = [(int(r.preference), r.exchange.to_text(omit_final_dot=True)) for r in answer]
+    except ValueError as exc:
+        return DeliveryResult.permanent(f"bad domain {domain}: {exc}", enhanced="5.1.2")
+    if answer.nxdomain:
+        return DeliveryResult.permanent(f"domain {domain} does not exist", enhanced="5.1.2")
+    if not answer.records:
+        return [domain]
+    records = [(int(r.preference), r.exchange.to_text(omit_final_dot=True))
+               for r in answer.records]
     real = [(pref, host) for pref, host in records if host not in ("", ".")]
     if not real:
         return DeliveryResult.permanent(f"domain {domain} does not accept mail (null MX)",
@@ -57,7 +47,7 @@ async def mx_hosts(resolver: dns.asyncresolver.Resolver, domain: str
     return [host for _, host in real]
 
 
-async def host_addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[str]:
+async def host_addresses(resolver: Resolver, host: str) -> list[str]:
     """IPv4 then IPv6 addresses of ``host`` (an IP literal is its own address).
 
     Raises LookupError with a readable reason when there is none.
@@ -71,17 +61,14 @@ async def host_addresses(resolver: dns.asyncresolver.Resolver, host: str) -> lis
     problems: list[str] = []
     for rdtype in ("A", "AAAA"):
         try:
-            answer = await resolver.resolve(_name(host), rdtype, search=False)
-        except dns.resolver.NXDOMAIN:
-            problems.append(f"{host} does not exist")
-            break
-        except dns.resolver.NoAnswer:
-            continue
-        except dns.exception.DNSException as exc:
+            answer = await resolver.query(host, rdtype)
+        except (DnsTempError, ValueError) as exc:
             problems.append(f"{rdtype} lookup of {host} failed: {exc}")
             continue
-        addresses.extend(r.to_text() for r in answer
-                         if r.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA))
+        if answer.nxdomain:
+            problems.append(f"{host} does not exist")
+            break
+        addresses.extend(r.address for r in answer.records)
     if addresses:
         return addresses
     raise LookupError("; ".join(problems) or f"{host} has no A or AAAA record")

@@ -18,7 +18,6 @@ forget a domain.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 from pydantic import Field
 
@@ -32,10 +31,8 @@ from tampu import (
     domain_of,
     hookimpl,
 )
+from tampu.authres import results
 from tampu.plugins.domaininfo.store import DOMAININFO_STORE, DomainInfoStore, SecLevel
-
-if TYPE_CHECKING:
-    from tampu.plugins.spf.result import SpfResult
 
 SECURITY_DOWNGRADE = Reply(451, "4.7.3", "Security level check failed: this domain used TLS "
                                          "before; try again over TLS")
@@ -75,8 +72,7 @@ class DomainInfoPlugin:
         if session.authenticated or not self.ctx.settings.incoming:
             return None
         domain = domain_of(address)
-        spf = _spf_result(session)
-        if not domain or spf is None or spf.result != "pass" or spf.domain.lower() != domain:
+        if not domain or not spf_passed(envelope, domain):
             return None  # no proof that the client speaks for the domain: do not judge
         level = SecLevel.PLAIN if session.tls is None else SecLevel.TLS_UNVERIFIED
         if level == self.store.cached_level(domain, "incoming"):
@@ -90,9 +86,7 @@ class DomainInfoPlugin:
         return SECURITY_DOWNGRADE
 
 
-def _spf_result(session: Session) -> SpfResult | None:
-    try:
-        from tampu.plugins.spf.result import SPF_RESULT
-    except ImportError:  # the spf plugin is not installed: no SPF result, no incoming check
-        return None
-    return session.stash.get(SPF_RESULT, None)
+def spf_passed(envelope: Envelope, domain: str) -> bool:
+    """Whether SPF passed for a MAIL FROM in ``domain`` in this transaction."""
+    return any(r.result == "pass" and domain_of(r.prop("smtp.mailfrom") or "") == domain
+               for r in results(envelope, "spf"))

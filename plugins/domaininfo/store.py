@@ -35,6 +35,7 @@ from typing import Literal
 from urllib.parse import quote
 
 from tampu import StashKey
+from tampu.addresses import AddressError, normalize_domain
 from tampu.files import FileStamp, Stamp, fsync_dir, write_durably
 
 log = logging.getLogger("tampu.plugins.domaininfo")
@@ -81,8 +82,11 @@ class DomainInfoStore:
 
     def path(self, domain: str) -> Path | None:
         """The file of ``domain``, or None for a name that cannot be a domain."""
-        name = domain.strip().lower().rstrip(".")
-        if not name or name.startswith("."):
+        try:
+            name = normalize_domain(domain)
+        except AddressError:
+            return None
+        if not name or name.startswith((".", "[")):
             return None
         return self.directory / (quote(name, safe="@-_.") + ".json")
 
@@ -158,6 +162,7 @@ class DomainInfoStore:
                 data["domain"] = domain.lower().rstrip(".")
                 data[direction] = level.label
                 self._write(path, data)
+                self._cache.pop(path, None)  # effective at once for the next session
                 log.info("domaininfo: %s level of %s raised to %s", direction, domain,
                          level.label)
         return True

@@ -18,7 +18,7 @@ import signal
 from pydantic import Field
 
 from tampu import Envelope, Message, PluginContext, PluginSettings, Reply, Session, hookimpl
-from tampu.plugins.spf.result import SPF_RESULT
+from tampu.authres import results
 
 PERMANENT_EXIT = 20
 _EHLO_SAFE = re.compile(r"[^a-zA-Z0-9\-.\[\]:]")
@@ -86,7 +86,7 @@ class HooksPlugin:
 
     def environment(self, session: Session, envelope: Envelope) -> dict[str, str]:
         server = self.ctx.server
-        spf = session.stash.get(SPF_RESULT, None)
+        spf_pass = any(r.result == "pass" for r in results(envelope, "spf"))
         helo = session.helo or ""
         env = {name: os.environ.get(name, "") for name in ("USER", "SHELL", "PATH")}
         env.update({
@@ -99,7 +99,7 @@ class HooksPlugin:
             "AUTH_AS": _env_value(session.auth_user or ""),
             "ON_TLS": "1" if session.tls is not None else "0",
             "FROM_LOCAL_DOMAIN": "1" if server.is_local_address(envelope.mail_from) else "0",
-            "SPF_PASS": "1" if spf is not None and spf.passed else "0",
+            "SPF_PASS": "1" if spf_pass else "0",
         })
         return env
 

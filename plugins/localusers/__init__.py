@@ -1,17 +1,19 @@
 """``localusers``: a recipient in a local domain is accepted only if the user exists.
 
-Users are those of ``domains/<domain>/users`` (compared after dropping the address suffix and
-the drop characters, case-insensitively). ``postmaster`` is always accepted (RFC 5321 4.5.1).
-Other plugins (aliases) may accept more recipients through the same hook; when nobody accepts,
-the core answers ``550 5.1.1``.
+Users come from the core's user directory (``domains/<domain>/users``, and other sources
+such as Dovecot), looked up without the address suffix and drop characters, case-mapped.
+``postmaster`` is always accepted (RFC 5321 4.5.1). Other plugins (aliases) may accept more
+recipients through the same hook; when nobody accepts, the core answers ``550 5.1.1``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from pydantic import Field
 
 from tampu import Envelope, PluginContext, PluginSettings, Reply, Session, hookimpl
-from tampu.plugins.auth.userdb import UserDirectory
+from tampu.addresses import lookup_key, split_address
 from tampu.reply import RECIPIENT_OK
 
 
@@ -25,23 +27,21 @@ class LocalUsersPlugin:
 
     def __init__(self, ctx: PluginContext[LocalUsersSettings]) -> None:
         self.ctx = ctx
-        self.users = UserDirectory(ctx.server.config.domains_dir,
-                                   ctx.server.config.server.file_check_interval)
-
-    def exists(self, address: str) -> bool:
-        user, _, domain = address.rpartition("@")
-        server = self.ctx.server
-        if not server.is_local_domain(domain):
-            return False
-        wanted = server.normalize_user(user)
-        if self.ctx.settings.accept_postmaster and wanted == "postmaster":
-            return True
-        users = self.users.db(domain).users()
-        return wanted in users or any(server.normalize_user(u) == wanted for u in users)
 
     @hookimpl
     def smtp_rcpt_to(self, session: Session, envelope: Envelope, address: str,
-                     params: dict[str, str | bool]) -> Reply | None:
-        if self.exists(address):
+                     params: dict[str, str | bool]) -> Reply | Awaitable[Reply | None] | None:
+        server = self.ctx.server
+        user, domain = split_address(address)
+        if not server.is_local_domain(domain):
+            return None
+        if self.ctx.settings.accept_postmaster and lookup_key(user) == "postmaster":
             return RECIPIENT_OK
+        if server.users.owner(address) is not None:
+            return RECIPIENT_OK  # the common case: no coroutine, no await
+        if server.users.sources:
+            return self._ask_sources(address)
         return None
+
+    async def _ask_sources(self, address: str) -> Reply | None:
+        return RECIPIENT_OK if await self.ctx.server.users.exists(address) else None

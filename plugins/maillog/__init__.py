@@ -19,6 +19,7 @@ import logging.handlers
 import os
 import queue
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,6 +40,9 @@ from tampu import (
     StashKey,
     hookimpl,
 )
+from tampu.envelope import Verdict
+
+log = logging.getLogger("tampu.plugins.maillog")
 
 
 class MailLogSettings(PluginSettings):
@@ -75,6 +79,7 @@ class MailLog:
         self.queue: queue.SimpleQueue[tuple[float, str] | None] = queue.SimpleQueue()
         self.handler: logging.Handler | None = None
         self.thread: threading.Thread | None = None
+        self.failing = False
 
     def open(self) -> None:
         """Open the file or the syslog socket (blocking: run in a thread). Raises OSError."""
@@ -92,10 +97,21 @@ class MailLog:
             target = logging.handlers.WatchedFileHandler(self.path, encoding="utf-8")
             fmt = "%(message)s" if self.settings.format == "json" else "%(asctime)s %(message)s"
             target.setFormatter(logging.Formatter(fmt))
+        target.handleError = self._failed  # type: ignore[method-assign]
         self.handler = target
         self.thread = threading.Thread(target=self._write_lines, name="tampu-maillog",
                                        daemon=True)
         self.thread.start()
+
+    def _failed(self, record: logging.LogRecord) -> None:
+        """A line could not be written (disk full, syslog gone): one error line, not a
+        traceback per line; writing resumes by itself when it works again."""
+        if not self.failing:
+            self.failing = True
+            error = sys.exc_info()[1]
+            log.error("maillog: cannot write to %s: %s; mail-log lines are lost until it "
+                      "works again", "syslog" if self.settings.syslog else self.path,
+                      getattr(error, "strerror", None) or error)
 
     def _write_lines(self) -> None:
         assert self.handler is not None
@@ -106,7 +122,21 @@ class MailLog:
             created, line = entry
             record = logging.LogRecord("tampu.maillog", logging.INFO, "", 0, line, None, None)
             record.created, record.msecs = created, (created % 1) * 1000
+            was_failing = self.failing
             self.handler.handle(record)
+            if was_failing and self.failing and self._wrote(record):
+                self.failing = False
+                log.warning("maillog: writing to %s again", self.path)
+
+    def _wrote(self, record: logging.LogRecord) -> bool:
+        """After a failure: whether the stream takes lines again (flushes it)."""
+        stream = getattr(self.handler, "stream", None)
+        try:
+            if stream is not None:
+                stream.flush()
+            return True
+        except OSError:
+            return False
 
     def close(self) -> None:
         """Write what is pending and close (blocking: run in a thread)."""
@@ -126,7 +156,8 @@ class MailLog:
                                "event": event, **fields}, ensure_ascii=False)
         else:
             line = _clean(text)
-        self.queue.put((now, line))
+        # whatever came from the network, the line can be encoded
+        self.queue.put((now, line.encode("utf-8", "backslashreplace").decode("utf-8")))
 
 
 MAILLOG: StashKey[MailLog] = StashKey()
@@ -208,14 +239,32 @@ class MailLogPlugin:
                            f"from=<{envelope.mail_from}> to=[{to}] {state} - {reply}", fields)
 
     @hookimpl
+    def smtp_verdict(self, session: Session, envelope: Envelope | None,
+                     verdict: Verdict) -> None:
+        """A refusal before DATA (connect, HELO, MAIL, RCPT): who refused whom, and how.
+        Refusals at DATA are the transaction's own line; failed AUTH is an auth line."""
+        if self.log is None or not verdict.refused or verdict.stage in ("data", "auth"):
+            return
+        about = f" <{verdict.address}>" if verdict.address and verdict.stage in (
+            "mail", "rcpt") else f" {verdict.address}" if verdict.address else ""
+        sender = f" from=<{envelope.mail_from}>" if envelope is not None and \
+            verdict.stage == "rcpt" else ""
+        self.log.event("refused", f"{_client(session)} refused {verdict.stage.upper()}"
+                       f"{about}{sender} by {verdict.plugin} - {verdict.reply}", {
+                           **_session_fields(session), "stage": verdict.stage,
+                           "address": verdict.address, "plugin": verdict.plugin,
+                           "from": envelope.mail_from if envelope is not None else None,
+                           "reply": _reply(verdict.reply)})
+
+    @hookimpl
     def delivery_attempted(self, item: QueueItem, recipient: Recipient,
-                           result: DeliveryResult) -> None:
+                           result: DeliveryResult, backend: str) -> None:
         if self.log is None:
             return
         head = f"{item.id} from=<{item.mail_from}> to=<{recipient.address}>"
         if recipient.original != recipient.address:
             head += f" orig_to=<{recipient.original}>"
-        remote = f" remote={result.remote!r}" if result.remote else ""
+        remote = f" backend={backend}" + (f" remote={result.remote!r}" if result.remote else "")
         if result.status == "sent":
             text = f"{head} sent{remote} reply={result.text!r}"
         else:
@@ -226,7 +275,8 @@ class MailLogPlugin:
             "qid": item.id, "from": item.mail_from, "to": recipient.address,
             "orig_to": recipient.original, "attempt": recipient.attempts,
             "status": result.status, "code": result.code, "enhanced": result.enhanced,
-            "text": result.text, "remote": result.remote, "origin": item.origin})
+            "text": result.text, "remote": result.remote, "backend": backend,
+            "origin": item.origin})
 
     @hookimpl
     def queue_done(self, item: QueueItem) -> None:

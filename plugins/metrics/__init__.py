@@ -11,7 +11,6 @@ and the listener; the new plugin instance takes them over in ``tampu_reload``.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import errno
 import logging
 import os
@@ -31,17 +30,17 @@ from tampu import (
     PluginContext,
     PluginSettings,
     QueueItem,
-    Recipient,
     Reply,
     ServerContext,
     Session,
     StashKey,
     hookimpl,
 )
+from tampu.authres import results
 from tampu.config import split_hostport
+from tampu.envelope import Verdict
 from tampu.plugins.metrics.http import HttpServer, Response
 from tampu.plugins.metrics.status import QueueSummary, RecentErrors, render
-from tampu.plugins.spf.result import SPF_RESULT
 
 log = logging.getLogger("tampu.plugins.metrics")
 
@@ -65,10 +64,6 @@ class MetricsSettings(PluginSettings):
         return value
 
 
-# The plugin that answered the latest ``deliver`` call in this task (set by the observer).
-_DELIVER_PLUGIN: contextvars.ContextVar[str] = contextvars.ContextVar("tampu_metrics_deliver",
-                                                                      default="")
-_SEEN_SPF: StashKey[int] = StashKey()
 _COUNTED: StashKey[bool] = StashKey()
 
 
@@ -100,6 +95,12 @@ class MetricsState:
                                     ["listener", "reply"], registry=r)
         self.spf = Counter("tampu_spf_results", "SPF results of incoming transactions.",
                            ["result"], registry=r)
+        self.authres = Counter("tampu_authentication_results", "Results of the checks of "
+                               "incoming transactions (spf, dkim, dmarc ...).",
+                               ["method", "result"], registry=r)
+        self.refusals = Counter("tampu_refusals", "Refusals, by the stage, the plugin that "
+                                "decided (core: syntax, limits, nobody accepted) and the "
+                                "reply code.", ["stage", "plugin", "code"], registry=r)
         self.auth = Counter("tampu_auth_attempts", "SMTP AUTH attempts.", ["result"],
                             registry=r)
         self.queued = Counter("tampu_messages_queued", "Messages queued, by origin (smtp, "
@@ -123,10 +124,10 @@ class MetricsState:
     # ------------------------------------------------------------------ lifecycle
 
     def attach(self, context: ServerContext) -> None:
-        """Follow ``context`` (start-up or a reload): observe its hook caller."""
+        """Follow ``context`` (start-up or a reload): observe the timing of its hooks."""
         self.context = context
-        if context.hooks is not None and self.observe not in context.hooks.caller.observers:
-            context.hooks.caller.observers.append(self.observe)
+        if self.observe not in context.hook_observers:
+            context.hook_observers.append(self.observe)
 
     async def listen(self, address: str) -> None:
         if address == self.address and self.http.server is not None:
@@ -159,24 +160,29 @@ class MetricsState:
         child.observe(seconds)
         if outcome != "ok":
             self.hook_failures.labels(hook, plugin, outcome).inc()
-        if hook == "deliver":
-            _DELIVER_PLUGIN.set(plugin)
 
-    def count_spf(self, session: Session) -> None:
-        """Count each SPF result once, whenever it is first seen in the session's stash."""
-        result = session.stash.get(SPF_RESULT, None)
-        if result is not None and session.stash.get(_SEEN_SPF, 0) != id(result):
-            session.stash[_SEEN_SPF] = id(result)
-            self.spf.labels(result.result).inc()
+    def count_results(self, envelope: Envelope) -> None:
+        """Count the transaction's authentication results (once, at its end)."""
+        for found in results(envelope):
+            self.authres.labels(found.method, found.result).inc()
+            if found.method == "spf":
+                self.spf.labels(found.result).inc()
 
     def queue_summary(self) -> QueueSummary:
-        queue = self.context.queue
-        if queue is None:
-            return QueueSummary(0, 0.0)
+        store = self.context.store
         now, oldest, n = time.time(), None, 0
-        for qid in queue.ids():
+        directory = getattr(store, "dir", None)
+        if directory is None:
+            return QueueSummary(0, 0.0)
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return QueueSummary(0, 0.0)
+        for entry in entries:
+            if not entry.name.endswith(".item") or entry.name.startswith("."):
+                continue
             try:
-                mtime = os.stat(queue.item_path(qid)).st_mtime
+                mtime = entry.stat().st_mtime
             except OSError:
                 continue  # delivered meanwhile
             n += 1
@@ -252,14 +258,10 @@ class MetricsPlugin:
             self.state.open.labels(session.listener.name).inc()
 
     @hookimpl
-    def smtp_mail_from(self, session: Session) -> None:
-        if self.state is not None:
-            self.state.count_spf(session)  # a result of the previous transaction
-
-    @hookimpl
-    def smtp_rcpt_to(self, session: Session) -> None:
-        if self.state is not None:
-            self.state.count_spf(session)
+    def smtp_verdict(self, verdict: Verdict) -> None:
+        if self.state is not None and verdict.refused:
+            self.state.refusals.labels(verdict.stage, verdict.plugin,
+                                       str(verdict.reply.code)).inc()
 
     @hookimpl
     def smtp_auth_result(self, success: bool) -> None:
@@ -269,13 +271,12 @@ class MetricsPlugin:
     @hookimpl
     def smtp_transaction_done(self, session: Session, envelope: Envelope, reply: Reply) -> None:
         if self.state is not None:
-            self.state.count_spf(session)
+            self.state.count_results(envelope)
             self.state.transactions.labels(session.listener.name, f"{reply.code // 100}xx").inc()
 
     @hookimpl
     def smtp_disconnect(self, session: Session) -> None:
         if self.state is not None:
-            self.state.count_spf(session)
             if session.stash.get(_COUNTED, False):
                 self.state.open.labels(session.listener.name).dec()
 
@@ -289,16 +290,6 @@ class MetricsPlugin:
                 self.state.dsns.inc()
 
     @hookimpl
-    def deliver(self) -> None:
-        _DELIVER_PLUGIN.set("")  # runs first: whoever answers after this is the backend
-
-    @hookimpl
-    def delivery_attempted(self, item: QueueItem, recipient: Recipient,
-                           result: DeliveryResult) -> None:
-        if self.state is None:
-            return
-        backend = _DELIVER_PLUGIN.get()
-        if not backend or backend == self.ctx.name or (
-                result.status == "permanent" and result.text.startswith("no delivery backend")):
-            backend = "none"
-        self.state.attempts.labels(backend, result.status).inc()
+    def delivery_attempted(self, result: DeliveryResult, backend: str) -> None:
+        if self.state is not None:
+            self.state.attempts.labels(backend, result.status).inc()

@@ -9,8 +9,7 @@ import time
 from dataclasses import dataclass
 
 from tampu import ServerContext
-from tampu.hookspecs import HOOK_NAMES
-from tampu.queue import format_age
+from tampu.store import format_age
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +50,8 @@ def render(context: ServerContext, queue: QueueSummary, errors: list[ErrorRecord
         proxy = "PROXY from " + ", ".join(lst.proxy_trusted) if lst.proxy_protocol else "-"
         rows.append(f"<tr><td>{e(name)}</td><td>{e(lst.kind)}</td><td>{e(addresses)}</td>"
                     f"<td>{e(proxy)}</td></tr>")
-    order = []
-    if context.hooks is not None:
-        for hook in HOOK_NAMES:
-            names = [impl.plugin for impl in context.hooks.caller.implementations(hook)]
-            if names:
-                order.append(f"<tr><td>{e(hook)}</td><td>{e(' → '.join(names))}</td></tr>")
+    order = [f"<tr><td>{e(hook)}</td><td>{e(' → '.join(names))}</td></tr>"
+             for hook, names in context.plugin_order.items()]
     errs = [f"<li>{e(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.when)))} "
             f"<b>{e(r.logger)}</b>: {e(r.message)}</li>" for r in reversed(errors)]
     oldest = format_age(queue.oldest_age) if queue.items else "-"

@@ -1,10 +1,11 @@
 """``spf``: check the sender's SPF policy (RFC 7208) at MAIL FROM, like chasquid.
 
-Only sessions that did not authenticate are checked. The result goes to
-``session.stash[SPF_RESULT]`` (see :mod:`tampu.plugins.spf.result`) for other plugins (security
-levels trust only ``pass``; the post-data hook sees ``SPF_PASS``) and onto the message as
-``Received-SPF:`` and ``Authentication-Results:`` headers. What happens for each result is
-configurable; by default only ``fail`` is refused, with ``550 5.7.23 SPF check failed``.
+Only sessions that did not authenticate are checked. The result is recorded in the
+transaction's authentication results (:mod:`tampu.authres`: ``spf=pass
+smtp.mailfrom=...``), where other plugins read it (security levels trust only ``pass``; the
+post-data hook sees ``SPF_PASS``; DMARC checks alignment) and from which the core writes the
+``Authentication-Results:`` header; this plugin adds ``Received-SPF:``. What happens for each
+result is configurable; by default only ``fail`` is refused, with ``550 5.7.23``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from tampu import (
     StashKey,
     hookimpl,
 )
-from tampu.plugins.spf.check import Evaluation, SpfChecker
-from tampu.plugins.spf.result import SPF_RESULT, SpfResult
+from tampu.authres import MethodResult, add_result
+from tampu.plugins.spf.check import Evaluation, SpfChecker, SpfResult
 
-__all__ = ["SPF_RESULT", "SpfPlugin", "SpfResult"]
+__all__ = ["SpfPlugin", "SpfResult"]
 
 Action = Literal["accept", "reject", "tempfail"]
 
@@ -66,7 +67,7 @@ class SpfPlugin:
         self.ctx = ctx
         server = ctx.server.config.server
         self.checker = SpfChecker(list(server.dns_servers), server.dns_timeout,
-                                  ctx.settings.timeout, ctx.server.hostname)
+                                  ctx.settings.timeout, ctx.server.hostname, ctx.server.dns)
 
     def action(self, result: str) -> Action:
         action: Action = getattr(self.ctx.settings, f"on_{result}", "accept")
@@ -79,10 +80,6 @@ class SpfPlugin:
     @hookimpl
     async def smtp_mail_from(self, session: Session, envelope: Envelope, address: str,
                              params: dict[str, str | bool]) -> Reply | None:
-        if SPF_RESULT in session.stash:
-            del session.stash[SPF_RESULT]
-        if _EVALUATION in session.stash:
-            del session.stash[_EVALUATION]
         if session.authenticated:
             return None  # authenticated users are trusted, as in chasquid
         helo = session.helo or ""
@@ -90,8 +87,8 @@ class SpfPlugin:
             return None
         evaluation = await self.evaluate(session.peer_host, address, helo)
         res = evaluation.result
-        session.stash[SPF_RESULT] = res
-        session.stash[_EVALUATION] = evaluation
+        envelope.stash[_EVALUATION] = evaluation
+        add_result(envelope, method_result(evaluation))
         action = self.action(res.result)
         self.ctx.log.info("session=%s SPF %s for <%s> from %s (%s): %s", session.id, res.result,
                           res.identity, session.peer_host, res.explanation, action)
@@ -104,23 +101,20 @@ class SpfPlugin:
 
     @hookimpl
     def smtp_data(self, session: Session, envelope: Envelope, message: Message) -> Reply | None:
-        evaluation = session.stash.get(_EVALUATION, None)
+        evaluation = envelope.stash.get(_EVALUATION, None)
         if evaluation is None or session.authenticated or not self.ctx.settings.add_headers:
             return None
         message.add_header("Received-SPF", evaluation.received_spf)
-        message.add_header("Authentication-Results",
-                           authentication_results(self.ctx.server.hostname, evaluation))
         return None
 
 
-def authentication_results(authserv_id: str, evaluation: Evaluation) -> str:
-    """An RFC 8601 ``Authentication-Results`` value for one SPF evaluation."""
+def method_result(evaluation: Evaluation) -> MethodResult:
+    """The RFC 8601 result of one SPF evaluation: ``spf=pass smtp.mailfrom=a@b``."""
     res = evaluation.result
     if evaluation.scope == "helo":
-        prop = f"smtp.helo={res.domain}"
+        prop = ("smtp.helo", res.domain)
     elif _SIMPLE_ADDR.match(res.identity):
-        prop = f"smtp.mailfrom={res.identity}"
+        prop = ("smtp.mailfrom", res.identity)
     else:
-        prop = f"smtp.mailfrom={res.domain}"
-    comment = res.explanation.replace("(", "[").replace(")", "]").replace("\\", "/")
-    return f"{authserv_id};\r\n\tspf={res.result} ({comment}) {prop}"
+        prop = ("smtp.mailfrom", res.domain)
+    return MethodResult("spf", res.result, (prop,), comment=res.explanation)

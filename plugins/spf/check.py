@@ -19,19 +19,16 @@ import asyncio
 import ipaddress
 import logging
 import re
-import time
 import types
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import dns.asyncresolver
 import dns.exception
 import dns.nameserver
 import dns.resolver
 import spf
 
-from tampu.context import parse_dns_server
-from tampu.plugins.spf.result import SpfResult
+from tampu.dns import DnsTempError, Resolver, parse_server
 
 log = logging.getLogger("tampu.plugins.spf")
 
@@ -39,24 +36,19 @@ RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerro
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
-R = TypeVar("R", dns.resolver.Resolver, dns.asyncresolver.Resolver)
-
-
-def make_resolver(servers: list[str], timeout: float,
-                  kind: type[R] = dns.resolver.Resolver) -> R:  # type: ignore[assignment]
-    """A dnspython resolver (``kind``: sync or async) for ``servers`` (empty: resolv.conf)."""
-    res = kind(configure=not servers)
+def make_resolver(servers: list[str], timeout: float) -> dns.resolver.Resolver:
+    """A blocking dnspython resolver for ``servers`` (empty: resolv.conf), for :meth:`check`
+    run in a thread; the event loop's path goes through tampu's DNS client."""
+    res = dns.resolver.Resolver(configure=not servers)
     if servers:
         res.nameservers = [dns.nameserver.Do53Nameserver(host, port)
-                           for host, port in map(parse_dns_server, servers)]
+                           for host, port in map(parse_server, servers)]
     res.timeout = timeout
     res.lifetime = timeout
     return res
 
 
 Answers = list[tuple[tuple[str, str], Any]]
-DNS_CACHE_MAX_TTL = 300
-DNS_CACHE_SIZE = 10_000
 MAX_ROUNDS = 40
 """pyspf runs per asynchronous check at most (RFC 7208 allows 10 DNS-querying mechanisms, each
 with a few lookups)."""
@@ -76,6 +68,20 @@ def printable(text: str, limit: int = 200) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class SpfResult:
+    result: str
+    """pass, fail, softfail, neutral, none, temperror or permerror (RFC 7208)."""
+    explanation: str
+    identity: str
+    """The checked identity: the MAIL FROM address, or postmaster@HELO for the null sender."""
+    domain: str
+
+    @property
+    def passed(self) -> bool:
+        return self.result == "pass"
+
+
+@dataclass(frozen=True, slots=True)
 class Evaluation:
     """What one check produced: the result and the two header values."""
 
@@ -90,14 +96,12 @@ class SpfChecker:
     """Evaluates SPF (RFC 7208) for a client IP, sender and HELO name."""
 
     def __init__(self, servers: list[str], query_timeout: float, total_timeout: float,
-                 receiver: str) -> None:
+                 receiver: str, dns_client: Resolver | None = None) -> None:
         self.resolver = make_resolver(servers, query_timeout)
-        self.async_resolver = make_resolver(servers, query_timeout, dns.asyncresolver.Resolver)
+        self.dns = dns_client or Resolver.from_settings(servers, query_timeout)
+        """The server's DNS client (asynchronous lookups, TTL cache)."""
         self.total_timeout = total_timeout
         self.receiver = receiver
-        self._dns_cache: dict[tuple[str, str], tuple[float, Answers]] = {}
-        """Positive DNS answers of the asynchronous path, kept for their TTL (at most
-        DNS_CACHE_MAX_TTL): each lookup is otherwise a few hundred microseconds of Python."""
         self._active: Any = self._lookup
         """The DNSLookup of the evaluation running now (runs are synchronous: one at a time)."""
         self._query_class = self._make_query_class()
@@ -121,25 +125,14 @@ class SpfChecker:
         return out
 
     async def _lookup_async(self, name: str, qtype: str) -> Answers | spf.TempError:
-        now = time.monotonic()
-        cached = self._dns_cache.get((name, qtype))
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        """One lookup through the server's DNS client (which caches answers for their TTL)."""
         try:
-            answer = await self.async_resolver.resolve(name, qtype, search=False)
-        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+            answer = await self.dns.query(name, qtype)
+        except DnsTempError as exc:
+            return spf.TempError(str(exc))
+        except ValueError:  # not a valid DNS name: nothing there
             return []
-        except dns.exception.Timeout:
-            return spf.TempError(f"DNS timeout looking up {name} {qtype}")
-        except dns.exception.DNSException as exc:
-            return spf.TempError(f"DNS error looking up {name} {qtype}: {exc}")
-        result = self._convert(answer, name, qtype)
-        ttl = min(answer.rrset.ttl if answer.rrset is not None else 0, DNS_CACHE_MAX_TTL)
-        if ttl > 0:  # positive answers only, for their TTL: what a caching resolver does
-            if len(self._dns_cache) >= DNS_CACHE_SIZE:
-                self._dns_cache.clear()
-            self._dns_cache[(name, qtype)] = (now + ttl, result)
-        return result
+        return self._convert(answer.records, name, qtype)
 
     async def check_async(self, ip: str, sender: str, helo: str) -> Evaluation:
         """:meth:`check` on the event loop: DNS through the asynchronous resolver, no thread."""

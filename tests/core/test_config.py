@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from tampu.config import load_config
-from tampu.context import ServerContext
 from tampu.errors import ConfigError
-from tampu.registry import available_entry_points, build_registry
-from tampu.testing import make_config_dir, server_toml
+from tampu.registry import available_entry_points
+from tampu.testing import make_config_dir, runtime_for, server_toml
 
 BUILTINS = ("auth", "localusers", "relay", "loopdetect")
 
@@ -25,7 +24,7 @@ def problems_of(root: Path, *, registry: bool = False) -> list[str]:
     with pytest.raises(ConfigError) as info:
         config = load_config(root)
         if registry:
-            build_registry(config, ServerContext(config))
+            runtime_for(config).registry
     assert info.value.problems
     return info.value.problems
 
@@ -41,7 +40,7 @@ def test_files_merge_in_lexical_order(tmp_path):
     config = load_config(root)
     assert config.server.max_recipients == 8  # the later file wins
     assert config.server.local_domains == ["a.test"]  # other keys stay
-    assert config.server.idle_timeout == 30  # from 00-test.toml
+    assert config.server.command_timeout == 30  # from 00-test.toml
     table = config.plugins["loopdetect"]
     assert table.values == {"enabled": True, "max_received": 9, "priority": 3}
     assert [p.name for p in table.files] == ["00-test.toml", "10-a.toml", "20-b.toml"]
@@ -100,7 +99,7 @@ def test_unknown_server_key_and_section(tmp_path):
     ("hostname = 12", "valid string"),
     ('log_level = "loud"', "'debug', 'info', 'warning' or 'error'"),
     ("local_domains = 'a.test'", "valid list"),
-    ("idle_timeout = [1]", "valid number"),
+    ("command_timeout = [1]", "valid number"),
 ])
 def test_wrong_type_in_server(tmp_path, setting, words):
     root = confdir(tmp_path, {"30-x.toml": f"[server]\n{setting}\n"})
@@ -164,7 +163,7 @@ def test_secrets_from_env_and_file(tmp_path, monkeypatch):
     (root / "secret.txt").write_text("11\n")
     monkeypatch.setenv("TAMPU_TEST_MAXRCV", "12")
     config = load_config(root)
-    registry = build_registry(config, ServerContext(config))
+    registry = runtime_for(config).registry
     assert registry.plugins["loopdetect"].settings.max_received == 12
     assert registry.plugins["auth"].settings.scrypt_log_n == 11
     monkeypatch.delenv("TAMPU_TEST_MAXRCV")
@@ -180,10 +179,11 @@ def test_disabled_plugins_are_not_loaded(tmp_path):
     root = confdir(tmp_path, {"30-p.toml": "[plugins.relay]\nenabled = false\n"
                                            "[plugins.auth]\npriority = 7\n"})
     config = load_config(root)
-    registry = build_registry(config, ServerContext(config))
+    runtime = runtime_for(config)
+    registry = runtime.registry
     assert registry.pm.is_blocked("relay") and registry.plugins["relay"].obj is None
     assert not registry.plugins["relay"].enabled
-    assert registry.order_by_hook()["smtp_rcpt_to"] == ["localusers"]
+    assert runtime.hook_order()["smtp_rcpt_to"] == ["localusers"]
     auth = registry.plugins["auth"]
     assert auth.enabled and auth.priority == 7 and auth.hooks == ["smtp_auth"]
     assert auth.distribution == "tampu" and auth.builtin

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import statistics
+import threading
+import time
 
 import pytest
 
@@ -64,7 +67,7 @@ def test_crashing_backend_counts_as_temporary(tampu_server):
     srv = tampu_server(plugins=[rec], deliver=True, conf=DSN_CONF)
     qid = send(srv, "sender@example.org", ["boom@example.test"])
     rec.wait(lambda: len([a for a in rec.attempts if a[2] == "crash"]) >= 2, 5, "2 attempts")
-    item = srv.server.queue.load(qid)
+    item = srv.store.load_now(qid)
     assert item.recipients[0].pending
     assert "recorder failed" in item.recipients[0].last_error
     rec.outcomes["boom@example.test"] = "sent"
@@ -189,7 +192,7 @@ def test_results_survive_restart(tampu_server, tmp_path, tampu_ca):
     qid = send(srv, "sender@example.org", ["now@example.test", "later@example.test"])
     first.wait(lambda: len(first.attempts) == 2, 5, "both attempts")
     srv.stop()  # mid-way: one recipient sent, one waiting for an hour
-    item = srv.server.queue.load(qid)
+    item = srv.store.load_now(qid)
     assert [r.status.value for r in item.recipients] == ["sent", "pending"]
 
     second = Recorder()
@@ -208,10 +211,10 @@ def test_operator_delete_ends_waiting_item(tampu_server):
     rec.wait(lambda: len(rec.attempts) == 1, 5, "the first attempt")
     runner = srv.server.runner
     rec.wait(lambda: qid in runner.wakeups, 5, "the item to wait")
-    srv.server.queue._remove_files(qid)  # what `tampu queue delete` does
-    srv.loop.call_soon_threadsafe(srv.server.retry_requests)  # ...and its SIGUSR1
+    asyncio.run(srv.store.request("delete", [qid]))  # what `tampu queue delete` does
+    srv.loop.call_soon_threadsafe(srv.server.handle_requests)  # ...and its SIGUSR1
     rec.wait(lambda: qid not in runner.tasks, 5, "the task to end")
-    assert list(srv.queue_dir.glob(f"{qid}*")) == []  # no state file left behind
+    rec.wait(lambda: list(srv.queue_dir.glob(f"{qid}*")) == [], 5, "the files to go")
     assert rec.dsns() == [] and rec.done == []
 
 
@@ -222,8 +225,24 @@ def test_retry_request_wakes_waiting_item(tampu_server, requested):
     srv = tampu_server(plugins=[rec], deliver=True, conf=DSN_CONF)
     qid = send(srv, "sender@example.org", ["later@example.test"])
     rec.wait(lambda: qid in srv.server.runner.wakeups, 5, "the item to wait")
-    srv.server.queue.request_retry([] if requested == "all" else [qid])
-    srv.loop.call_soon_threadsafe(srv.server.retry_requests)
+    asyncio.run(srv.store.request("retry", [] if requested == "all" else [qid]))
+    srv.loop.call_soon_threadsafe(srv.server.handle_requests)
     rec.wait_done(qid, timeout=5)
     assert rec.attempts_for("later@example.test") == ["temporary", "sent"]
-    assert not (srv.queue_dir / "retry" / ("all" if requested == "all" else qid)).exists()
+    assert list((srv.queue_dir / "requests").iterdir()) == []  # the request was taken
+
+
+def test_retry_request_also_wakes_an_item_whose_attempt_is_in_flight(tampu_server):
+    gate = threading.Event()
+    rec = Recorder({"slow@example.test": [DeliveryResult.temporary("not now"),
+                                          DeliveryResult.sent()]}, retry_delay=3600,
+                   block=gate)
+    srv = tampu_server(plugins=[rec], deliver=True, conf=DSN_CONF)
+    qid = send(srv, "sender@example.org", ["slow@example.test"])
+    rec.wait(lambda: rec.blocked, 5, "the attempt to start")
+    asyncio.run(srv.store.request("retry", [qid]))  # asked while the attempt runs
+    srv.loop.call_soon_threadsafe(srv.server.handle_requests)
+    time.sleep(0.2)
+    gate.set()  # the attempt fails temporarily; the retry must not wait an hour
+    rec.wait_done(qid, timeout=5)
+    assert rec.attempts_for("slow@example.test") == ["temporary", "sent"]

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from tampu.config import load_config
-from tampu.plugins.auth.userdb import UserDB, hash_password
-from tampu.server import listener_addresses
+from tampu.testing import default_ca
+from tampu.users import UserRecord, hash_password, write_users_file
 
 
 def tampu(*args: str) -> subprocess.CompletedProcess[str]:
@@ -26,8 +26,7 @@ def test_init_writes_a_valid_production_configuration(tmp_path):
     assert server.hostname == "mail.example.com"
     assert server.data_dir == "/var/lib/tampu" and server.local_domains == ["example.com"]
     assert not server.self_signed_cert
-    ports = {name: listener_addresses(name, lst.kind, lst.addresses)
-             for name, lst in server.listeners.items()}
+    ports = {name: lst.endpoints() for name, lst in server.listeners.items()}
     assert ports == {"smtp": [("", 25)], "submission": [("", 587)],
                      "submissions": [("", 465)]}  # every address
     enabled = {name for name, table in config.plugins.items() if table.enabled}
@@ -37,6 +36,16 @@ def test_init_writes_a_valid_production_configuration(tmp_path):
     assert "/etc/letsencrypt/live/mail.example.com/fullchain.pem" in readme
     assert "tampu reload" in readme
     assert "docs/operations.md" in (cdir / "conf.d" / "00-server.toml").read_text()
+    check = tampu("check", "--config-dir", str(cdir))
+    # the certificate is not there yet: check says so, naming the listener and the folder
+    assert check.returncode == 2 and "listener submissions" in check.stderr
+    assert "certs" in check.stderr
+    cert = default_ca().issue_cert("mail.example.com")
+    cert.private_key_pem.write_to_path(str(cdir / "certs" / "mail.example.com" / "privkey.pem"))
+    cert.cert_chain_pems[0].write_to_path(
+        str(cdir / "certs" / "mail.example.com" / "fullchain.pem"))
+    toml = cdir / "conf.d" / "00-server.toml"
+    toml.write_text(toml.read_text().replace('"/var/lib/tampu"', f'"{tmp_path / "data"}"'))
     check = tampu("check", "--config-dir", str(cdir))
     assert check.returncode == 0, check.stderr
 
@@ -59,8 +68,8 @@ def test_initialised_configuration_serves(tmp_path, tampu_server, tampu_ca, make
     cert.private_key_pem.write_to_path(str(cdir / "certs" / "mail.example.com" / "privkey.pem"))
     cert.cert_chain_pems[0].write_to_path(str(cdir / "certs" / "mail.example.com" /
                                               "fullchain.pem"))
-    UserDB(cdir / "domains" / "example.com" / "users").write(
-        {"ana": hash_password("pw", log_n=10)})
+    write_users_file(cdir / "domains" / "example.com" / "users",
+                     {"ana": UserRecord("ana", hash_password("pw", log_n=10))}, "tampu")
     dns = make_dns({})
     loopback = "".join(f'[server.listeners.{k}]\naddresses = ["127.0.0.1:0"]\n'
                        for k in ("smtp", "submission", "submissions"))

@@ -114,9 +114,9 @@ def test_trusted_proxy_gives_the_client_address(proxied, header, client):
     finally:
         raw.close()
     assert seen.peers == [client]  # what plugins see
-    item = srv.server.queue.load(qid)
+    item = srv.store.load_now(qid)
     assert item.peer == client[0]  # what the queue (and so delivery, logs) records
-    assert client[0].encode() in srv.server.queue.read_message(qid)  # Received: header
+    assert client[0].encode() in srv.store.read_message_now(qid)  # Received: header
 
 
 def test_v2_local_keeps_the_proxy_address(proxied):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tampu.plugins.auth.userdb import UserDB, hash_password
+from tampu.users import UserRecord, hash_password, read_users_file, write_users_file
 
 USER, PASSWORD = "user@example.test", "secret"
 OPS = {
@@ -88,8 +88,10 @@ def test_reload_applies_conf_and_users(tampu_server):
         assert open_session.sendmail("a@example.org", [USER], many) == {}
         (srv.config_dir / "conf.d" / "70-loop.toml").write_text(
             "[plugins.loopdetect]\nenabled = true\nmax_received = 5\n")
-        users = UserDB(srv.config_dir / "domains" / "example.test" / "users")
-        users.write({**dict(users.users()), "new": hash_password("new-pw", log_n=10)})
+        path = srv.config_dir / "domains" / "example.test" / "users"
+        _, records = read_users_file(path)
+        write_users_file(path, {**records, "new": UserRecord("new", hash_password(
+            "new-pw", log_n=10))}, "tampu")
         assert srv.call(srv.server.reload()) is True
         with pytest.raises(smtplib.SMTPDataError) as exc:  # new settings, same session
             open_session.sendmail("a@example.org", [USER], many)

@@ -78,7 +78,7 @@ def test_command_line_too_long(tampu_server):
         c.reply()
         c.cmd("EHLO client.test")
         code, lines = c.cmd("MAIL FROM:<" + "a" * 600 + "@example.org>")
-        assert (code, lines[0][:6]) == (500, "5.5.2 "), lines
+        assert (code, lines[0][:6]) == (501, "5.1.7 "), lines  # a path over 256 octets
         code, lines = c.cmd("NOOP " + "x" * 2000)  # longer than the stream limit too
         assert (code, lines[0][:6]) == (500, "5.5.2 "), lines
         assert c.cmd("NOOP")[0] == 250  # the session is still in step
@@ -105,22 +105,24 @@ def test_text_line_too_long_in_data(tampu_server):
     assert message.endswith(b"\r\n\r\n" + longest + stuffed)
 
 
-def test_unknown_commands_counted_then_421(tampu_server):
-    srv = tampu_server(conf=limits(max_unknown_commands=3))
+def test_errors_are_counted_then_421(tampu_server):
+    srv = tampu_server(conf=limits(max_errors=3))
     with RawClient(srv.port("smtp")) as c:
         c.reply()
         code, lines = c.cmd("FOO")
         assert (code, lines[0][:6]) == (500, "5.5.1 "), lines
-        assert c.cmd("EHLO client.test")[0] == 250  # known commands do not reset the count
-        assert c.cmd("BAR x")[0] == 500
+        assert c.cmd("EHLO client.test")[0] == 250  # good commands do not reset the count
+        assert c.cmd("MAIL FROM:<bad")[0] == 501  # any 5xx counts, not only unknown verbs
         code, lines = c.cmd("BAZ")
-        assert (code, lines[0][:6]) == (421, "4.7.0 "), lines
+        assert (code, lines[0][:6]) == (500, "5.5.1 "), lines  # the error itself, then
+        code, lines = c.reply()
+        assert (code, lines[0][:6]) == (421, "4.7.0 "), lines  # ... the close
         assert c.closed_by_server()
 
 
 @pytest.mark.parametrize("listener", ["smtp", "submissions"])
-def test_idle_timeout_closes_the_connection(tampu_server, listener):
-    srv = tampu_server(conf=limits(idle_timeout=0.5))
+def test_command_timeout_closes_the_connection(tampu_server, listener):
+    srv = tampu_server(conf=limits(command_timeout=0.5))
     tls = srv.client_tls() if listener == "submissions" else None
     with RawClient(srv.port(listener), tls=tls) as c:
         c.reply()
@@ -140,9 +142,9 @@ def _wait_empty(srv) -> bool:
     return not srv.server.state.connections
 
 
-def test_idle_timeout_counts_silence_not_transfer_time(tampu_server):
+def test_command_timeout_counts_silence_not_transfer_time(tampu_server):
     """A client that keeps sending DATA is not idle, however long the message takes."""
-    srv = tampu_server(conf=limits(idle_timeout=0.6), users={"user@example.test": "secret"})
+    srv = tampu_server(conf=limits(command_timeout=0.6), users={"user@example.test": "secret"})
     with RawClient(srv.port("smtp")) as c:
         transaction(c, "user@example.test")
         assert c.cmd("DATA")[0] == 354
@@ -182,7 +184,7 @@ def _wait_empty_to(srv, n: int) -> bool:
 
 
 @pytest.mark.parametrize("setting", ["max_message_size = 0", "max_line_length = 100",
-                                     "idle_timeout = -1", "max_recipients = 0"])
+                                     "command_timeout = -1", "max_recipients = 0"])
 def test_nonsense_limits_are_refused(tmp_path, setting):
     from tampu.config import load_config
     from tampu.errors import ConfigError

@@ -43,7 +43,7 @@ def load(srv: RunningServer, qid: str) -> QueueItem | None:
     if qid not in srv.queue_items():
         return None
     try:
-        return srv.server.queue.load(qid)
+        return srv.store.load_now(qid)
     except Exception:  # removed between the listing and the read
         return None
 

@@ -7,7 +7,9 @@ import stat
 
 import pytest
 
-from tampu.plugins.auth.userdb import UserDB, hash_password, verify_password
+import os
+
+from tampu.users import UsersFileError, hash_password, read_users_file, verify_password
 from tampu.testing import make_config_dir
 from tests.helpers import RawClient, add_user, run_tampu
 
@@ -84,5 +86,39 @@ def test_userdb_hash_and_comments(tmp_path):
     assert not verify_password("s3cret", "$bcrypt$whatever")
     assert not verify_password("s3cret", "garbage")
     path = tmp_path / "users"
+    path.write_text(f"# comment\n\nAlice:{encoded}\n")
+    fmt, records = read_users_file(path)
+    assert fmt == "tampu" and list(records) == ["alice"] and records["alice"].secret == encoded
     path.write_text(f"# comment\n\nAlice:{encoded}\nbroken line\n")
-    assert UserDB(path).users() == {"alice": encoded}
+    with pytest.raises(UsersFileError, match=r"users: line 4: expected user:\$scrypt"):
+        read_users_file(path)
+
+
+def test_malformed_users_file_is_a_configuration_error(root):
+    users = root / "domains" / "example.test" / "users"
+    users.write_text("alice:not-a-hash\n")
+    check = run_tampu("check", "--config-dir", str(root))
+    assert check.returncode == 2
+    assert f"{users}: line 1" in check.stderr
+    assert run_tampu("users", "check", "--config-dir", str(root)).returncode == 1
+
+
+def test_user_add_keeps_the_files_mode_and_group(root):
+    add_user(root, USER, "first password")
+    users = root / "domains" / "example.test" / "users"
+    os.chown(users, 0, 12345)  # root:a group that the server runs as
+    os.chmod(users, 0o640)
+    add_user(root, "bob@example.test", "bob password")
+    st = users.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, 12345)
+    assert "bob:" in users.read_text()
+
+
+def test_user_check_tests_a_password(root):
+    add_user(root, USER, "right one")
+    ok = run_tampu("user", "check", "--config-dir", str(root), USER, "--password-stdin",
+                   stdin="right one\n")
+    assert ok.returncode == 0 and "password correct" in ok.stdout
+    bad = run_tampu("user", "check", "--config-dir", str(root), USER, "--password-stdin",
+                    stdin="wrong\n")
+    assert bad.returncode == 1 and "wrong password" in bad.stdout

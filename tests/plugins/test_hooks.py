@@ -50,7 +50,7 @@ def env_of(srv) -> dict[str, str]:
 
 def queued(srv, reply) -> email.message.Message:
     qid = reply[1].decode().rsplit(" ", 1)[-1]
-    return email.message_from_bytes(srv.server.queue.read_message(qid),
+    return email.message_from_bytes(srv.store.read_message_now(qid),
                                     policy=email.policy.compat32)
 
 
@@ -141,7 +141,7 @@ def test_malformed_output_is_not_injected(hook_server):
         reply = c.data(b"Subject: x\r\n\r\nb\r\n")
     assert reply[0] == 250
     msg = queued(srv, reply)
-    assert msg["X-Ok"] is None and b"not a header" not in srv.server.queue.read_message(
+    assert msg["X-Ok"] is None and b"not a header" not in srv.store.read_message_now(
         reply[1].decode().rsplit(" ", 1)[-1])
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tampu.config import load_config
-from tampu.context import ServerContext
 from tampu.errors import ConfigError
-from tampu.registry import build_registry
-from tampu.testing import make_config_dir
+from tampu.testing import make_config_dir, runtime_for
 from tests.helpers import RawClient, only_queue_item
 
 
@@ -37,7 +35,7 @@ def test_51_received_headers_is_a_loop_50_is_not(tampu_server):
     code, lines = send(srv, message(50, folded=True))
     assert code == 250, lines
     _, _, queued = only_queue_item(srv.queue_dir)
-    assert queued.startswith(b"Received: from client.test")  # ours on top: 51 now
+    assert queued.startswith(b"Received: from [127.0.0.1] (client.test)")  # ours: 51 now
     headers = queued.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
     assert sum(h.startswith(b"Received:") for h in headers) == 51
 
@@ -58,5 +56,5 @@ def test_bad_max_received_is_a_config_error(tmp_path, value):
         "50-loop.toml": f"[plugins.loopdetect]\nmax_received = {value}\n"})
     config = load_config(root)
     with pytest.raises(ConfigError) as info:
-        build_registry(config, ServerContext(config))
+        runtime_for(config).registry
     assert "50-loop.toml: key plugins.loopdetect.max_received:" in str(info.value)

@@ -56,7 +56,7 @@ def send(srv, sender: str, *, helo: str = "client.test"):
 
 def queued_headers(srv, data_reply) -> email.message.Message:
     qid = data_reply[1].decode().rsplit(" ", 1)[-1]
-    raw = srv.server.queue.read_message(qid)
+    raw = srv.store.read_message_now(qid)
     return email.message_from_bytes(raw, policy=email.policy.compat32)
 
 

@@ -1,4 +1,5 @@
-"""The on-disk queue: durability format, recovery at start, the cap, and ``tampu queue``."""
+"""The filesystem queue store: durability format, recovery at start, the cap, operator
+requests, and ``tampu queue``."""
 
 from __future__ import annotations
 
@@ -16,22 +17,26 @@ from pathlib import Path
 
 import pytest
 
-from tampu.caller import HookCaller, Hooks
-from tampu.errors import QueueError, QueueFull
-from tampu.queue import Queue, valid_id
-from tampu.registry import new_plugin_manager
+from tampu.errors import QueueError
+from tampu.item import QueueItem, Recipient, Route
+from tampu.store import valid_id
+from tampu.store_files import FilesystemStore
 from tampu.testing import make_config_dir
 from tests.recording import Recorder, fixed_port, send
 
 
-def _queue(path: Path, max_items: int = 10) -> Queue:
-    hooks = Hooks(HookCaller(new_plugin_manager(), {}, timeout=5))
-    return Queue(path, hooks, max_items)
+def _queue(path: Path, max_items: int = 10) -> FilesystemStore:
+    return FilesystemStore(path, max_items)
 
 
-def _submit(queue: Queue, data: bytes = b"Subject: x\r\n\r\nbody\r\n", **kw: object):
-    args = {"mail_from": "a@example.org", "recipients": ["b@example.test"], "data": data, **kw}
-    return asyncio.run(queue.submit(**args))  # type: ignore[arg-type]
+def _submit(queue: FilesystemStore, data: bytes = b"Subject: x\r\n\r\nbody\r\n",
+            recipients: list[str] | None = None, mail_from: str = "a@example.org",
+            **kw: object) -> QueueItem:
+    item = QueueItem(id=queue.new_id(), mail_from=mail_from,
+                     recipients=[Recipient(r, r) for r in recipients or ["b@example.test"]],
+                     **kw)  # type: ignore[arg-type]
+    asyncio.run(queue.put(item, data))
+    return item
 
 
 # ------------------------------------------------------------------------- format
@@ -39,50 +44,92 @@ def _submit(queue: Queue, data: bytes = b"Subject: x\r\n\r\nbody\r\n", **kw: obj
 
 def test_item_roundtrip_and_state(tmp_path):
     queue = _queue(tmp_path / "q")
-    item = _submit(queue, recipients=["b@example.test", "c@example.test", "B@example.test"])
-    assert valid_id(item.id) and queue.ids() == [item.id]
-    assert [r.address for r in item.recipients] == ["b@example.test", "c@example.test"]
+    item = _submit(queue, recipients=["b@example.test", "c@example.test"])
+    item.recipients.append(Recipient("b@example.test", "alias@example.test",
+                                     route=Route(pipe="cat")))
+    asyncio.run(queue.save_state(item))
+    assert valid_id(item.id) and queue.ids_now() == [item.id]
     raw = queue.item_path(item.id).read_bytes()
     header = json.loads(raw.split(b"\n", 1)[0])
     assert header["size"] == len(b"Subject: x\r\n\r\nbody\r\n")
-    assert queue.read_message(item.id) == b"Subject: x\r\n\r\nbody\r\n"
+    assert queue.read_message_now(item.id) == b"Subject: x\r\n\r\nbody\r\n"
     item.recipients[0].status = item.recipients[0].status.SENT
-    item.attempts = 1
+    item.attempts, item.held, item.next_attempt = 1, True, 1234.5
     item.extra["timed_out"] = ["c@example.test"]
     asyncio.run(queue.save_state(item))
-    again = queue.load(item.id)
+    again = queue.load_now(item.id)
     assert [r.status.value for r in again.recipients] == ["sent", "pending"]
     assert again.attempts == 1 and again.extra["timed_out"] == ["c@example.test"]
+    assert again.held and again.next_attempt == 1234.5
     assert not any(p.name.startswith(".tmp-") for p in queue.dir.iterdir())
+
+
+def test_state_is_matched_by_address_and_route(tmp_path):
+    queue = _queue(tmp_path / "q")
+    item = QueueItem(id=queue.new_id(), mail_from="a@example.org", recipients=[
+        Recipient("u@example.test", "list@example.test"),
+        Recipient("u@example.test", "list@example.test", route=Route(pipe="archive"))])
+    asyncio.run(queue.put(item, b"x\r\n"))
+    item.recipients[1].status = item.recipients[1].status.SENT
+    asyncio.run(queue.save_state(item))
+    again = queue.load_now(item.id)
+    assert [(r.route.pipe, r.status.value) for r in again.recipients] == [
+        (None, "pending"), ("archive", "sent")]
 
 
 def test_save_state_after_delete_writes_nothing(tmp_path):
     queue = _queue(tmp_path / "q")
     item = _submit(queue)
-    queue._remove_files(item.id)
+    queue.remove_now(item.id)
     asyncio.run(queue.save_state(item))
     assert sorted(p.name for p in queue.dir.iterdir()) == ["corrupt"]
 
 
-def test_cap_and_dsn_bypass(tmp_path):
+def test_failed_write_leaves_no_temporary_file(tmp_path):
+    # A real failing write: the file size limit makes write(2) fail half-way (EFBIG), as a
+    # full disk does with ENOSPC; in a child process, so that the limit stays there.
+    script = textwrap.dedent(f"""
+        import asyncio, resource, signal
+        from pathlib import Path
+        from tampu.item import QueueItem, Recipient
+        from tampu.store_files import FilesystemStore
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        store = FilesystemStore(Path({str(tmp_path / "q")!r}), 10)
+        store.prepare()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        item = QueueItem(id=store.new_id(), mail_from="a@x.test",
+                         recipients=[Recipient("b@x.test", "b@x.test")])
+        try:
+            asyncio.run(store.put(item, b"x" * 100_000))
+        except OSError as exc:
+            print("failed:", exc.errno)
+        """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30)
+    assert out.stdout.startswith("failed:"), out.stdout + out.stderr
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["corrupt"]
+
+
+def test_cap(tmp_path):
     queue = _queue(tmp_path / "q", max_items=2)
     _submit(queue)
+    assert not queue.full()
     _submit(queue)
     assert queue.full()
-    with pytest.raises(QueueFull):
-        _submit(queue)
-    _submit(queue, mail_from="", origin="dsn", check_full=False)  # bounces are never refused
-    assert queue.count() == 3
+    assert queue.count() == 2
 
 
-def test_retry_requests(tmp_path):
+def test_operator_requests(tmp_path):
     queue = _queue(tmp_path / "q")
-    queue.request_retry([])
-    queue.request_retry(["abc123"])
+    asyncio.run(queue.request("retry", []))
+    asyncio.run(queue.request("hold", ["abc123"]))
     with pytest.raises(QueueError):
-        queue.request_retry(["../../etc/passwd"])
-    assert queue.take_retry_requests() == ["abc123", "all"]
-    assert queue.take_retry_requests() == []
+        asyncio.run(queue.request("retry", ["../../etc/passwd"]))
+    with pytest.raises(QueueError):
+        asyncio.run(queue.request("explode", ["abc123"]))
+    assert sorted(asyncio.run(queue.take_requests())) == [("hold", "abc123"),
+                                                           ("retry", "all")]
+    assert asyncio.run(queue.take_requests()) == []
 
 
 # ------------------------------------------------------------------------- recovery
@@ -103,7 +150,6 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     busy = queue.dir / ".tmp-bbbbbusy.item"  # a reception worker writing right now
     busy.write_bytes(b"{")
     (queue.dir / "orphan0.state").write_text("{}")
-    queue.request_retry([])
 
     rec = Recorder()
     srv = tampu_server(config_dir=cdir, plugins=[rec], deliver=True)
@@ -111,8 +157,7 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     assert rec.attempts_for("good@example.test") == ["sent"]
     assert rec.attempts_for("b@example.test") == []
     names = sorted(p.name for p in queue.dir.iterdir())
-    assert names == [".tmp-bbbbbusy.item", "corrupt", "retry"]  # old tmp, orphan state gone
-    assert list((queue.dir / "retry").iterdir()) == []  # stale retry requests are cleared
+    assert names == [".tmp-bbbbbusy.item", "corrupt"]  # old tmp, orphan state gone
     assert sorted(p.name for p in (queue.dir / "corrupt").iterdir()) == [
         f"{truncated.id}.item", "zzzzgarbage.item"]
     assert f"qid={truncated.id}: corrupt queue item" in caplog.text
@@ -122,7 +167,7 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     # an unreadable state file is not fatal either: the item resumes from its enqueue state
     again = _submit(queue, recipients=["late@example.test"])
     (queue.dir / f"{again.id}.state").write_text("{broken")
-    assert queue.load(again.id).recipients[0].pending
+    assert queue.load_now(again.id).recipients[0].pending
 
 
 # ------------------------------------------------------------------------- the cap
@@ -236,13 +281,21 @@ def test_cli_queue_list_show_retry_delete(mda_server):
 
     listed = _tampu(cdir, "queue", "list")
     assert listed.returncode == 0, listed.stderr
-    assert qid in listed.stdout and "from=<sender@example.org>" in listed.stdout
-    assert "<user@example.test>  pending  last error:" in listed.stdout
+    assert qid in listed.stdout and "<sender@example.org>" in listed.stdout
+    assert "<user@example.test>  pending  (MDA" in listed.stdout
+    assert "next attempt 20" in listed.stdout and "in 1 item(s)" in listed.stdout
+    as_json = [json.loads(line) for line in _tampu(cdir, "queue", "list", "--json")
+               .stdout.splitlines()]
+    assert as_json[0]["queue_id"] == qid and as_json[0]["sender"] == "sender@example.org"
+    assert as_json[0]["recipients"][0]["status"] == "pending"
 
     shown = _tampu(cdir, "queue", "show", qid)
     assert shown.returncode == 0
     assert '"mail_from": "sender@example.org"' in shown.stdout
     assert "Subject: first one" in shown.stdout
+    headers = _tampu(cdir, "queue", "show", qid, "--headers").stdout
+    assert "Subject: first one" in headers and "body" not in headers
+    assert _tampu(cdir, "queue", "show", qid, "--body").stdout.strip() == "body"
     assert _tampu(cdir, "queue", "show", "nosuchid").returncode == 1
 
     flag.touch()
@@ -255,22 +308,37 @@ def test_cli_queue_list_show_retry_delete(mda_server):
     flag.unlink()
     qid2 = _smtp_send(port, "second one")
     _wait(lambda: (qdir / f"{qid2}.state").exists())
-    deleted = _tampu(cdir, "queue", "delete", qid2, "nosuchid")
-    assert deleted.returncode == 1  # one of the two was unknown
-    assert f"deleted {qid2}" in deleted.stdout
+    held = _tampu(cdir, "queue", "hold", qid2)
+    assert held.returncode == 0, held.stderr
+    _wait(lambda: "!" in _tampu(cdir, "queue", "list").stdout.split()[0])
+    flag.touch()
+    assert _tampu(cdir, "queue", "retry", qid2).returncode == 0
+    time.sleep(0.5)
+    assert b"second one" not in out.read_bytes()  # held: not delivered
+    flag.unlink()
+    assert _tampu(cdir, "queue", "delete", qid2, "nosuchid").returncode == 1  # unknown ID
+    deleted = _tampu(cdir, "queue", "delete", qid2)
+    assert deleted.returncode == 0 and "delete" in deleted.stdout
     _wait(lambda: not any(qdir.glob(f"{qid2}*")))
     flag.touch()
-    assert _tampu(cdir, "queue", "retry").returncode == 0  # "all": nothing left to do
+    assert _tampu(cdir, "queue", "flush").returncode == 0  # "all": nothing left to do
     time.sleep(0.3)
     assert b"second one" not in out.read_bytes()
-    assert os.listdir(qdir / "retry") == []  # the server took the request
+    assert os.listdir(qdir / "requests") == []  # the server took every request
 
 
-def test_cli_retry_without_server(tmp_path):
+def test_cli_without_server(tmp_path):
     cdir = make_config_dir(tmp_path / "conf")
     queue = _queue(cdir / "data" / "queue")
     item = _submit(queue)
+    other = _submit(queue, recipients=["x@far.test"])
     res = _tampu(cdir, "queue", "retry", item.id)
-    assert res.returncode == 1 and "no running server" in res.stderr
-    assert (queue.dir / "retry" / item.id).exists()  # taken at the next start
+    assert res.returncode == 0 and "no running server" in res.stdout
     assert _tampu(cdir, "queue", "retry", "../x").returncode == 1
+    assert _tampu(cdir, "queue", "hold", item.id).returncode == 0
+    assert queue.load_now(item.id).held  # applied to the store at once
+    res = _tampu(cdir, "queue", "delete", "--domain", "FAR.test")
+    assert res.returncode == 0, res.stderr
+    assert queue.ids_now() == [item.id] and other.id not in queue.ids_now()
+    assert _tampu(cdir, "queue", "delete", "ALL").returncode == 0
+    assert queue.ids_now() == []

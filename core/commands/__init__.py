@@ -1,0 +1,1 @@
+"""Subcommands of the ``tampu`` command that are more than a few lines."""

@@ -1,0 +1,120 @@
+"""The queue store interface: where queue items live until they are delivered.
+
+A store keeps each item's envelope, recipients' state and message bytes, durably. It never
+calls hooks and knows nothing of delivery: :mod:`tampu.intake` puts items in, the delivery
+loop reads and updates them. The filesystem store (:mod:`tampu.store_files`) is the
+embedded default; other stores (PostgreSQL) implement the same methods.
+
+Rules every store keeps:
+
+* ``put`` returns only once the item survives a crash at any instant (fsync or a committed
+  transaction): the SMTP ``250`` is sent after it;
+* ``save_state`` is durable before it returns, so a restart never redoes a finished recipient;
+* ``remove`` may lose its effect in a crash (the item is then delivered again: twice is
+  allowed, zero times is not).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import re
+import secrets
+import time
+from typing import Protocol
+
+from tampu.item import QueueItem
+
+_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
+
+
+class QueueStore(Protocol):
+    """What the core needs of a queue store."""
+
+    max_items: int
+
+    def new_id(self) -> str: ...
+
+    def full(self) -> bool:
+        """True when new mail must get ``452 4.3.1`` (cheap: called at every MAIL FROM)."""
+        ...
+
+    async def put(self, item: QueueItem, message: bytes) -> None:
+        """Store a new item durably. Raises QueueError or OSError (nothing is stored then)."""
+        ...
+
+    async def save_state(self, item: QueueItem) -> None:
+        """Store the item's delivery state durably (nothing if the item is gone)."""
+        ...
+
+    async def remove(self, item: QueueItem) -> None: ...
+
+    async def exists(self, item_id: str) -> bool: ...
+
+    async def load(self, item_id: str) -> QueueItem:
+        """One item with its state. Raises QueueError for a missing or corrupt item."""
+        ...
+
+    async def read_message(self, item_id: str) -> bytes: ...
+
+    async def ids(self) -> list[str]:
+        """Every item's ID, oldest first."""
+        ...
+
+    async def recover(self) -> list[QueueItem]:
+        """At start: clean up after a crash, set unreadable items aside, load the rest."""
+        ...
+
+    async def quarantine(self, item_id: str, reason: str) -> None:
+        """Set an unreadable item aside for an operator to look at."""
+        ...
+
+    async def request(self, action: str, ids: list[str]) -> None:
+        """Leave an operator request (``retry``, ``delete``, ``hold``, ``release``) for the
+        running server; ``ids`` empty means every item."""
+        ...
+
+    async def take_requests(self) -> list[tuple[str, str]]:
+        """The pending operator requests as (action, ID or ``all``), removed as taken."""
+        ...
+
+
+def valid_id(item_id: str) -> bool:
+    """A queue ID as tampu makes them (so it is safe as a file name)."""
+    return bool(_ID_RE.match(item_id))
+
+
+def format_age(seconds: float) -> str:
+    """An item's age for people: ``42s``, ``17m``, ``3.5h``."""
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+class _QueueIds:
+    """Queue IDs: time (ms), a per-process random prefix and a counter; no syscall per ID."""
+
+    def __init__(self) -> None:
+        self.pid = -1
+        self.prefix = b""
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        if self.pid != os.getpid():  # first use, or a forked reception worker
+            self.pid = os.getpid()
+            self.prefix = secrets.token_bytes(3)
+            self.counter = itertools.count(secrets.randbelow(1 << 16))
+        raw = (int(time.time() * 1000).to_bytes(6, "big") + self.prefix
+               + (next(self.counter) & 0xFFFF).to_bytes(2, "big"))
+        return base64.b32encode(raw).decode().lower().rstrip("=")
+
+
+_ids = _QueueIds()
+
+
+def new_queue_id() -> str:
+    """Sortable by time (ms), 18 characters of lower-case base32."""
+    return _ids.next()
