@@ -4,8 +4,9 @@ pluggy is the registry (specs, markers, validation, entry points, blocking); thi
 the implementations itself so that ``async def`` implementations, ``@blocking`` ones, per-call
 timeouts and the first-verdict rule all work in one place. A plain function runs inline, with
 no timer and no coroutine (the fast path); only awaitables get a timeout, and ``@blocking``
-functions run in a thread under one. Timing is sampled (every :data:`SAMPLE_EVERY` th call of
-a hook, and every failure), unless ``TAMPU_TRACE_HOOKS=1`` asks for all of them.
+functions run in a thread under one. Timing is sampled (the first call of a hook, every
+:data:`SAMPLE_EVERY` th after it, and every failure), unless ``TAMPU_TRACE_HOOKS=1`` asks for
+all of them.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class HookCaller:
 
     def _sampled(self, hook: _Hook) -> bool:
         hook.calls += 1
-        return self.trace or (bool(self.observers) and hook.calls % SAMPLE_EVERY == 0)
+        return self.trace or (bool(self.observers) and hook.calls % SAMPLE_EVERY == 1)
 
     async def first(self, name: str, **kwargs: Any) -> tuple[Any, str | None]:
         """Verdict hook: (the first non-None result, the plugin that gave it), or (None, None).

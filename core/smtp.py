@@ -351,9 +351,10 @@ class SmtpSession(Wire):
         except PluginError as exc:
             verdict, plugin = R.PLUGIN_FAILED, exc.plugin
         reply = verdict or R.SENDER_OK
-        if reply.is_positive:
-            self.envelope = env
+        self.envelope = env  # for the verdict's observers, also when refused
         await self._verdict("mail", reply, plugin, path.address, start)
+        if not reply.is_positive:
+            self.envelope = None
         self.reply(reply)
 
     def _check_mail_params(self, params: dict[str, str | bool]) -> None:

@@ -9,15 +9,22 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tampu import reply as R
+from tampu.caller import Hooks
 from tampu.envelope import AuthResult, Session
 from tampu.errors import PluginError
 from tampu.reply import Reply
 
-if TYPE_CHECKING:
-    from tampu.smtp import SmtpSession
+
+class Challenger(Protocol):
+    """What the AUTH exchange needs of the session: a way to ask, and the hooks."""
+
+    @property
+    def hooks(self) -> Hooks: ...
+
+    async def challenge(self, prompt: bytes) -> str | None: ...
 
 log = logging.getLogger("tampu.smtp")
 
@@ -34,7 +41,7 @@ def _decode(text: str | None) -> bytes | Reply:
         return BAD_BASE64
 
 
-async def credentials(conn: SmtpSession, mechanism: str,
+async def credentials(conn: Challenger, mechanism: str,
                       initial: str | None) -> tuple[str, str] | Reply:
     """(login, password) from the client, or the reply that ends the exchange."""
     if mechanism == "PLAIN":
@@ -57,7 +64,7 @@ async def credentials(conn: SmtpSession, mechanism: str,
     return name.decode("utf-8", "replace"), secret.decode("utf-8", "replace")
 
 
-async def authenticate(conn: SmtpSession, session: Session, arg: str) -> tuple[Reply, str]:
+async def authenticate(conn: Challenger, session: Session, arg: str) -> tuple[Reply, str]:
     """Run one AUTH command: (the reply to send, the login tried)."""
     args = arg.split()
     if not args or len(args) > 2:
@@ -72,7 +79,7 @@ async def authenticate(conn: SmtpSession, session: Session, arg: str) -> tuple[R
     if isinstance(got, Reply):
         return got, ""
     login, password = got
-    hooks = conn.state.runtime.hooks
+    hooks = conn.hooks
     try:
         result, _plugin = await hooks.smtp_auth(session, mechanism, login, password)
     except PluginError:

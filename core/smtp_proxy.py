@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiosmtpd.proxy_protocol import AF, V2_CMD, get_proxy
 
-if TYPE_CHECKING:
-    from tampu.smtp import SmtpSession
+from tampu.envelope import ListenerInfo, Session
 
 log = logging.getLogger("tampu.smtp")
 
@@ -25,10 +24,23 @@ PROXY_TIMEOUT = 10.0
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+class ProxiedConnection(Protocol):
+    """What reading the PROXY header needs of the session."""
+
+    session: Session | None
+    listener: ListenerInfo
+    proxy_trusted: list[IPNetwork] | None
+    loop: asyncio.AbstractEventLoop
+
+    async def read_exactly(self, n: int, deadline: float) -> bytes: ...
+
+    async def read_until(self, separator: bytes, deadline: float) -> bytes: ...
+
+
 class _Reader:
     """aiosmtpd's AsyncReader protocol over the session's bounded input."""
 
-    def __init__(self, conn: SmtpSession) -> None:
+    def __init__(self, conn: ProxiedConnection) -> None:
         self.conn = conn
 
     async def readexactly(self, n: int) -> bytes:
@@ -41,7 +53,7 @@ class _Reader:
         return await self.conn.read_exactly(max(1, n), self.conn.loop.time() + PROXY_TIMEOUT)
 
 
-async def read_proxy_header(conn: SmtpSession) -> bool:
+async def read_proxy_header(conn: ProxiedConnection) -> bool:
     """Read the PROXY header of a trusted proxy and adopt the client address it reports.
     False: the connection must be closed (untrusted source, no valid header)."""
     session = conn.session

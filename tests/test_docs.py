@@ -19,7 +19,10 @@ def test_catalogue_is_complete():
     assert hookspecs.HOOK_NAMES
     for name in ("smtp_rcpt_to", "smtp_data", "deliver", "queue_enqueued", "tampu_startup"):
         assert name in hookspecs.HOOK_NAMES
-    assert hookspecs.__doc__ and "smtp_connect -> smtp_helo" in hookspecs.__doc__
+    doc = hookspecs.__doc__ or ""
+    for name in hookspecs.HOOK_NAMES:  # the firing orders name every hook of a stage
+        if name.startswith(("smtp_", "queue_")) or name in ("deliver", "make_dsn"):
+            assert name in doc, name
 
 
 @pytest.mark.parametrize("name", hookspecs.HOOK_NAMES)

@@ -73,9 +73,52 @@ def test_the_server_modules_do_not_pull_in_plugins():
     import subprocess
     import sys
 
-    code = ("import sys; import tampu.server, tampu.cli, tampu.smtp, tampu.queue, "
-            "tampu.delivery, tampu.registry; "
+    code = ("import sys; import tampu.server, tampu.cli, tampu.smtp, tampu.intake, "
+            "tampu.store_files, tampu.delivery, tampu.registry; "
             "print(sorted(m for m in sys.modules if m.startswith('tampu.plugins.')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=60)
     assert done.stdout.strip() == "[]"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ``tampu.X`` module a core module imports, TYPE_CHECKING blocks included."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "tampu" and len(parts) >= 2 and parts[1] != "plugins":
+                found.add(parts[1])
+    return found
+
+
+def test_the_core_has_no_import_cycles():
+    """Not even behind TYPE_CHECKING: each module depends only on modules below it."""
+    core = REPO / "core"
+    graph = {p.stem: _imports(p) & {q.stem for q in core.glob("*.py")}
+             for p in core.glob("*.py") if p.stem not in ("__init__", "testing")}
+    for node in graph:
+        graph[node].discard(node)
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state = seen.get(node)
+        if state == 1:
+            raise AssertionError("import cycle: " + " -> ".join([*path, node]))
+        if state == 2:
+            return
+        seen[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            visit(dep, [*path, node])
+        seen[node] = 2
+
+    for node in sorted(graph):
+        visit(node, [])

@@ -129,7 +129,8 @@ class AliasesPlugin:
         sender = None
         if (self.ctx.settings.rewrite_sender and mail_from
                 and not self.ctx.server.is_local_address(mail_from)):
-            sender = srs.rewrite(mail_from, final.path[-1], self.separator, self.key)
+            alias = next(a for a in reversed(final.path) if self.ctx.server.is_local_address(a))
+            sender = srs.rewrite(mail_from, alias, self.separator, self.key)
         return Recipient(final.value, original, route=Route(
             via=final.via if final.kind is Kind.FORWARD else (), forward=True,
             mail_from=sender))

@@ -161,9 +161,12 @@ class MetricsState:
         if outcome != "ok":
             self.hook_failures.labels(hook, plugin, outcome).inc()
 
-    def count_results(self, envelope: Envelope) -> None:
-        """Count the transaction's authentication results (once, at its end)."""
+    def count_results(self, envelope: Envelope, stage: str) -> None:
+        """Count authentication results: SPF's when MAIL FROM is decided (refused or not),
+        the others (DKIM, DMARC ...) when DATA is."""
         for found in results(envelope):
+            if (found.method == "spf") != (stage == "mail"):
+                continue
             self.authres.labels(found.method, found.result).inc()
             if found.method == "spf":
                 self.spf.labels(found.result).inc()
@@ -258,10 +261,14 @@ class MetricsPlugin:
             self.state.open.labels(session.listener.name).inc()
 
     @hookimpl
-    def smtp_verdict(self, verdict: Verdict) -> None:
-        if self.state is not None and verdict.refused:
+    def smtp_verdict(self, envelope: Envelope | None, verdict: Verdict) -> None:
+        if self.state is None:
+            return
+        if verdict.refused:
             self.state.refusals.labels(verdict.stage, verdict.plugin,
                                        str(verdict.reply.code)).inc()
+        if envelope is not None and verdict.stage in ("mail", "data"):
+            self.state.count_results(envelope, verdict.stage)
 
     @hookimpl
     def smtp_auth_result(self, success: bool) -> None:
@@ -271,7 +278,6 @@ class MetricsPlugin:
     @hookimpl
     def smtp_transaction_done(self, session: Session, envelope: Envelope, reply: Reply) -> None:
         if self.state is not None:
-            self.state.count_results(envelope)
             self.state.transactions.labels(session.listener.name, f"{reply.code // 100}xx").inc()
 
     @hookimpl

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
 from tampu.cli import main as tampu_main
-import re
-
 from tampu.plugins.aliases import srs
 from tampu.plugins.aliases.parser import (
     AliasesError,

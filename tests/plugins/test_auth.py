@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
+import os
 import stat
 
 import pytest
 
-import os
-
-from tampu.users import UsersFileError, hash_password, read_users_file, verify_password
 from tampu.testing import make_config_dir
+from tampu.users import UsersFileError, hash_password, read_users_file, verify_password
 from tests.helpers import RawClient, add_user, run_tampu
 
 USER = "alice@example.test"

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from tampu import ConfigError, Recipient, hookimpl
+from tampu import ConfigError, Recipient, Route, hookimpl
 from tests.plugins.delivery_kit import Recorder, load, recipient, send, wait_for
 
 CONF = {"40-delivery.toml": """
@@ -83,7 +83,7 @@ class PipeRoute:
     @hookimpl
     def queue_expand_recipient(self, envelope, item, recipient):
         if recipient.startswith("jdoe@"):
-            return [Recipient(recipient, recipient, route={"pipe": "cat >/dev/null"})]
+            return [Recipient(recipient, recipient, route=Route(pipe="cat >/dev/null"))]
         return None
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tampu import ConfigError, Recipient, hookimpl
+from tampu import ConfigError, Recipient, Route, hookimpl
 from tampu.plugins.delivery_mda import build_argv, substitutions
 from tests.plugins.delivery_kit import Recorder, load, recipient, send, wait_for
 
@@ -72,12 +72,13 @@ def test_mda_gets_chasquid_args_stdin_and_env(tampu_server, mda, monkeypatch):
     qid = send(srv, "Sender@Example.ORG", ["J.Doe+Tag@example.test"],
                b"Subject: hi\r\n\r\nline one\r\n.dotted\r\n")
     rec = wait_for(lambda: records(out), what="the MDA to run")[0]
-    assert rec["argv"] == ["-f", "Sender@Example.ORG", "Sender", "example.org",
+    # the domain is in its canonical form from RCPT/MAIL on; the local part is kept as sent
+    assert rec["argv"] == ["-f", "Sender@example.org", "Sender", "example.org",
                            "jdoe@example.test", "example.test", "jdoe", "example.test",
                            "--x=jdoe", "-d", "jdoe"]
     assert rec["stdin"].endswith("Subject: hi\n\nline one\n.dotted\n")
     assert "\r" not in rec["stdin"]
-    assert rec["env"] == {"SENDER": "Sender@Example.ORG", "RECIPIENT": "J.Doe+Tag@example.test",
+    assert rec["env"] == {"SENDER": "Sender@example.org", "RECIPIENT": "J.Doe+Tag@example.test",
                           "ORIGINAL_RECIPIENT": "J.Doe+Tag@example.test", "LOCAL": "jdoe",
                           "DOMAIN": "example.test", "QUEUE_ID": qid, "TAMPU_TEST_SECRET": None}
     assert rec["cwd"] == str(srv.server.config.data_dir)
@@ -144,8 +145,8 @@ class PipeRoutes:
         good = (f"cat > {self.out}/piped.txt; "
                 f'echo "$SENDER|$RECIPIENT|$ORIGINAL_RECIPIENT|$QUEUE_ID" > {self.out}/env.txt')
         bad = "echo 'quota exceeded' >&2; exit 3"
-        return [Recipient("pipe@example.test", recipient, route={"pipe": good}),
-                Recipient("pipe-fail@example.test", recipient, route={"pipe": bad})]
+        return [Recipient("pipe@example.test", recipient, route=Route(pipe=good)),
+                Recipient("pipe-fail@example.test", recipient, route=Route(pipe=bad))]
 
 
 def test_pipe_routes_run_through_the_shell(tampu_server, mda):

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tampu import Envelope, QueueItem, Recipient, hookimpl
+from tampu import Envelope, QueueItem, Recipient, Route, hookimpl
 from tampu.testing import server_toml
 from tests.plugins.delivery_kit import Recorder, wait_for
 from tests.plugins.remote_kit import MXFarm, Sink, free_port, remote_conf, submit
@@ -157,7 +157,7 @@ class ExpandToRemote:
                                recipient: str) -> list[Recipient] | None:
         if recipient != "fwd@example.test":
             return None
-        return [Recipient("ivan@remote.test", recipient, route=dict(self.route))]
+        return [Recipient("ivan@remote.test", recipient, route=Route.from_json(self.route))]
 
 
 def _send_unauthenticated(srv) -> None:
@@ -174,7 +174,7 @@ def test_unauthenticated_mail_is_not_relayed(remote, farm):
     result = rec.first("ivan@remote.test")
     assert result.status == "permanent"
     assert result.enhanced == "5.7.1"
-    assert "relaying denied" in result.text
+    assert "relaying to <ivan@remote.test> denied" in result.text
     assert mx.rcpt_seen == []
 
 

@@ -73,7 +73,7 @@ class WebhookBackend:
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def claims(self, recipient: Recipient) -> bool:
-        if "pipe" in recipient.route or "via" in recipient.route:
+        if recipient.route.pipe is not None or recipient.route.via:
             return False  # routes set by aliases belong to delivery_mda / delivery_smtp
         return domain_of(recipient.address) in self.settings.domains
 
