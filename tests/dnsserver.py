@@ -151,6 +151,7 @@ class DNSServer:
                 if attempt == 19:
                     raise
         for srv in (self._udp, self._tcp):
+            assert srv is not None
             threading.Thread(target=srv.serve_forever, daemon=True,
                              kwargs={"poll_interval": 0.1}).start()
 

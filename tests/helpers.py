@@ -28,7 +28,8 @@ class RawClient:
     """
 
     def __init__(self, port: int, *, host: str = "127.0.0.1", timeout: float = 10,
-                 tls: ssl.SSLContext | None = None, server_hostname: str = "localhost") -> None:
+                 tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = "localhost") -> None:
         sock = socket.create_connection((host, port), timeout=timeout)
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname=server_hostname)

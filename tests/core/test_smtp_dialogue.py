@@ -10,6 +10,7 @@ import re
 import smtplib
 import subprocess
 import time
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -216,7 +217,7 @@ def test_pipelined_commands_raw(tampu_server):
 def test_pipelining_aiosmtplib(tampu_server):
     srv = tampu_server(users={"user@example.test": "secret"})
 
-    async def send() -> tuple[dict[str, tuple[int, str]], str]:
+    async def send() -> tuple[dict[str, Any], str]:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=srv.port("smtp"), timeout=10,
                                  start_tls=False)
         async with client:

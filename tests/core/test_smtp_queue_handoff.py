@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import re
+import ssl
 
 from tampu import Reply, hookimpl
 from tests.helpers import RawClient, only_queue_item, read_queue_item
@@ -86,8 +87,9 @@ def test_starttls_auth_message_records_tls_and_user(tampu_server):
         assert c.cmd(f"AUTH PLAIN {blob}")[0] == 235
         qid = send_raw(c, "user@example.test", ["friend@remote.example", "user@example.test"],
                        BODY)
-        version = c.sock.version()  # type: ignore[attr-defined]
-        cipher = c.sock.cipher()[0]  # type: ignore[attr-defined]
+        assert isinstance(c.sock, ssl.SSLSocket)
+        version = c.sock.version()
+        cipher = (c.sock.cipher() or ("",))[0]
     header, message = read_queue_item(srv.queue_dir / f"{qid}.item")
     assert header["auth_user"] == "user@example.test"
     assert [r["address"] for r in header["recipients"]] == ["friend@remote.example",

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from tampu import hookimpl
+from tampu import MethodResult, add_result, hookimpl
 from tampu.plugins.domaininfo.store import DomainInfoStore, SecLevel
 from tests.helpers import RawClient
 from tests.plugins.delivery_kit import Recorder, wait_for
@@ -131,11 +131,9 @@ class SpfPass:
 
     @hookimpl
     def smtp_mail_from(self, session, envelope, address, params):
-        from tampu.plugins.spf.result import SPF_RESULT, SpfResult
-
         domain = address.rpartition("@")[2]
         result = "pass" if domain == "sender.test" else "fail"
-        session.stash[SPF_RESULT] = SpfResult(result, "", address, domain)
+        add_result(envelope, MethodResult("spf", result, (("smtp.mailfrom", address),)))
 
 
 def _mail_from(srv, address: str, *, tls: bool) -> tuple[int, list[str]]:
@@ -149,7 +147,6 @@ def _mail_from(srv, address: str, *, tls: bool) -> tuple[int, list[str]]:
 
 
 def test_incoming_downgrade_is_refused(tampu_server):
-    pytest.importorskip("tampu.plugins.spf.result")
     srv = tampu_server(plugins=[SpfPass()], conf={"45-delivery-remote.toml": """
         [plugins.domaininfo]
         enabled = true
