@@ -157,7 +157,8 @@ class DovecotAuthPlugin:
         if not is_safe_username(login) or not is_safe_username(name):
             return AuthResult(success=False, reason="login has white space or control "
                               "characters")
-        answer = await self.dovecot.check_password(name, password)
+        answer = await self.dovecot.check_password(name, password,
+                                                   remote_ip=session.peer_host)
         if answer.ok is None:
             # The core answers 454 4.7.0 for a PluginError; the client logged why.
             raise PluginError(self.ctx.name, "smtp_auth",

@@ -357,6 +357,7 @@ def test_smtp_auth_against_dovecot(tampu_server, dovecot):
     assert auth_plain(srv, f"bob@{DOMAIN}", "bob secret") == 235
     assert auth_plain(srv, f"alice@{DOMAIN}", "wrong") == 535
     assert auth_plain(srv, f"nobody@{DOMAIN}", "alice secret") == 535
+    assert f"(alice@{DOMAIN},127.0.0.1)" in dovecot.log()  # the client's address as rip
     # a domain with a users file stays tampu's: Dovecot's user there is not asked for
     assert auth_plain(srv, f"onlydovecot@{FILE_DOMAIN}", "od secret") == 535
     assert auth_plain(srv, f"local@{FILE_DOMAIN}", "local secret") == 235
