@@ -95,6 +95,25 @@ class DovecotAuthPlugin:
                                    settings.timeout, log=ctx.log)
         self.domains = frozenset(settings.domains)
         self._users_files: dict[str, FileStamp] = {}
+        ctx.server.users.add_source(self)  # aliases and others see Dovecot's users too
+
+    async def authenticate(self, login: str, password: str) -> bool | None:
+        """The user directory's source interface: None for logins Dovecot does not serve
+        or when it cannot answer."""
+        target = self.login_for_dovecot(login)
+        if target is None or not is_safe_username(target[0]):
+            return None
+        return (await self.dovecot.check_password(target[0], password)).ok
+
+    async def exists(self, address: str) -> bool | None:
+        user, domain = split_address(address)
+        canonical = self.ctx.server.domains.canonical(domain) if domain else None
+        if not user or canonical is None or not self.serves(canonical):
+            return None
+        wanted, _ = self.ctx.server.mailbox_of(address)
+        if not is_safe_username(wanted):
+            return None
+        return await self.dovecot.exists(f"{wanted}@{canonical}")
 
     # ------------------------------------------------------------------ which users
 
@@ -107,7 +126,7 @@ class DovecotAuthPlugin:
             return False
         stamp = self._users_files.get(domain)
         if stamp is None:
-            path: Path = server.config.domains_dir / domain / "users"
+            path: Path = server.domains.folder(domain) / "users"
             stamp = self._users_files[domain] = server.file_stamp(path)
         return not stamp.exists()
 
@@ -182,7 +201,7 @@ class DovecotAuthPlugin:
         server = self.ctx.server
         if not server.is_local_domain(domain) or not self.serves(domain):
             return None
-        wanted = server.normalize_user(user)
+        wanted, _ = server.mailbox_of(address)
         if not is_safe_username(wanted):
             return None
         found = await self.dovecot.exists(f"{wanted}@{domain}")
