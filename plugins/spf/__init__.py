@@ -24,6 +24,7 @@ from tampu import (
     StashKey,
     hookimpl,
 )
+from tampu.authres import MethodResult, add_result
 from tampu.plugins.spf.check import Evaluation, SpfChecker
 from tampu.plugins.spf.result import SPF_RESULT, SpfResult
 
@@ -92,6 +93,9 @@ class SpfPlugin:
         res = evaluation.result
         session.stash[SPF_RESULT] = res
         session.stash[_EVALUATION] = evaluation
+        add_result(envelope, MethodResult("spf", res.result, (("smtp.helo", res.domain),)
+                                          if evaluation.scope == "helo"
+                                          else (("smtp.mailfrom", address),)))
         action = self.action(res.result)
         self.ctx.log.info("session=%s SPF %s for <%s> from %s (%s): %s", session.id, res.result,
                           res.identity, session.peer_host, res.explanation, action)
