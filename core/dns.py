@@ -338,8 +338,14 @@ class Resolver:
                 proto.transport.close()
             proto = None
         if proto is None:
+            found = self._sockets.get(server)
             _, made = await loop.create_datagram_endpoint(lambda: _Udp(self),
                                                           remote_addr=server)
+            current = self._sockets.get(server)
+            if current is not None and current is not found and current.transport is not None:
+                if made.transport is not None:  # a concurrent query made one: keep one socket
+                    made.transport.close()
+                return current
             proto = made
             self._sockets[server] = proto
         return proto
