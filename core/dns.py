@@ -340,6 +340,12 @@ class Resolver:
         if proto is None:
             _, made = await loop.create_datagram_endpoint(lambda: _Udp(self),
                                                           remote_addr=server)
+            other = self._sockets.get(server)
+            if other is not None and other.transport is not None and \
+                    not other.transport.is_closing():  # a concurrent query made one meanwhile
+                if made.transport is not None:
+                    made.transport.close()
+                return other
             proto = made
             self._sockets[server] = proto
         return proto
