@@ -99,7 +99,15 @@ class DkimPlugin:
         # TODO(core): take the server's shared resolver when the core hands one to plugins.
         self.resolver = Resolver.from_settings(server.config.server.dns_servers,
                                                server.config.server.dns_timeout)
-        self.verifier = Verifier(self.resolver, timeout=ctx.settings.verify_timeout,
+        limit = ctx.settings.hook_timeout or server.config.server.plugin_timeout
+        timeout = ctx.settings.verify_timeout
+        if ctx.settings.verify and timeout >= limit:
+            timeout = 0.9 * limit
+            ctx.log.warning("[plugins.dkim] verify_timeout (%.1f s) is not below the hook "
+                            "timeout (%.1f s): using %.1f s, so that a slow key lookup gives "
+                            "temperror rather than 451", ctx.settings.verify_timeout, limit,
+                            timeout)
+        self.verifier = Verifier(self.resolver, timeout=timeout,
                                  max_signatures=ctx.settings.max_signatures)
 
     # ------------------------------------------------------------------ signing

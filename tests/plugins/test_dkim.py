@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tampu import ConfigError, PluginContext, QueueItem, ServerContext, hookimpl
+from tampu import ConfigError, DeliveryResult, PluginContext, QueueItem, ServerContext, hookimpl
 from tampu.authres import results
 from tampu.cli import main as tampu_main
 from tampu.config import load_config
@@ -277,6 +277,17 @@ def test_plugin_signs_what_it_should(tmp_path):
     off = DkimPlugin(PluginContext("dkim", DkimSettings(enabled=True, sign=False),
                                    ServerContext(load_config(cdir))))
     assert off.signatures(item(auth_user=USER), MESSAGE) == []
+
+
+def test_verify_timeout_stays_below_the_hook_timeout(tmp_path, caplog):
+    cdir = make_config_dir(tmp_path / "cfg")
+    context = ServerContext(load_config(cdir))
+    with caplog.at_level("WARNING", logger="tampu.plugins.dkim"):
+        plugin = DkimPlugin(PluginContext("dkim", DkimSettings(hook_timeout=2), context))
+    assert plugin.verifier.timeout == pytest.approx(1.8)
+    assert "verify_timeout (10.0 s) is not below the hook timeout (2.0 s)" in caplog.text
+    plugin = DkimPlugin(PluginContext("dkim", DkimSettings(verify_timeout=3), context))
+    assert plugin.verifier.timeout == 3  # below plugin_timeout (5 s in tests): as set
 
 
 def test_headers_setting_is_validated():
@@ -633,3 +644,45 @@ def test_end_to_end(tampu_server, tampu_ca, tmp_path):
                                   ["dkim=none"]]
         assert [m.count(b"DKIM-Signature:") for m in arrived] == [1, 0]
         assert dkimpy_verifies(arrived[0], {"sel._domainkey.example.org": record}) == [True]
+
+
+class Capture:
+    """A delivery backend that claims everything: the original fails, its DSN is kept."""
+
+    name = "capture"
+    priority = 1
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+
+    @hookimpl
+    def deliver(self, item, recipient, message):
+        self.got.append((item.origin, message))
+        if item.origin == "dsn":
+            return DeliveryResult.sent("captured")
+        return DeliveryResult.permanent("refused by the test")
+
+
+def test_dsn_is_signed_end_to_end(tampu_server, tampu_ca, tmp_path):
+    """The server's own mail (a DSN from MAILER-DAEMON@<hostname>) is signed when the
+    hostname is a local domain with keys; mail from outside with a local From is not."""
+    cdir = make_config_dir(tmp_path / "srv", users={USER: PASSWORD}, ca=tampu_ca,
+                           base=server_toml(hostname=DOMAIN),
+                           conf={"33-dkim.toml": "[plugins.dkim]\nenabled = true\n",
+                                 "50-dsn.toml": "[plugins.dsn]\nenabled = true\n"})
+    key = make_key(cdir / "domains" / DOMAIN, "bounce", "ed25519")
+    capture = Capture()
+    srv = tampu_server(config_dir=cdir, plugins=[capture], deliver=True)
+    with srv.smtp() as client:
+        assert not client.sendmail("someone@example.org", [USER], MESSAGE)
+    deadline = time.monotonic() + 20
+    while len(capture.got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    origins = [origin for origin, _ in capture.got]
+    assert origins == ["smtp", "dsn"], origins
+    original, dsn = (message for _, message in capture.got)
+    assert b"DKIM-Signature:" not in original
+    assert b"MAILER-DAEMON@example.test" in dsn.split(b"\r\n\r\n", 1)[0]
+    assert dkimpy_verifies(dsn, {f"bounce._domainkey.{DOMAIN}": key.txt_record()}) == [True]
+    assert opendkim.verify(dsn, {f"bounce._domainkey.{DOMAIN}": key.txt_record()},
+                           tmp_path) == {(DOMAIN, "bounce"): (True, 0)}
