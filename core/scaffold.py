@@ -73,6 +73,13 @@ enabled = true
 [plugins.aliases]
 enabled = true
 """,
+    "33-dkim.toml": """\
+# DKIM: submitted mail is signed for its From domain once that domain has a key
+# (tampu dkim keygen DOMAIN; publish what tampu dkim dns DOMAIN prints); incoming
+# signatures are verified and recorded.
+[plugins.dkim]
+enabled = true
+""",
     "40-delivery-local.toml": """\
 # Local mailboxes: a Maildir per user in <data_dir>/mail/<domain>/<user>/ (point Dovecot
 # there), or see docs for an MDA or LMTP instead.

@@ -68,6 +68,19 @@ def default_ca() -> Any:  # noqa: ANN401 - a trustme.CA
     return _DEFAULT_CA[0]
 
 
+def context_for(config: Any) -> Any:  # noqa: ANN401 - a Config and a ServerContext
+    """A ServerContext of ``config`` (store and DNS client included), to build a plugin in a
+    unit test: ``MyPlugin(PluginContext("name", settings, context_for(config)))``."""
+    from tampu.context import ServerContext
+    from tampu.dns import Resolver
+    from tampu.store_files import FilesystemStore
+
+    return ServerContext(config, FilesystemStore(config.data_dir / "queue",
+                                                 config.server.max_queue_items),
+                         Resolver.from_settings(config.server.dns_servers,
+                                                config.server.dns_timeout))
+
+
 def runtime_for(config: Any) -> Any:  # noqa: ANN401 - a Config and a Runtime
     """The validated runtime of ``config`` (what ``tampu check`` builds), for tests."""
     from tampu.runtime import build_runtime

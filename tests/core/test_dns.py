@@ -47,6 +47,22 @@ def test_records_cache_and_coalescing():
         assert answers[0].ttl == 60 and not answers[0].authenticated
 
 
+def test_concurrent_first_queries_share_one_socket():
+    """Two names asked at once before any socket exists: one socket, none leaked (a
+    ResourceWarning would fail the test)."""
+    with DNSServer(ZONE) as server:
+        res = Resolver([parse_server(server.address)], timeout=2)
+
+        async def main():
+            found = await asyncio.gather(res.query("example.test", "A"),
+                                         res.query("big.example.test", "TXT"),
+                                         res.query("alias.example.test", "A"))
+            return found, len(res._sockets)
+
+        found, sockets = run(main(), res)
+        assert [bool(a) for a in found] == [True, True, True] and sockets == 1
+
+
 def test_txt_strings_joined_and_cname_followed():
     with DNSServer(ZONE) as server:
         res = Resolver([parse_server(server.address)], timeout=2)
