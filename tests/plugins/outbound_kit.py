@@ -125,12 +125,21 @@ def tlsa(cert_pem: bytes, usage: int, selector: int, mtype: int) -> str:
     return f"{usage} {selector} {mtype} {data.hex()}"
 
 
+class _AuthSink(Sink):
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        if not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        envelope.mail_from = address
+        return "250 OK"
+
+
 class AuthRelay:
     """An SMTP relay (aiosmtpd) requiring AUTH over TLS: STARTTLS or implicit TLS."""
 
     def __init__(self, host: str, port: int, tls: ssl.SSLContext, *, implicit: bool = False,
                  users: dict[str, str] | None = None) -> None:
-        self.sink = Sink()
+        self.sink = _AuthSink()
         self.users = users or {}
         self.logins: list[tuple[str, bool]] = []
 
@@ -141,14 +150,19 @@ class AuthRelay:
             login = auth_data.login.decode()
             ok = self.users.get(login) == auth_data.password.decode()
             self.logins.append((login, ok))
-            return AuthResult(success=ok)
+            return AuthResult(success=ok, handled=False)
 
         kwargs: dict[str, Any] = {"ssl_context": tls} if implicit else \
             {"tls_context": tls, "require_starttls": True}
         self.controller = Controller(self.sink, hostname=host, port=port,
                                      server_hostname="relay", ready_timeout=5,
-                                     authenticator=authenticator, auth_required=True,
-                                     auth_require_tls=True, **kwargs)
+                                     authenticator=authenticator,
+                                     # aiosmtpd counts only STARTTLS as TLS for AUTH (and
+                                     # warns about AUTH required without it); the implicit-TLS
+                                     # listener speaks nothing but TLS, and _AuthSink refuses
+                                     # MAIL before AUTH
+                                     auth_required=not implicit,
+                                     auth_require_tls=not implicit, **kwargs)
 
     def __enter__(self) -> AuthRelay:
         self.controller.start()
