@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from tampu import ConfigError, PluginSettings, ServerContext
+from tampu import ConfigError, PluginSettings, ServerContext, StashKey
 from tampu.dns import Resolver
 from tampu.plugins.delivery_smtp.mta_sts import MtaSts, PolicyCache, PolicyFetcher, policy_context
 from tampu.plugins.delivery_smtp.smarthost import Smarthosts, SmarthostSettings
@@ -21,6 +21,10 @@ from tampu.plugins.delivery_smtp.tls_policy import OutboundSecurity
 
 MTA_STS_DIRECTORY = "mta-sts"
 """Where policies are cached, under ``[server] data_dir``."""
+
+_RESOLVER: StashKey[tuple[tuple[tuple[str, ...], float], Resolver]] = StashKey()
+"""The DNS client of these lookups, kept in the server stash so that a reload (which makes a
+new plugin instance) reuses it instead of leaking its sockets."""
 
 
 class OutboundSettings(PluginSettings):
@@ -56,6 +60,20 @@ class Outbound:
         self.resolver.close()
 
 
+def shared_resolver(server: ServerContext) -> Resolver:
+    """One ``tampu.dns.Resolver`` per server for ``[server] dns_servers`` and ``dns_timeout``
+    (a new one, and the old one closed, when a reload changed them)."""
+    key = (tuple(server.settings.dns_servers), float(server.settings.dns_timeout))
+    known = server.stash.get(_RESOLVER, None)
+    if known is not None:
+        if known[0] == key:
+            return known[1]
+        known[1].close()
+    resolver = Resolver.from_settings(list(key[0]), key[1])
+    server.stash[_RESOLVER] = (key, resolver)
+    return resolver
+
+
 def build(settings: OutboundSettings, server: ServerContext, *, name: str,
           ca_file: Path | None) -> Outbound:
     """Make the bundle from plugin ``name``'s settings. Raises ConfigError for a secret that
@@ -67,7 +85,7 @@ def build(settings: OutboundSettings, server: ServerContext, *, name: str,
                                           server.config_dir)
     except ValueError as exc:
         raise ConfigError([f"{where}: key plugins.{name}.{exc}"]) from None
-    resolver = Resolver.from_settings(server.settings.dns_servers, server.settings.dns_timeout)
+    resolver = shared_resolver(server)
     mta_sts = None
     if settings.mta_sts:
         fetch = PolicyFetcher(resolver, tls=policy_context(ca_file), port=settings.mta_sts_port,

@@ -464,3 +464,18 @@ def test_a_new_policy_id_applies_to_later_mail(remote, farm, tampu_ca, policy_se
     assert got[0].rcpt_tos == ["max@remote.test"]
     assert policy_server.fetches("remote.test") == 2
     assert "max@remote.test" not in mx1.rcpt_seen
+
+
+def test_reload_reuses_the_dns_client(remote, farm, policy_server):
+    policy_server.serve("remote.test", policy_text("testing", "*.remote.test"))
+    mx1 = farm.start("127.0.0.2")
+    srv, rec = remote()
+    before = srv.server.registry.plugins["delivery_smtp"].obj
+    submit(srv, ["nia@remote.test"])
+    wait_for(lambda: mx1.received, what="a delivery (the DNS client has sockets now)")
+    assert srv.call(srv.server.reload())
+    after = srv.server.registry.plugins["delivery_smtp"].obj
+    assert after is not before
+    assert after.outbound.resolver is before.outbound.resolver  # not a second set of sockets
+    submit(srv, ["oz@remote.test"])
+    wait_for(lambda: len(mx1.received) == 2, what="a delivery after the reload")
