@@ -35,7 +35,7 @@ import aiosmtplib
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from tampu import DeliveryResult
-from tampu.dns import DnsTempError, Resolver
+from tampu.dns import DnsTempError, Resolver, to_ascii
 from tampu.plugins.delivery_smtp.client import (
     ClientConfig,
     Job,
@@ -155,7 +155,7 @@ class Smarthosts:
     def __init__(self, default: Relay | None = None,
                  domains: Mapping[str, Relay] | None = None) -> None:
         self.default = default
-        self.domains = {d.lower().rstrip("."): r for d, r in (domains or {}).items()}
+        self.domains = {_domain_key(d): r for d, r in (domains or {}).items()}
 
     @classmethod
     def from_settings(cls, default: SmarthostSettings | None,
@@ -178,7 +178,15 @@ class Smarthosts:
 
     def pick(self, domain: str) -> Relay | None:
         """The relay for mail to ``domain``, or None: deliver by MX."""
-        return self.domains.get(domain.lower().rstrip("."), self.default)
+        return self.domains.get(_domain_key(domain), self.default)
+
+
+def _domain_key(domain: str) -> str:
+    """Domains compare in lower-case A-label form (``café.example`` = ``xn--caf-dma.example``)."""
+    try:
+        return to_ascii(domain)
+    except (ValueError, UnicodeError):
+        return domain.lower().rstrip(".")
 
 
 def requirement(relay: Relay, verified: ssl.SSLContext) -> TlsRequirement | None:

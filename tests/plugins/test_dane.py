@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 import ssl
+from typing import Any
 
 import dns.rdata
 import pytest
@@ -31,7 +32,7 @@ HOST = "mx1.remote.test"
 
 
 def record(text: str) -> Tlsa:
-    r = dns.rdata.from_text("IN", "TLSA", text)
+    r: Any = dns.rdata.from_text("IN", "TLSA", text)
     return Tlsa(r.usage, r.selector, r.mtype, r.cert)
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
+from pydantic import SecretStr
 
 from tampu import ConfigError
-from tampu.plugins.delivery_smtp.smarthost import SmarthostSettings
+from tampu.plugins.delivery_smtp.smarthost import Relay, Smarthosts, SmarthostSettings
 from tests.plugins.delivery_kit import Recorder, wait_for
 from tests.plugins.outbound_kit import AuthRelay, start_dns
 from tests.plugins.remote_kit import Sink, free_port, remote_conf, server_tls, submit, write_ca
@@ -206,6 +207,16 @@ tls = "none"
         ctl.stop()
     assert got[0].rcpt_tos == ["jo@remote.test"]
     assert rec.first("jo@remote.test").remote == "127.0.0.1"
+
+
+def test_relay_choice_by_domain():
+    a, b = Relay("a.test", 587, "starttls"), Relay("b.test", 465, "implicit")
+    relays = Smarthosts(a, {"Café.example": b})
+    assert relays.pick("xn--caf-dma.example") is b
+    assert relays.pick("CAFÉ.example.") is b
+    assert relays.pick("sub.café.example") is a  # exact domains only
+    assert Smarthosts(None, {"b.example": b}).pick("other.example") is None
+    assert "password" not in repr(Relay("a.test", 587, "starttls", "me", SecretStr("pw")))
 
 
 @pytest.mark.parametrize("values, problem", [
