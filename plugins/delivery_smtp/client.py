@@ -101,6 +101,7 @@ class Attempt:
     async def _connect(self) -> aiosmtplib.SMTP:
         implicit = self.require if self.require is not None and self.require.implicit else None
         prefix = f"{implicit.reason}: " if implicit is not None else ""
+        sock: socket.socket | None = None
         try:
             if implicit is None:
                 smtp = aiosmtplib.SMTP(hostname=self.address, port=self.target.port,
@@ -115,9 +116,13 @@ class Attempt:
                                        timeout=self.cfg.command_timeout)
             await smtp.connect(timeout=self.cfg.connect_timeout)
         except aiosmtplib.SMTPResponseException as exc:  # greeting other than 220
+            if sock is not None:
+                sock.close()
             raise _temporary(f"greeting refused: {exc.code} {exc.message}", self.remote) \
                 from None
         except (OSError, aiosmtplib.SMTPException) as exc:
+            if sock is not None:
+                sock.close()  # a failed handshake may leave it open
             raise _temporary(f"{prefix}cannot connect: {exc}", self.remote, "4.4.1") from None
         await self._ehlo(smtp)
         return smtp

@@ -127,19 +127,19 @@ def test_wrong_credentials_are_a_temporary_failure_and_never_logged(start, port,
             assert PASSWORD.encode() not in path.read_bytes(), path
 
 
-def test_relay_certificate_must_be_valid_and_no_credentials_go_otherwise(start, port,
-                                                                        tampu_ca,
-                                                                        monkeypatch):
+@pytest.mark.parametrize("tls, failure", [("starttls", "TLS with relay.test failed:"),
+                                          ("implicit", "cannot connect:")])
+def test_relay_certificate_must_be_valid_and_no_credentials_go_otherwise(
+        start, port, tampu_ca, monkeypatch, tls, failure):
     monkeypatch.setenv("RELAY_PW", PASSWORD)
     with AuthRelay("127.0.0.5", port, server_tls(tampu_ca, "not-the-relay.test"),
-                   users={"me": PASSWORD}) as relay:
-        srv, rec = start(smarthost(port))
+                   implicit=tls == "implicit", users={"me": PASSWORD}) as relay:
+        srv, rec = start(smarthost(port, tls=tls))
         submit(srv, ["fay@remote.test"])
         result = rec.first("fay@remote.test")
     assert result.status == "temporary"
-    assert result.text.startswith(f"smarthost relay.test:{port} (starttls) requires TLS with a "
-                                  "certificate valid for relay.test: TLS with relay.test "
-                                  "failed:")
+    assert result.text.startswith(f"smarthost relay.test:{port} ({tls}) requires TLS with a "
+                                  f"certificate valid for relay.test: {failure}")
     assert "certificate verify failed" in result.text
     assert relay.logins == []  # AUTH never reached an unverified server
     assert relay.sink.received == []
