@@ -191,9 +191,11 @@ class Server:
         old = self.state.runtime
         try:
             config = load_config(old.config.config_dir)
+            same_dns = (config.server.dns_servers, config.server.dns_timeout) == \
+                (old.config.server.dns_servers, old.config.server.dns_timeout)
             runtime = await asyncio.to_thread(
                 build_runtime, config, old.store, stash=old.context.stash,
-                dns=old.context.dns, extra_plugins=self.extra_plugins)
+                dns=old.context.dns if same_dns else None, extra_plugins=self.extra_plugins)
         except (ConfigError, OSError) as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
             for problem in problems:
@@ -204,6 +206,8 @@ class Server:
             log.warning("reload: listener addresses and kinds change at the next restart "
                         "(PROXY settings apply to new connections now)")
         self.state.runtime = runtime
+        if runtime.context.dns is not old.context.dns:  # lookups in flight finish first
+            asyncio.get_running_loop().call_later(60, old.context.dns.close)
         for callback in self.on_reload:
             callback()
         await runtime.hooks.tampu_reload(runtime.context)

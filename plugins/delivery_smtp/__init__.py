@@ -13,6 +13,9 @@ the ``domaininfo`` plugin remembers of the domain (when it is enabled).
 
 The hook is per recipient, so each attempt uses one connection per recipient; grouping the
 recipients of one destination in one transaction would need a batch delivery hook.
+
+MTA-STS, DANE (``tls_policy.py``, ``mta_sts.py``, ``dane.py``) and smarthosts
+(``smarthost.py``) are configured through ``outbound.py``'s settings.
 """
 
 from __future__ import annotations
@@ -26,19 +29,21 @@ from pydantic import Field
 from tampu import (
     DeliveryResult,
     PluginContext,
-    PluginSettings,
     QueueItem,
     Recipient,
     domain_of,
     hookimpl,
 )
 from tampu.addresses import ascii_address
+from tampu.plugins.delivery_smtp import smarthost
 from tampu.plugins.delivery_smtp.client import ClientConfig, Job, LevelCheck, NextHost, deliver_to
 from tampu.plugins.delivery_smtp.mx import Target, host_addresses, mx_hosts, parse_via
+from tampu.plugins.delivery_smtp.outbound import OutboundSettings, build
+from tampu.plugins.delivery_smtp.tls_policy import DomainPlan, HostRefused
 from tampu.plugins.domaininfo.store import DOMAININFO_STORE, SecLevel
 
 
-class DeliverySmtpSettings(PluginSettings):
+class DeliverySmtpSettings(OutboundSettings):
     port: int = Field(default=25, ge=1, le=65535, description="Port of the remote MX servers "
                       "(25; only tests and special set-ups change it). Hosts of a via route "
                       "may name their own port.")
@@ -80,6 +85,8 @@ class DeliverySmtpPlugin:
             verified_tls=verified,
             unverified_tls=unverified,
         )
+        self.outbound = build(settings, ctx.server, name=ctx.name, ca_file=ctx.path(
+            settings.tls_ca_file) if settings.tls_ca_file else None)
 
     @property
     def attempt_timeout(self) -> float:
@@ -110,6 +117,7 @@ class DeliverySmtpPlugin:
     async def _deliver(self, item: QueueItem, job: Job, domain: str,
                        via: Any) -> DeliveryResult:
         port = self.ctx.settings.port
+        plan: DomainPlan | None = None
         if via:
             specs = [via] if isinstance(via, str) else list(via)
             try:
@@ -117,14 +125,30 @@ class DeliverySmtpPlugin:
             except ValueError as exc:
                 return DeliveryResult.permanent(f"bad via route: {exc}", enhanced="5.3.5")
         else:
+            relay = self.outbound.smarthosts.pick(domain)
+            if relay is not None:
+                return await smarthost.deliver(
+                    relay, self.client, job, self._level_check(relay.host),
+                    self.outbound.resolver, self.outbound.security.verified,
+                    lambda result: self._log(item, job, result))
             hosts = await mx_hosts(self.ctx.server.dns, domain)
             if isinstance(hosts, DeliveryResult):
                 return hosts
             targets = [Target(host, port) for host in hosts]
+            plan = await self.outbound.security.plan(domain)
         last: DeliveryResult | None = None
         for target in targets[: self.ctx.settings.max_hosts]:
             # via hosts are checked under their own name; MX hosts under the domain's
             check = self._level_check(target.host if via else domain)
+            require = None
+            if plan is not None:  # MTA-STS and DANE (tls_policy.py)
+                try:
+                    require = await plan.requirement(target.host, target.port)
+                except HostRefused as exc:
+                    last = exc.result
+                    self._log(item, job, last)
+                    continue
+                check = plan.level_check(target.host, check)
             try:
                 addresses = await host_addresses(self.ctx.server.dns, target.host)
             except LookupError as exc:
@@ -134,12 +158,13 @@ class DeliverySmtpPlugin:
                 continue
             for address in addresses:
                 try:
-                    result = await deliver_to(self.client, target, address, job, check)
+                    result = await deliver_to(self.client, target, address, job, check,
+                                              require)
                 except NextHost as exc:
                     last = exc.result
                     self._log(item, job, last)
                     continue
-                return result
+                return plan.annotate(target.host, result) if plan is not None else result
         if last is None:
             return DeliveryResult.temporary(f"no mail host for {domain}", enhanced="4.4.4")
         return last

@@ -4,6 +4,10 @@ TLS is tried the way chasquid does it: first with certificate verification (leve
 ``tls_verified``); if the certificate does not verify, again on a new connection without
 verification (``tls_unverified``); if TLS cannot be set up at all, again in plain text
 (``plain``). The level reached is then checked (``check_level``) before any mail is sent.
+
+A ``TlsRequirement`` (``tls_policy.py``: DANE, MTA-STS enforce, a smarthost) replaces that
+ladder: TLS as required or nothing, no fallback. A ``login`` step (a smarthost's AUTH) runs
+before MAIL FROM.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -22,7 +28,12 @@ from tampu import DeliveryResult
 from tampu.plugins.delivery_smtp.mx import Target
 from tampu.plugins.domaininfo.store import SecLevel
 
+if TYPE_CHECKING:
+    from tampu.plugins.delivery_smtp.tls_policy import TlsRequirement
+
 LevelCheck = Callable[[SecLevel], Awaitable[bool]]
+Login = Callable[[aiosmtplib.SMTP, str], Awaitable[None]]
+"""``login(smtp, remote)``: authenticate on the open connection; raises NextHost."""
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)(.*)$", re.S)
 _QUIT_TIMEOUT = 2.0
 
@@ -75,26 +86,44 @@ def _temporary(text: str, remote: str, enhanced: str = "4.4.1") -> NextHost:
 class Attempt:
     """Delivery of one job to one address of one target host."""
 
-    def __init__(self, cfg: ClientConfig, target: Target, address: str) -> None:
+    def __init__(self, cfg: ClientConfig, target: Target, address: str,
+                 require: TlsRequirement | None = None, login: Login | None = None) -> None:
         self.cfg = cfg
         self.target = target
         self.address = address
+        self.require = require
+        self.login = login
         self.remote = f"{target.host} [{address}]" if target.host != address else address
         self.level = SecLevel.PLAIN
 
     # ------------------------------------------------------------------ connecting
 
     async def _connect(self) -> aiosmtplib.SMTP:
-        smtp = aiosmtplib.SMTP(hostname=self.address, port=self.target.port,
-                               local_hostname=self.cfg.helo, timeout=self.cfg.command_timeout,
-                               start_tls=False)
+        implicit = self.require if self.require is not None and self.require.implicit else None
+        prefix = f"{implicit.reason}: " if implicit is not None else ""
+        sock: socket.socket | None = None
         try:
+            if implicit is None:
+                smtp = aiosmtplib.SMTP(hostname=self.address, port=self.target.port,
+                                       local_hostname=self.cfg.helo,
+                                       timeout=self.cfg.command_timeout, start_tls=False)
+            else:  # TLS at once, verified for the host's name, to the address looked up
+                sock = await _open_socket(self.address, self.target.port,
+                                          self.cfg.connect_timeout)
+                smtp = aiosmtplib.SMTP(sock=sock, hostname=self.target.host, use_tls=True,
+                                       tls_context=implicit.context,
+                                       local_hostname=self.cfg.helo,
+                                       timeout=self.cfg.command_timeout)
             await smtp.connect(timeout=self.cfg.connect_timeout)
         except aiosmtplib.SMTPResponseException as exc:  # greeting other than 220
+            if sock is not None:
+                sock.close()
             raise _temporary(f"greeting refused: {exc.code} {exc.message}", self.remote) \
                 from None
         except (OSError, aiosmtplib.SMTPException) as exc:
-            raise _temporary(f"cannot connect: {exc}", self.remote, "4.4.1") from None
+            if sock is not None:
+                sock.close()  # a failed handshake may leave it open
+            raise _temporary(f"{prefix}cannot connect: {exc}", self.remote, "4.4.1") from None
         await self._ehlo(smtp)
         return smtp
 
@@ -125,6 +154,8 @@ class Attempt:
 
     async def open(self) -> aiosmtplib.SMTP:
         """Connect at the best security level this host allows; ``self.level`` tells which."""
+        if self.require is not None:
+            return await self._open_required(self.require)
         smtp = await self._connect()
         if not smtp.supports_extension("starttls"):
             return smtp
@@ -149,6 +180,33 @@ class Attempt:
                 smtp.close()
         return await self._connect()  # TLS is broken with this host: plain text, like chasquid
 
+    async def _open_required(self, req: TlsRequirement) -> aiosmtplib.SMTP:
+        """Connect with the TLS ``req`` asks for, or raise NextHost: no fallback."""
+        host = self.target.host
+        smtp = await self._connect()
+        if not req.implicit:
+            if not smtp.supports_extension("starttls"):
+                smtp.close()
+                raise _temporary(f"{req.reason}, but {host} does not offer STARTTLS",
+                                 self.remote, "4.7.5")
+            try:
+                started = await self._starttls(smtp, req.context)
+            except OSError as exc:  # ssl.SSLError: handshake or certificate
+                smtp.close()
+                raise _temporary(f"{req.reason}: TLS with {host} failed: {exc}", self.remote,
+                                 "4.7.5") from None
+            if not started:
+                smtp.close()
+                raise _temporary(f"{req.reason}, but {host} refused STARTTLS", self.remote,
+                                 "4.7.5")
+        if req.verify is not None:
+            problem = req.verify(smtp.get_transport_info("ssl_object"))
+            if problem is not None:
+                await _quit(smtp)
+                raise _temporary(f"{req.reason}: {problem}", self.remote, "4.7.5")
+        self.level = req.level
+        return smtp
+
     # ------------------------------------------------------------------ the transaction
 
     async def deliver(self, job: Job, check_level: LevelCheck | None) -> DeliveryResult:
@@ -160,6 +218,8 @@ class Attempt:
                     f"security level downgrade: {self.target.host} offered only "
                     f"{self.level.label}, less than before", enhanced="4.7.5",
                     remote=self.remote))
+            if self.login is not None:
+                await self.login(smtp, self.remote)
             return await self._transaction(smtp, job)
         except (OSError, aiosmtplib.SMTPException) as exc:
             raise _temporary(f"connection failed during the transaction: {exc}",
@@ -209,13 +269,29 @@ class _Permanent(Exception):
 
 
 async def deliver_to(cfg: ClientConfig, target: Target, address: str, job: Job,
-                     check_level: LevelCheck | None) -> DeliveryResult:
+                     check_level: LevelCheck | None, require: TlsRequirement | None = None,
+                     login: Login | None = None) -> DeliveryResult:
     """Deliver through one address: ``sent`` or permanent, else raise NextHost."""
-    attempt = Attempt(cfg, target, address)
+    attempt = Attempt(cfg, target, address, require, login)
     try:
         return await attempt.deliver(job, check_level)
     except _Permanent as exc:
         return exc.result
+
+
+async def _open_socket(address: str, port: int, limit: float) -> socket.socket:
+    """A TCP connection to ``address`` (for implicit TLS, which aiosmtplib would otherwise
+    verify against the address instead of the host name). Raises OSError."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                         socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(limit):
+            await asyncio.get_running_loop().sock_connect(sock, (address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _quit(smtp: aiosmtplib.SMTP) -> None:
