@@ -2,7 +2,8 @@
 
 Passwords are hashed with scrypt (memory-hard; stdlib ``hashlib.scrypt``) as
 ``$scrypt$ln=14,r=8,p=1$SALT$HASH`` (base64), compared in constant time. Lines starting with
-``#`` and empty lines are ignored. The file is re-read when it changes.
+``#`` and empty lines are ignored. The file is re-read when it changes. A file in chasquid's
+own format (protobuf text, ``users {...}``) is read, and written back, in that format.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ import secrets
 import threading
 from pathlib import Path
 
+from tampu.chasquid import (
+    from_tampu_hash,
+    looks_like_users_file,
+    parse_users,
+    verify_tampu_hash,
+    write_users,
+)
 from tampu.files import FileStamp, Stamp
 
 DEFAULT_LOG_N = 14
@@ -35,6 +43,8 @@ def _scrypt(password: str, salt: bytes, log_n: int, r: int, p: int) -> bytes:
 
 
 def verify_password(password: str, encoded: str) -> bool:
+    if encoded.startswith("$chasquid-"):  # from a chasquid users file (tampu.chasquid)
+        return verify_tampu_hash(password, encoded)
     try:
         _, scheme, params, salt_b64, hash_b64 = encoded.split("$")
         if scheme != "scrypt":
@@ -75,7 +85,10 @@ class UserDB:
 
     def _read(self) -> dict[str, str]:
         out: dict[str, str] = {}
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        text = self.path.read_text(encoding="utf-8")
+        if looks_like_users_file(text):  # chasquid's own format, read as it is
+            return {u.lower(): e.to_tampu_hash() for u, e in parse_users(text).items()}
+        for line in text.splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -85,6 +98,11 @@ class UserDB:
         return out
 
     def write(self, users: dict[str, str]) -> None:
+        if self._chasquid_format():  # keep chasquid's format: chasquid can still read it
+            entries = {u: from_tampu_hash(h) for u, h in users.items()}
+            write_users(self.path, {u: e for u, e in entries.items() if e is not None})
+            self._file.refresh()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         body = "# tampu users: user:scrypt-hash. Edit with `tampu user add|remove`.\n"
@@ -96,6 +114,12 @@ class UserDB:
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
         self._file.refresh()
+
+    def _chasquid_format(self) -> bool:
+        try:
+            return looks_like_users_file(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            return False
 
 
 class UserDirectory:
