@@ -226,7 +226,7 @@ class UserEntry:
         ``$chasquid-...$`` (checked by :func:`verify_tampu_hash`); ``!receive-only`` for an
         entry that can never authenticate."""
         b64 = _b64
-        if self.scheme == "scrypt" and self.key_len == 32:
+        if self.scheme == "scrypt" and self.key_len == len(self.encrypted) == 32:
             return (f"$scrypt$ln={self.log_n},r={self.r},p={self.p}$"
                     f"{b64(self.salt)}${b64(self.encrypted)}")
         if self.scheme == "scrypt":

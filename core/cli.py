@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 
+from tampu.commands import import_chasquid
 from tampu.config import Config, load_config
 from tampu.errors import ConfigError, QueueError
 from tampu.queue import CORRUPT_DIR, Queue, format_age, valid_id
@@ -296,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ids", nargs="*")
     qs.add_parser("delete", help="remove items").add_argument("ids", nargs="+")
     q.set_defaults(func=cmd_queue)
+    import_chasquid.register(sub)
     for name, ep in sorted(available_entry_points().items()):
         try:
             obj = ep.load()
