@@ -178,6 +178,8 @@ class _Lexer:
         if end < len(self.text) and _WORD_CHAR.match(self.text, end):
             raise self.error(f"invalid number {self.text[self.pos:end + 1]!r}")
         raw = m.group()
+        if len(raw) > 400:  # no field needs more; Python refuses ints of over 4300 digits
+            raise self.error("number too long")
         self.pos = end
         sign = -1 if negative else 1
         group = m.lastgroup

@@ -128,7 +128,7 @@ CONFIG_SCHEMA: Final[MessageSpec] = {
     "max_queue_items": FieldSpec(17, "uint32"),
     "give_up_send_after": FieldSpec(18, "string"),
 }
-"""chasquid's ``config.proto`` (``Config``): fields 1-16 are chasquid 1.11's, 17-18 came in 1.16."""
+"""chasquid's ``config.proto`` (``Config``): fields 1-16 are 1.11's, 17-18 came in 1.16."""
 
 SEC_LEVELS: Final = ("PLAIN", "TLS_CLIENT", "TLS_INSECURE", "TLS_SECURE")
 DOMAININFO_SCHEMA: Final[MessageSpec] = {
@@ -141,7 +141,8 @@ DOMAININFO_SCHEMA: Final[MessageSpec] = {
 # ---------------------------------------------------------------------------- users
 
 MAX_LOG_N: Final = 20
-"""Largest scrypt cost verified (1 GiB of memory at r=8); above it a check fails."""
+"""Largest scrypt cost verified (1 GiB of memory at r=8; more memory is never tried either);
+above it a check fails. chasquid-util writes logN=14, r=8 (16 MiB)."""
 
 Scheme = Literal["scrypt", "plain", "denied", "none"]
 
@@ -255,6 +256,8 @@ def _scrypt(password: bytes, salt: bytes, log_n: int, r: int, p: int,
             or not 1 <= key_len <= 1024:
         return None
     n = 1 << log_n
+    if 128 * r * n > 1 << 30:  # over 1 GiB of memory: not from chasquid-util (16 MiB)
+        return None
     try:
         return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=key_len,
                               maxmem=128 * r * (n + p + 2) + 1024 * 1024)
@@ -296,11 +299,13 @@ _FIRST_CODE_LINE = re.compile(r"^[ \t]*(?:#[^\n]*)?$")
 
 def looks_like_users_file(text: str) -> bool:
     """True for chasquid's format: the first line that is not blank or a comment starts with
-    the field ``users`` (``users {``, ``users: {``, ``users <``...)."""
+    the field ``users`` and a message (``users {``, ``users: {``, ``users <``, ``users: [``),
+    or has only ``users``/``users:`` (the brace on the next line). tampu's format never does:
+    its user ``users`` is ``users:$scrypt$...``."""
     for line in text.splitlines():
         if _FIRST_CODE_LINE.match(line):
             continue
-        return re.match(r"[ \t]*users(?:[ \t]*[:{<\[]|[ \t]*$)", line) is not None
+        return re.match(r"[ \t]*users[ \t]*(?::[ \t]*)?(?:[{<\[]|#|$)", line) is not None
     return False
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import ssl
 import stat
@@ -80,7 +79,7 @@ def make_chasquid_dir(root: Path, *, dovecot: bool = False, haproxy: bool = True
         assert done.returncode == 0, done.stdout + done.stderr
     users = root / "domains" / DOMAIN / "users"
     done = chasquid_util(root, "user-add", f"rose@{DOMAIN}", "--receive_only")
-    if done.returncode != 0:  # Debian's chasquid 1.11 predates --receive_only (1.14)
+    if done.returncode != 0:  # Debian's chasquid 1.11 predates --receive_only (1.13)
         users.write_text(users.read_text() + 'users: {\n  key: "rose"\n  value: {\n'
                          "    denied: {}\n  }\n}\n")
     (root / "domains" / DOMAIN / "aliases").write_text("# chasquid aliases\npepe: jose\n")
@@ -162,7 +161,7 @@ def test_import_check_serve_and_log_in_with_chasquids_passwords(tmp_path, dns_se
         assert f"  {name}" in out, name
     assert "haproxy_incoming: not on the submissions listener" in out
     assert "DKIM" in out and "1 message(s) in chasquid's queue" in out
-    assert f"domains/{DOMAIN}: users (2, 1 receive-only), aliases" in out
+    assert f"domains/{DOMAIN}: users: 2 (1 receive-only), aliases" in out
     assert f"certs/{HOSTNAME}/" in out and "hooks/post-data" in out
     assert "domaininfo: 1 domain(s) converted" in out
     assert "is valid" in out  # the import ran tampu check itself
@@ -425,10 +424,14 @@ def test_default_config_dataclass_matches_schema():
         CONFIG_SCHEMA)
 
 
-def test_written_files_are_readable(tmp_path):
+def test_minimal_directory_imports_in_place(tmp_path, capsys):
     root = tmp_path / "c"
     root.mkdir()
     (root / "chasquid.conf").write_text('data_dir: "data"\nsmtp_address: "127.0.0.1:0"\n')
     assert import_chasquid.main(["chasquid", str(root)]) == 0
-    for path in (root / "conf.d").iterdir():
-        assert stat.S_IMODE(path.stat().st_mode) & 0o444 and os.access(path, os.R_OK)
+    out = capsys.readouterr().out
+    assert "domaininfo: nothing to convert" in out and "is valid" in out
+    names = sorted(p.name for p in (root / "conf.d").iterdir())
+    assert names[0] == "00-server.toml" and "40-delivery-local.toml" in names
+    for path in (root / "conf.d").iterdir():  # readable by the user tampu runs as
+        assert stat.S_IMODE(path.stat().st_mode) & 0o004, path

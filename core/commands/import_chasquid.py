@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     confd.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (confd / name).write_text(text, encoding="utf-8")
+        (confd / name).chmod(0o644)  # no secrets in it; tampu's user must read it
         print(f"wrote {confd / name}")
     if target.resolve() != source.resolve():
         for name in KEPT:
@@ -126,7 +127,7 @@ def kept(source: Path) -> list[str]:
             try:
                 users = read_users(d / "users")
                 denied = sum(e.receive_only for e in users.values())
-                parts.append(f"users ({len(users)}, {denied} receive-only)")
+                parts.append(f"users: {len(users)} ({denied} receive-only)")
             except (OSError, TextFormatError) as exc:
                 parts.append(f"users UNREADABLE ({exc}): logins for this domain will fail")
         if (d / "aliases").exists():
