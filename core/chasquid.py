@@ -31,6 +31,8 @@ packaged by Debian, plus the fields added up to 1.18: ``Denied`` users, ``max_qu
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -79,8 +81,10 @@ __all__ = [
     "read_domaininfo",
     "read_users",
     "tampu_domaininfo",
+    "tampu_domaininfo_path",
     "to_confd",
     "verify_tampu_hash",
+    "write_tampu_domaininfo",
     "write_users",
 ]
 
@@ -239,8 +243,6 @@ class UserEntry:
 
 
 def _b64(data: bytes) -> str:
-    import base64
-
     return base64.b64encode(data).decode()
 
 
@@ -268,9 +270,6 @@ def _scrypt(password: bytes, salt: bytes, log_n: int, r: int, p: int,
 def from_tampu_hash(encoded: str) -> UserEntry | None:
     """Back from :meth:`UserEntry.to_tampu_hash` (also tampu's own ``$scrypt$`` hashes, so a
     tampu users table can be written in chasquid's format); None if not one of those."""
-    import base64
-    import binascii
-
     if encoded == "!receive-only":
         return UserEntry("denied")
     parts = encoded.split("$")
@@ -493,7 +492,8 @@ def read_domaininfo(directory: Path | str) -> tuple[dict[str, DomainInfo], list[
 
 
 def _level_name(value: str | int) -> str:
-    return value if isinstance(value, str) else SEC_LEVELS[-1] if value > 3 else "PLAIN"
+    """A level number no name has (a newer chasquid's?) is taken as PLAIN: forgotten."""
+    return value if isinstance(value, str) else "PLAIN"
 
 
 _TAMPU_LEVELS: Final = ("plain", "tls_unverified", "tls_verified")
