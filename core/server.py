@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -55,6 +56,9 @@ class Server:
         self.bound: dict[str, list[tuple[str, int]]] = {}
         self._stop = asyncio.Event()
         self._sockets: dict[str, list[socket.socket]] = {}
+        self._implicit_tls: ssl.SSLContext | None = None
+        """The listening context of implicit-TLS listeners; a reload points its SNI choice
+        at the new certificates (STARTTLS takes the running ones at each handshake)."""
         self.on_stop: list[Callable[[], None]] = []
         """Called when a stop is requested (the worker manager passes it on)."""
         self.on_reload: list[Callable[[], None]] = []
@@ -122,8 +126,16 @@ class Server:
                            if now is not None and now.proxy_protocol else None)
                 return SmtpSession(self.state, self.intake, info, runtime.tls, trusted)
 
+            implicit = None
+            if lst.kind == "submissions":
+                implicit = self._implicit_tls = self._implicit_tls or self.runtime.tls
             for sock in self._sockets[name]:
-                self.listeners.append(await loop.create_server(factory, sock=sock))
+                # The handshake of an implicit-TLS listener happens before the session
+                # exists: a client that fails or stalls in it never takes a session slot.
+                self.listeners.append(await loop.create_server(
+                    factory, sock=sock, ssl=implicit,
+                    ssl_handshake_timeout=self.config.server.tls_handshake_timeout
+                    if implicit is not None else None))
 
     # ------------------------------------------------------------------ run / stop
 
@@ -206,6 +218,8 @@ class Server:
             log.warning("reload: listener addresses and kinds change at the next restart "
                         "(PROXY settings apply to new connections now)")
         self.state.runtime = runtime
+        if self._implicit_tls is not None and runtime.tls is not None:
+            self._implicit_tls.sni_callback = _delegate_sni(runtime.tls)
         if runtime.context.dns is not old.context.dns:  # lookups in flight finish first
             asyncio.get_running_loop().call_later(60, old.context.dns.close)
         for callback in self.on_reload:
@@ -221,6 +235,19 @@ class Server:
             path.write_text(json.dumps({"time": time.time(), "ok": ok, "problems": problems}))
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc.strerror)
+
+
+def _delegate_sni(fresh: ssl.SSLContext) -> Any:  # noqa: ANN401 - ssl's callback type
+    """An SNI callback for the listening context that switches every new handshake to
+    ``fresh`` (the reloaded default certificate), then lets ``fresh``'s own SNI choice run."""
+    choose = fresh.sni_callback
+
+    def pick(sslobj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+        sslobj.context = fresh
+        if choose is not None:
+            choose(sslobj, name, fresh)  # type: ignore[arg-type]
+
+    return pick
 
 
 def quiet_handshake_errors(loop: asyncio.AbstractEventLoop) -> None:

@@ -76,6 +76,8 @@ class SmtpSession(Wire):
         peer = transport.get_extra_info("peername") or ("", 0)
         self.session = Session(peer_host=str(peer[0]), peer_port=int(peer[1]),
                                listener=self.listener)
+        if transport.get_extra_info("ssl_object") is not None:  # implicit TLS: done already
+            self.session.tls = tls_info(transport)
         self.state.connections.add(self)
         self.state.spawn(self._serve())
 
@@ -108,8 +110,6 @@ class SmtpSession(Wire):
                 return self.reply(R.TOO_MANY_CONNECTIONS)
             if self.state.stopping:
                 return self.reply(R.SHUTTING_DOWN)
-            if self.implicit_tls and not await self._handshake():
-                return
             connected = True
             if session.tls is not None:
                 await self._call(self.hooks.smtp_starttls(session))
@@ -261,7 +261,7 @@ class SmtpSession(Wire):
             return self.write(f"250 {name}\r\n".encode())
         caps = [name, "PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME",
                 "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
-        if self.tls is not None and session.tls is None:
+        if self.tls is not None and session.tls is None and not self.implicit_tls:
             caps.append("STARTTLS")
         if session.tls is not None and not session.authenticated:
             caps.append("AUTH PLAIN LOGIN")

@@ -34,6 +34,8 @@ log = logging.getLogger("tampu.users")
 DEFAULT_LOG_N = 14
 _DUMMY_SALT = b"tampu-dummy-salt"
 TAMPU_HEADER = "# tampu users: user:scrypt-hash. Edit with `tampu user add|remove`.\n"
+RECEIVE_ONLY = "!receive-only"
+"""The secret of a user that receives mail but cannot authenticate (chasquid's denied)."""
 
 Format = Literal["tampu", "chasquid"]
 
@@ -152,6 +154,10 @@ class UserRecord:
         if self.receive_only:
             burn_time(password)
             return False
+        if self.secret.startswith("$chasquid-"):  # a form only chasquid's files have
+            from tampu.chasquid import verify_tampu_hash
+
+            return verify_tampu_hash(password, self.secret)
         return verify_password(password, self.secret)
 
 
@@ -215,7 +221,15 @@ def read_users_file(path: Path) -> tuple[Format, dict[str, UserRecord]]:
     first = next((ln.strip() for ln in text.splitlines()
                   if ln.strip() and not ln.lstrip().startswith("#")), "")
     if first.startswith("users"):
-        raise UsersFileError(f"{path}: chasquid's users format is not read yet")
+        from tampu.chasquid import ChasquidError, TextFormatError, parse_users
+
+        try:
+            entries = parse_users(text)
+        except (ChasquidError, TextFormatError) as exc:
+            raise UsersFileError(f"{path}: {exc}") from None
+        return "chasquid", {normalize_user(u): UserRecord(normalize_user(u), e.to_tampu_hash(),
+                                                          e.receive_only)
+                            for u, e in entries.items()}
     records: dict[str, UserRecord] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -223,18 +237,28 @@ def read_users_file(path: Path) -> tuple[Format, dict[str, UserRecord]]:
             continue
         user, sep, encoded = line.partition(":")
         user, encoded = user.strip(), encoded.strip()
-        if not sep or not user or not encoded.startswith("$scrypt$"):
+        if not sep or not user or not (encoded.startswith(("$scrypt$", "$chasquid-"))
+                                         or encoded == RECEIVE_ONLY):
             raise UsersFileError(f"{path}: line {lineno}: expected user:$scrypt$..., "
                                  "as `tampu user add` writes")
         key = normalize_user(user)
-        records[key] = UserRecord(key, encoded)
+        records[key] = UserRecord(key, encoded, encoded == RECEIVE_ONLY)
     return "tampu", records
 
 
 def write_users_file(path: Path, records: dict[str, UserRecord], fmt: Format) -> None:
     """Write ``records`` atomically, keeping the file's mode and owner if it exists."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = TAMPU_HEADER + "".join(f"{u}:{r.secret}\n" for u, r in sorted(records.items()))
+    if fmt == "chasquid":  # chasquid can still read it
+        from tampu.chasquid import UserEntry, format_users, from_tampu_hash
+
+        body = format_users({r.user: UserEntry.new_denied() if r.receive_only
+                             else from_tampu_hash(r.secret) or UserEntry.new_denied()
+                             for r in records.values()})
+    else:
+        body = TAMPU_HEADER + "".join(
+            f"{u}:{RECEIVE_ONLY if r.receive_only else r.secret}\n"
+            for u, r in sorted(records.items()))
     write_durably(path, [body.encode("utf-8")], mode=0o600, keep_attributes=True)
 
 

@@ -1,1 +1,2 @@
-"""Subcommands of the ``tampu`` command that are more than a few lines."""
+"""Sub-commands of ``tampu`` that live outside ``tampu.cli``; each module has
+``register(subparsers)`` (adds its parser) and ``main(argv)`` (runs it on its own)."""
