@@ -22,8 +22,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from tampu.envelope import ListenerKind
@@ -68,13 +68,14 @@ class ListenerSettings(_Strict):
             ipaddress.ip_network(net, strict=False)  # ValueError names the bad network
         return value
 
-    @model_validator(mode="after")
-    def _proxy_before_tls(self) -> ListenerSettings:
-        if self.proxy_protocol and self.kind == "submissions":
+    @field_validator("proxy_protocol")
+    @classmethod
+    def _proxy_before_tls(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("kind") == "submissions":
             raise ValueError("proxy_protocol is not supported on kind submissions (implicit "
                              "TLS comes first); use a submission listener, or let the proxy "
                              "pass TLS through to a listener without PROXY")
-        return self
+        return value
 
     def endpoints(self) -> list[tuple[str, int]]:
         """(host, port) pairs to bind: the addresses, or the kind's default port."""
@@ -209,8 +210,10 @@ class ServerSettings(_Strict):
 
         return [normalize_domain(d) for d in value]  # AddressError (a ValueError) names it
 
-    @model_validator(mode="after")
-    def _one_listener_per_address(self) -> ServerSettings:
+    def listener_conflicts(self) -> list[tuple[str, str]]:
+        """(listener, problem) for each listener that would bind an address another
+        listener binds (a wildcard host takes the port on every address)."""
+        out = []
         seen: dict[tuple[str, int], str] = {}
         for name, lst in self.listeners.items():
             for host, port in lst.endpoints():
@@ -218,10 +221,10 @@ class ServerSettings(_Strict):
                     continue  # ephemeral: each gets its own
                 for (other_host, other_port), other in seen.items():
                     if port == other_port and (host == other_host or not host or not other_host):
-                        raise ValueError(f"listeners {other} and {name} both listen on "
-                                         f"{host or '*'}:{port}")
+                        out.append((name, f"listeners {other} and {name} both listen on "
+                                          f"{host or '*'}:{port}"))
                 seen[(host, port)] = name
-        return self
+        return out
 
 
 class PluginSettings(BaseModel):
@@ -394,6 +397,11 @@ def load_config(config_dir: Path | str) -> Config:
         server = ServerSettings.model_validate(merged.get("server", {}))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, ("server",), origin)) from None
+    conflicts = [f"{origin(('server', 'listeners', name, 'addresses')) or 'conf.d'}: key "
+                 f"server.listeners.{name}.addresses: {problem}"
+                 for name, problem in server.listener_conflicts()]
+    if conflicts:
+        raise ConfigError(conflicts)
 
     tables: dict[str, PluginTable] = {}
     for i, name in enumerate(plugin_order):

@@ -159,7 +159,20 @@ def test_tampu_reload_signals_the_server(tmp_path, tampu_ca):
         done = subprocess.run([sys.executable, "-m", "tampu.cli", "reload", "--config-dir",
                                str(cdir)], capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
+        assert "configuration reloaded" in done.stdout  # the server's own answer
         wait_log(tmp_path / "server.log", "configuration reloaded", proc)
+        # a refused configuration: non-zero with the problem, and the server is not asked
+        bad = cdir / "conf.d" / "70-bad.toml"
+        bad.write_text("[server]\nno_such_key = 1\n")
+        done = subprocess.run([sys.executable, "-m", "tampu.cli", "reload", "--config-dir",
+                               str(cdir)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2 and "70-bad.toml" in done.stderr
+        assert "key server.no_such_key: unknown key" in done.stderr
+        bad.write_text("[plugins.loopdetect\n")
+        done = subprocess.run([sys.executable, "-m", "tampu.cli", "reload", "--config-dir",
+                               str(cdir)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2 and "not valid TOML" in done.stderr
+        assert (tmp_path / "server.log").read_text().count("configuration reloaded") == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
