@@ -349,20 +349,41 @@ def resolve_secrets(values: dict[str, Any], config_dir: Path) -> dict[str, Any]:
 
 
 def load_config(config_dir: Path | str) -> Config:
-    """Read, merge and validate ``config_dir/conf.d/*.toml``. Raises ConfigError."""
+    """Read, merge and validate ``config_dir/conf.d/*.toml``. Raises ConfigError.
+
+    A chasquid directory with no conf.d (``chasquid.conf`` beside ``domains/`` and
+    ``certs/``) is read as it is: the conf.d that ``tampu import chasquid`` would write is
+    made in memory from chasquid.conf (docs/coming-from-chasquid.md lists the fields).
+    """
     cdir = Path(config_dir).resolve()
     confd = cdir / "conf.d"
     problems: list[str] = []
-    if not confd.is_dir():
-        raise ConfigError([f"{confd}: no such directory (expected conf.d/*.toml)"])
-    files = sorted(p for p in confd.iterdir() if p.suffix == ".toml" and not p.name.startswith("."))
+    sources: list[tuple[Path, str | None]] = []
+    if confd.is_dir():
+        sources = [(p, None) for p in sorted(confd.iterdir())
+                   if p.suffix == ".toml" and not p.name.startswith(".")]
+    elif (cdir / "chasquid.conf").is_file():
+        from tampu.chasquid import ChasquidError, TextFormatError, confd_for_chasquid_dir
+
+        try:
+            texts = confd_for_chasquid_dir(cdir) or {}
+        except (ChasquidError, TextFormatError, OSError) as exc:
+            raise ConfigError([f"{cdir / 'chasquid.conf'}: {exc}"]) from None
+        sources = [(cdir / "chasquid.conf", texts[name]) for name in sorted(texts)]
+    else:
+        raise ConfigError([f"{confd}: no such directory (expected conf.d/*.toml, or a "
+                           "chasquid.conf to read as it is)"])
+    files = list(dict.fromkeys(path for path, _ in sources))
     merged: dict[str, Any] = {}
     origins: dict[tuple[str, ...], Path] = {}
     plugin_order: list[str] = []
-    for path in files:
+    for path, text in sources:
         try:
-            with path.open("rb") as fh:
-                data = tomllib.load(fh)
+            if text is not None:
+                data = tomllib.loads(text)
+            else:
+                with path.open("rb") as fh:
+                    data = tomllib.load(fh)
         except OSError as exc:
             problems.append(f"{path}: cannot read: {exc.strerror}")
             continue

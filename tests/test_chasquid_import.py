@@ -440,3 +440,31 @@ def test_minimal_directory_imports_in_place(tmp_path, capsys):
     assert names[0] == "00-server.toml" and "40-delivery-local.toml" in names
     for path in (root / "conf.d").iterdir():  # readable by the user tampu runs as
         assert stat.S_IMODE(path.stat().st_mode) & 0o004, path
+
+
+def test_an_unchanged_chasquid_directory_is_served_as_it_is(tmp_path):
+    """No import at all: ``tampu serve --config-dir`` on chasquid's own directory."""
+    root = tmp_path / "chasquid"
+    ports = make_chasquid_dir(root, haproxy=True)
+    check = run_tampu("check", "--config-dir", str(root))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert not (root / "conf.d").exists()  # nothing was written
+    with serving(root, ports["submissions"]) as (proc, log):
+        assert submission_login(root, ports["submission"], f"jose@{DOMAIN}",
+                                JOSE_PASSWORD) == 235
+        with RawClient(ports["smtp"]) as c:
+            c.send_raw(f"PROXY TCP4 192.0.2.7 127.0.0.1 40000 {ports['smtp']}\r\n".encode())
+            assert c.reply()[0] == 220
+            assert c.cmd("EHLO sender.example.org")[0] == 250
+            assert c.cmd("MAIL FROM:<someone@example.org>")[0] == 250
+            assert c.cmd(f"RCPT TO:<pepe@{DOMAIN}>")[0] == 250  # chasquid's aliases file
+            assert c.cmd("DATA")[0] == 354
+            c.send_raw(b"Subject: unchanged\r\n\r\nhola\r\n.\r\n")
+            assert c.reply()[0] == 250
+        assert "unchanged" in wait_for(root / "delivered" / f"jose@{DOMAIN}")
+        assert proc.poll() is None, log.read_text()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "chasquid.conf").write_text("hostname: \n")
+    done = run_tampu("check", "--config-dir", str(broken))
+    assert done.returncode == 2 and "chasquid.conf" in done.stderr
