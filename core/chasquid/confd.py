@@ -299,6 +299,19 @@ def to_confd(cfg: ChasquidConfig, config_dir: Path, *, target_dir: Path | None =
     dsn.table("plugins.dsn")
     dsn.key("enabled", True)
     files["50-dsn.toml"] = dsn.text()
+    if "dkim" in plugins:
+        dkim = _File("DKIM, as chasquid 1.14+ does: mail from your users is signed with the keys "
+                     "in\ndomains/<domain>/dkim:<selector>.pem; incoming signatures are "
+                     "verified.")
+        dkim.table("plugins.dkim")
+        dkim.key("enabled", True)
+        files["33-dkim.toml"] = dkim.text()
+    if "dmarc" in plugins:
+        dmarc = _File("Not in chasquid: DMARC (RFC 7489) for incoming mail. Off, as in "
+                      "chasquid;\nsee docs/plugins/dmarc.md before turning it on.")
+        dmarc.table("plugins.dmarc")
+        dmarc.key("enabled", False)
+        files["34-dmarc.toml"] = dmarc.text()
 
     # ------------------------------------------------------------------ observability
     mon = _File("chasquid's monitoring_address: tampu's metrics (Prometheus) and status page.")

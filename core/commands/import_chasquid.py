@@ -148,8 +148,8 @@ def survey(source: Path, cfg: ChasquidConfig) -> list[tuple[str, str]]:
     notes: list[tuple[str, str]] = []
     dkim = sorted(source.glob("domains/*/dkim:*.pem"))
     if dkim:
-        notes.append(("domains/*/dkim:*.pem", f"{len(dkim)} DKIM key(s): tampu does not sign "
-                      "(chasquid 1.14+ does); sign in hooks/post-data (docs/plugins/hooks.md)"))
+        notes.append(("domains/*/dkim:*.pem", f"{len(dkim)} DKIM key(s): used as they are by "
+                      "the dkim plugin (it signs for the From: domain, chasquid for MAIL FROM)"))
     queue = _data_dir(source, cfg) / "queue"
     try:
         waiting = len(list(queue.glob("m:*")))
@@ -159,8 +159,8 @@ def survey(source: Path, cfg: ChasquidConfig) -> list[tuple[str, str]]:
         notes.append((f"{queue}", f"{waiting} message(s) in chasquid's queue: tampu does not "
                       "read chasquid's queue; let chasquid deliver them before switching"))
     if (_data_dir(source, cfg) / "sts-cache").is_dir():
-        notes.append(("sts-cache", "chasquid's MTA-STS policy cache: tampu does not do "
-                      "MTA-STS (RFC 8461)"))
+        notes.append(("sts-cache", "chasquid's MTA-STS policy cache: not read; tampu fetches "
+                      "the policies again (delivery_smtp, mta_sts = true)"))
     return notes
 
 
