@@ -47,8 +47,9 @@ def schedule_delay(schedule: list[float], attempt: int) -> float:
 
 
 def trusted(item: QueueItem) -> bool:
-    """Mail from an authenticated user, a local program or the server itself."""
-    return item.auth_user is not None or item.origin in ("dsn", "forward", "local")
+    """Mail from an authenticated user, a trusted network, a local program or the server."""
+    return item.auth_user is not None or item.trusted_network or \
+        item.origin in ("dsn", "forward", "local")
 
 
 def relay_refusal(is_local_domain: Callable[[str], bool], item: QueueItem,

@@ -93,11 +93,19 @@ class Session:
     tls: TlsInfo | None = None
     auth_user: str | None = None
     """The authenticated user (``user@domain``), or None."""
+    trusted_network: bool = False
+    """Set by a plugin (relay's ``trusted_networks``): this client may relay without AUTH, as
+    Postfix's mynetworks; its messages may leave for remote domains like an authenticated
+    user's. Never set by the core itself."""
     stash: Stash = field(default_factory=Stash)
 
     @property
     def authenticated(self) -> bool:
         return self.auth_user is not None
+
+    @property
+    def may_relay(self) -> bool:
+        return self.auth_user is not None or self.trusted_network
 
 
 @dataclass(eq=False)

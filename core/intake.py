@@ -35,6 +35,7 @@ class Submission:
     envelope: Envelope | None = None
     """The SMTP transaction (None for mail the server makes)."""
     auth_user: str | None = None
+    trusted_network: bool = False
     origin: Origin = "smtp"
     peer: str = ""
     helo: str = ""
@@ -70,7 +71,8 @@ class Intake:
         ret = str(params.get("RET", "")).upper()
         item = QueueItem(
             id=sub.item_id or store.new_id(), mail_from=sub.mail_from, recipients=[],
-            auth_user=sub.auth_user, origin=sub.origin, peer=sub.peer, helo=sub.helo,
+            auth_user=sub.auth_user, trusted_network=sub.trusted_network, origin=sub.origin,
+            peer=sub.peer, helo=sub.helo,
             smtputf8=bool(env.smtputf8) if env is not None else False,
             dsn_ret="FULL" if ret == "FULL" else "HDRS" if ret == "HDRS" else None,
             dsn_envid=str(params.get("ENVID", "")) if isinstance(params.get("ENVID"), str)

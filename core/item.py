@@ -192,6 +192,8 @@ class QueueItem:
     created: float = field(default_factory=time.time)
     auth_user: str | None = None
     """Who submitted it (authenticated sessions); None for mail from the outside."""
+    trusted_network: bool = False
+    """Received from a trusted network (relay's ``trusted_networks``): it may be relayed."""
     origin: Origin = "smtp"
     peer: str = ""
     helo: str = ""
@@ -222,7 +224,8 @@ class QueueItem:
         out: dict[str, Any] = {
             "v": 2, "id": self.id, "mail_from": self.mail_from,
             "recipients": [r.to_json() for r in self.recipients], "created": self.created,
-            "auth_user": self.auth_user, "origin": self.origin, "peer": self.peer,
+            "auth_user": self.auth_user, "trusted_network": self.trusted_network,
+            "origin": self.origin, "peer": self.peer,
             "helo": self.helo, "smtputf8": self.smtputf8, "extra": self.extra,
         }
         if self.dsn_ret is not None:
@@ -243,6 +246,7 @@ class QueueItem:
             id=data["id"], mail_from=data["mail_from"],
             recipients=[Recipient.from_json(r) for r in data["recipients"]],
             created=float(data["created"]), auth_user=data.get("auth_user"),
+            trusted_network=bool(data.get("trusted_network", False)),
             origin=data.get("origin", "smtp"), peer=data.get("peer", ""),
             helo=data.get("helo", ""), smtputf8=bool(data.get("smtputf8", False)),
             dsn_ret=ret if ret in ("FULL", "HDRS") else None,

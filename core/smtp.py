@@ -493,7 +493,8 @@ class SmtpSession(Wire):
         try:
             item = await self.intake.submit(Submission(
                 mail_from=env.mail_from, recipients=env.rcpt_to, data=top + body,
-                envelope=env, auth_user=session.auth_user, peer=session.peer_host,
+                envelope=env, auth_user=session.auth_user,
+                trusted_network=session.trusted_network, peer=session.peer_host,
                 helo=session.helo or "", item_id=queue_id))
         except QueueFull:
             return R.QUEUE_FULL, None, None

@@ -245,3 +245,21 @@ def test_tampu_delivers_to_another_tampu(tampu_server, make_dns):
     assert len(received) == 2  # B's (from A, over TLS) on top of A's (from the client)
     assert b"(tampu) with ESMTPS" in message.split(b"Received:")[1]  # B's header: TLS used
     wait_for(lambda: not a.queue_items(), what="A's queue to empty")
+
+
+def test_a_trusted_network_may_relay_without_auth_and_nobody_else(remote, farm):
+    """[plugins.relay] trusted_networks (Postfix's mynetworks): 127.0.0.0/8 here."""
+    sink = farm.start("127.0.0.2")
+    srv, _ = remote(smtp_extra='[plugins.relay]\ntrusted_networks = ["127.0.0.0/8"]')
+    with srv.smtp() as c:  # no AUTH
+        c.ehlo()
+        assert c.mail("app@example.test")[0] == 250
+        assert c.rcpt("ivan@remote.test")[0] == 250
+        assert c.data(b"Subject: from the LAN\r\n\r\nhi\r\n")[0] == 250
+    got = wait_for(lambda: sink.received, what="the relayed message")
+    assert got[0].rcpt_tos == ["ivan@remote.test"]
+    other, _ = remote(smtp_extra='[plugins.relay]\ntrusted_networks = ["192.0.2.0/24"]')
+    with other.smtp() as c:
+        c.ehlo()
+        assert c.mail("app@example.test")[0] == 250
+        assert c.rcpt("ivan@remote.test")[0] == 550
