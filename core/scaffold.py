@@ -1,15 +1,15 @@
 """``tampu init``: write a commented production configuration directory.
 
 Ports 25/587/465 on every address, real certificate paths (``certs/<hostname>/``, with
-instructions for certbot), the data directory in ``/var/lib/tampu`` and the usual plugins.
+instructions for certbot), the data directory in ``/var/lib/tampu`` and every plugin table of
+the default configuration.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+from tampu.addresses import AddressError, domain_to_ascii, normalize_domain
 
 SERVER = """\
 # tampu for {domain}, written by `tampu init`. Every key: docs/configuration.md. Running it in
@@ -48,74 +48,20 @@ addresses = []
 # proxy_trusted = ["10.0.0.5/32"]
 """
 
-PLUGINS = {
-    "20-reception.toml": """\
-# Who may send, to whom. Keep all four: together they make tampu a closed relay.
-[plugins.auth]             # SMTP AUTH against domains/<domain>/users (tampu user add)
-enabled = true
+DEFAULTS = "defaults"
+"""The plugin tables of the default configuration (package data ``tampu/defaults/*.toml``; the
+repository's ``conf.d/`` links to the same files): ``tampu init`` writes every one of them."""
 
-[plugins.localusers]       # local recipients must exist (users, postmaster, aliases)
-enabled = true
 
-[plugins.relay]            # remote recipients only for authenticated users
-enabled = true
+def default_tables() -> dict[str, str]:
+    """File name -> text of every plugin table file of the default configuration."""
+    from importlib.resources import files
 
-[plugins.loopdetect]       # refuse messages with too many Received: headers
-enabled = true
-""",
-    "30-spf.toml": """\
-# SPF check of incoming mail (MAIL FROM); fail is refused, the rest is recorded.
-[plugins.spf]
-enabled = true
-""",
-    "31-aliases.toml": """\
-# domains/<domain>/aliases, in chasquid's format.
-[plugins.aliases]
-enabled = true
-""",
-    "33-dkim.toml": """\
-# DKIM: submitted mail is signed for its From domain once that domain has a key
-# (tampu dkim keygen DOMAIN; publish what tampu dkim dns DOMAIN prints); incoming
-# signatures are verified and recorded.
-[plugins.dkim]
-enabled = true
-""",
-    "40-delivery-local.toml": """\
-# Local mailboxes: a Maildir per user in <data_dir>/mail/<domain>/<user>/ (point Dovecot
-# there), or see docs for an MDA or LMTP instead.
-[plugins.delivery_maildir]
-enabled = true
-""",
-    "45-delivery-remote.toml": """\
-# Mail for other domains (sent by your authenticated users): through their MX, with STARTTLS.
-[plugins.delivery_smtp]
-enabled = true
-""",
-    "50-dsn.toml": """\
-# Tell senders about mail that could not be delivered.
-[plugins.dsn]
-enabled = true
-""",
-    "60-metrics.toml": """\
-# Prometheus metrics and a status page on http://127.0.0.1:9125/ (keep it private).
-[plugins.metrics]
-enabled = true
-address = "127.0.0.1:9125"
-""",
-    "61-maillog.toml": """\
-# One line per mail event in <data_dir>/mail.log (or syslog = true).
-[plugins.maillog]
-enabled = true
-path = "mail.log"
-format = "text"
-""",
-    "62-ratelimit.toml": """\
-# Limits per client address and per user; generous defaults (docs/operations.md).
-[plugins.ratelimit]
-enabled = true
-recipients_per_hour = 1000
-""",
-}
+    folder = files("tampu") / DEFAULTS
+    return {entry.name: entry.read_text(encoding="utf-8")
+            for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+            if entry.name.endswith(".toml")}
+
 
 CERTS_README = """\
 Certificates for tampu: one folder per name, each with fullchain.pem and privkey.pem.
@@ -143,10 +89,13 @@ def init_config(directory: Path, domain: str, *, hostname: str | None = None,
     Raises ValueError for a bad domain or a directory that already has a conf.d (unless
     ``force``).
     """
-    domain = domain.lower().rstrip(".")
-    hostname = (hostname or f"mail.{domain}").lower().rstrip(".")
-    for name in (domain, hostname):
-        if not _DOMAIN.match(name):
+    try:
+        domain = normalize_domain(domain)  # IDN domains welcome: faß.de, bücher.example
+        hostname = domain_to_ascii(hostname or f"mail.{domain}")
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+    for name in (domain_to_ascii(domain), hostname):
+        if "." not in name or name.startswith("["):
             raise ValueError(f"{name!r} is not a domain name")
     confd = directory / "conf.d"
     if confd.is_dir() and any(confd.iterdir()) and not force:
@@ -155,7 +104,7 @@ def init_config(directory: Path, domain: str, *, hostname: str | None = None,
     values = {"domain": domain, "hostname": hostname, "data_dir": data_dir,
               "config_dir": str(root), "certs": str(root / "certs")}
     files = {confd / "00-server.toml": SERVER.format(**values),
-             **{confd / name: text for name, text in PLUGINS.items()},
+             **{confd / name: text for name, text in default_tables().items()},
              directory / "certs" / "README.txt": CERTS_README.format(**values)}
     (directory / "certs" / hostname).mkdir(parents=True, exist_ok=True)
     (directory / "domains" / domain).mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tampu.config import load_config
 from tampu.testing import default_ca
@@ -57,7 +58,8 @@ def test_init_refuses_to_overwrite_and_bad_domains(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
     assert tampu("init", str(cdir), "--domain", "example.com", "--force").returncode == 0
     bad = tampu("init", str(tmp_path / "d"), "--domain", "not a domain")
-    assert bad.returncode == 2 and "is not a domain name" in bad.stderr
+    assert bad.returncode == 2 and ("is not a domain name" in bad.stderr
+                                   or "invalid domain" in bad.stderr)
 
 
 def test_initialised_configuration_serves(tmp_path, tampu_server, tampu_ca, make_dns):
@@ -84,3 +86,18 @@ def test_initialised_configuration_serves(tmp_path, tampu_server, tampu_ca, make
             == {}
     assert len(srv.queue_items()) == 1
     assert (tmp_path / "data" / "queue").is_dir()
+
+
+def test_init_writes_every_plugin_table_of_the_default_configuration(tmp_path):
+    cdir = tmp_path / "etc"
+    assert tampu("init", str(cdir), "--domain", "Bücher.Example").returncode == 0
+    repo_confd = Path(__file__).resolve().parents[2] / "conf.d"
+    for default in repo_confd.glob("[1-9]*.toml"):  # the repository's defaults, one owner
+        written = cdir / "conf.d" / default.name
+        assert written.read_text() == default.read_text(), default.name
+    config = load_config(cdir)
+    assert config.server.local_domains == ["bücher.example"]  # IDN: the canonical form
+    assert config.server.hostname == "mail.xn--bcher-kva.example"  # a host name: A-labels
+    assert (cdir / "domains" / "bücher.example").is_dir()
+    for plugin in ("hooks", "delivery_mda", "domaininfo", "dkim", "aliases", "delivery_smtp"):
+        assert config.plugins[plugin].enabled, plugin
