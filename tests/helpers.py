@@ -130,10 +130,11 @@ def tampu_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "tampu.cli"]
 
 
-def run_tampu(*args: str, stdin: str | None = None,
-              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_tampu(*args: str, stdin: str | None = None, timeout: float = 60,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*tampu_command(), *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+                          text=True, timeout=timeout, check=False,
+                          env={**os.environ, **env} if env else None)
 
 
 def add_user(config_dir: Path, address: str, password: str) -> None:

@@ -17,7 +17,10 @@ forget a domain.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import sys
+from typing import Any
 
 from pydantic import Field
 
@@ -90,3 +93,55 @@ def spf_passed(envelope: Envelope, domain: str) -> bool:
     """Whether SPF passed for a MAIL FROM in ``domain`` in this transaction."""
     return any(r.result == "pass" and domain_of(r.prop("smtp.mailfrom") or "") == domain
                for r in results(envelope, "spf"))
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+@hookimpl
+def tampu_register_cli(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """``tampu domaininfo show [DOMAIN]`` and ``tampu domaininfo remove DOMAIN``."""
+    from tampu.cli import config_dir_option
+
+    p = config_dir_option(subparsers.add_parser(
+        "domaininfo", help="the security levels learned per domain (chasquid-util's "
+        "domaininfo-remove)"))
+    sub = p.add_subparsers(dest="domaininfo_command", required=True)
+    show = config_dir_option(sub.add_parser("show", help="the levels of one or every domain"))
+    show.add_argument("domain", nargs="?")
+    rm = config_dir_option(sub.add_parser("remove", help="forget a domain (after it really "
+                                          "lowered its security)"))
+    rm.add_argument("domain")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from tampu.cli import load, print_problems
+    from tampu.errors import ConfigError
+    from tampu.registry import validate_plugin_settings
+
+    try:
+        config = load(args)
+        settings = validate_plugin_settings(config, "domaininfo", DomainInfoPlugin) \
+            if "domaininfo" in config.plugins else DomainInfoSettings()
+    except ConfigError as exc:
+        print_problems(exc)
+        return 2
+    assert isinstance(settings, DomainInfoSettings)
+    store = DomainInfoStore(config.data_dir / settings.directory)
+    if args.domaininfo_command == "remove":
+        if store.forget(args.domain):
+            print(f"forgot {args.domain}: the next connections set its levels again")
+            return 0
+        print(f"tampu: nothing is known of {args.domain}", file=sys.stderr)
+        return 1
+    domains = [args.domain] if args.domain else store.domains()
+    if not domains:
+        print("no domain known yet")
+    for domain in domains:
+        if store.path(domain) is None:
+            print(f"tampu: {domain!r} is not a domain name", file=sys.stderr)
+            return 2
+        print(f"{domain}  incoming={store.incoming(domain).label}  "
+              f"outgoing={store.outgoing(domain).label}")
+    return 0

@@ -109,6 +109,15 @@ class DomainInfoStore:
             return SecLevel.PLAIN
         return SecLevel.from_label(self._read(path).get(direction, "plain"))
 
+    def domains(self) -> list[str]:
+        """Every domain with a record, as recorded."""
+        out = []
+        for path in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else ():
+            name = self._read(path).get("domain")
+            if name:
+                out.append(name)
+        return out
+
     def incoming(self, domain: str) -> SecLevel:
         return self.level(domain, "incoming")
 

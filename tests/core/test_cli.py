@@ -70,7 +70,7 @@ def test_plugins_lists_distribution_and_order_per_hook(tmp_path):
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
     assert re.match(r"  auth +enabled +built-in +tampu \S+ +priority=5 +hooks: smtp_auth$",
                     lines["auth"]), lines["auth"]
-    assert re.match(r"  relay +enabled +built-in +tampu \S+ +priority=100 +hooks: smtp_rcpt_to",
+    assert re.match(r"  relay +enabled +built-in +tampu \S+ +priority=100 +hooks: smtp_connect, smtp_rcpt_to",
                     lines["relay"])
     assert re.match(r"  loopdetect +disabled +built-in +tampu ", lines["loopdetect"])
     plugin_part, _, order_part = out.partition("Order per hook:\n")
@@ -152,3 +152,50 @@ def test_serve_default_configuration_accepts_mail_for_postmaster(tmp_path):
         assert "<-  250 2.0.0 Queued as" in done.stdout
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
+
+
+def test_config_show_gives_each_value_and_its_origin(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAMPU_TEST_PW", "hunter2")
+    root = make_config_dir(tmp_path / "conf", conf={
+        "50-x.toml": '[server]\nmax_recipients = 7\n[plugins.loopdetect]\nmax_received = 9\n'
+                     '[plugins.delivery_smtp]\nenabled = true\n'
+                     '[plugins.delivery_smtp.smarthost]\nhost = "relay.example.test:587"\n'
+                     'username = "me"\npassword = {"$env" = "TAMPU_TEST_PW"}\n'})
+    done = run_tampu("config", "show", "--config-dir", str(root))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "max_recipients = 7    # conf.d/50-x.toml" in out
+    assert "max_message_size = 52428800    # (default)" in out
+    assert "[plugins.loopdetect]" in out and "max_received = 9    # conf.d/50-x.toml" in out
+    assert "hunter2" not in out  # secrets never shown
+    changed = run_tampu("config", "show", "--changed", "--config-dir", str(root)).stdout
+    assert "max_recipients = 7" in changed and "(default)" not in changed
+
+
+def test_every_subcommand_takes_config_dir_in_the_same_place(tmp_path, monkeypatch):
+    root = make_config_dir(tmp_path / "conf")
+    for args in (["queue", "list"], ["user", "list"], ["users", "check"], ["check"],
+                 ["plugins"], ["config", "show"], ["domaininfo", "show"]):
+        before = run_tampu(*args[:1], "--config-dir", str(root), *args[1:])
+        after = run_tampu(*args, "--config-dir", str(root))
+        assert before.returncode == after.returncode == 0, (args, before.stderr, after.stderr)
+    env_default = run_tampu("queue", "list", env={"TAMPU_CONFIG_DIR": str(root)})
+    assert env_default.returncode == 0 and "queue is empty" in env_default.stdout
+    version = run_tampu("--version")
+    assert version.returncode == 0 and version.stdout.startswith("tampu 0.")
+
+
+def test_domaininfo_show_and_remove(tmp_path):
+    from tampu.plugins.domaininfo.store import DomainInfoStore, SecLevel
+
+    root = make_config_dir(tmp_path / "conf")
+    store = DomainInfoStore(root / "data" / "domaininfo")
+    store.check_outgoing("Example.ORG", SecLevel.TLS_VERIFIED)
+    shown = run_tampu("domaininfo", "show", "--config-dir", str(root))
+    assert "example.org  incoming=plain  outgoing=tls_verified" in shown.stdout
+    assert run_tampu("domaininfo", "remove", "example.org", "--config-dir",
+                     str(root)).returncode == 0
+    assert run_tampu("domaininfo", "remove", "example.org", "--config-dir",
+                     str(root)).returncode == 1
+    assert "no domain known" in run_tampu("domaininfo", "show", "--config-dir",
+                                          str(root)).stdout
