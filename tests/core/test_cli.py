@@ -70,7 +70,8 @@ def test_plugins_lists_distribution_and_order_per_hook(tmp_path):
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
     assert re.match(r"  auth +enabled +built-in +tampu \S+ +priority=5 +hooks: smtp_auth$",
                     lines["auth"]), lines["auth"]
-    assert re.match(r"  relay +enabled +built-in +tampu \S+ +priority=100 +hooks: smtp_connect, smtp_rcpt_to",
+    assert re.match(r"  relay +enabled +built-in +tampu \S+ +priority=100 +hooks: "
+                    r"smtp_connect, smtp_rcpt_to",
                     lines["relay"])
     assert re.match(r"  loopdetect +disabled +built-in +tampu ", lines["loopdetect"])
     plugin_part, _, order_part = out.partition("Order per hook:\n")
