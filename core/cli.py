@@ -217,7 +217,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tampu import __version__
-    from tampu.commands import config_show, import_chasquid
+    from tampu.commands import config_show, import_chasquid, why
     from tampu.commands import queue as queue_commands
 
     parser = argparse.ArgumentParser(prog="tampu", description="tampu mail server")
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     queue_commands.register(sub)
     import_chasquid.register(sub)
     config_show.register(sub)
+    why.register(sub)
     from tampu.caller import HookCaller, Hooks
     from tampu.registry import cli_plugins
 

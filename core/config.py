@@ -184,6 +184,13 @@ class ServerSettings(_Strict):
     delay_warning_after: float = Field(
         default=4 * 3600.0, ge=0, description="Seconds after which recipients that asked for "
         "it (NOTIFY=DELAY, RFC 3461) get one delay notification; 0: never.")
+    journal_max_size: int = Field(
+        default=64 * 1024 * 1024, ge=0, description="Bytes the decision journal "
+        "(<data_dir>/journal/, what `tampu why` reads) may take in all; the oldest files go "
+        "first. 0: no journal.")
+    journal_max_age: float = Field(
+        default=30 * 86400.0, ge=0, description="Seconds a decision record is kept at most; "
+        "0: no age limit (only the size limit).")
     dns_servers: list[str] = Field(
         default_factory=list,
         description="DNS servers as IP or IP:port ([v6]:port); empty: the system's "

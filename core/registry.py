@@ -126,7 +126,8 @@ class _Loader:
         except ConfigError as exc:
             self.problems.extend(exc.problems)
             return
-        info = self.infos.get(name) or PluginInfo(name, "(test)", "", False, True)
+        info = self.infos.get(name) or PluginInfo(
+            name, getattr(obj, "distribution", "(test)"), "", False, True)
         self.infos[name] = info
         info.settings, info.enabled = settings, settings.enabled
         info.priority, info.order = settings.priority, order

@@ -21,6 +21,7 @@ from tampu import hookspecs
 from tampu.caller import HookCaller, Hooks
 from tampu.config import Config
 from tampu.context import ServerContext
+from tampu.decisions import DecisionRecorder, Journal
 from tampu.dns import Resolver
 from tampu.envelope import Stash
 from tampu.errors import ConfigError
@@ -98,15 +99,20 @@ def check_environment(config: Config) -> list[str]:
 
 
 def build_runtime(config: Config, store: QueueStore, *, stash: Stash | None = None,
-                  dns: Resolver | None = None,
-                  extra_plugins: list[Any] | None = None) -> Runtime:
-    """Validate ``config`` completely and load its plugins. Raises ConfigError (all problems)."""
+                  dns: Resolver | None = None, extra_plugins: list[Any] | None = None,
+                  journal: Journal | None = None) -> Runtime:
+    """Validate ``config`` completely and load its plugins. Raises ConfigError (all problems).
+
+    ``journal``: where the core's decision recorder writes (a serving process has one)."""
     problems = check_environment(config)
     context = ServerContext(config, store, dns or Resolver.from_settings(
         config.server.dns_servers, config.server.dns_timeout), stash or Stash())
     problems.extend(context.users.problems())
+    extra = list(extra_plugins or [])
+    if journal is not None and config.server.journal_max_size:
+        extra.append(DecisionRecorder(journal))
     try:
-        registry = build_registry(config, context, extra_plugins or [])
+        registry = build_registry(config, context, extra)
     except ConfigError as exc:
         problems.extend(exc.problems)
     tls = None

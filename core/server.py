@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from tampu.config import Config, load_config
+from tampu.decisions import JOURNAL_DIR, Journal
 from tampu.delivery import DeliveryRunner
 from tampu.envelope import ListenerInfo
 from tampu.errors import ConfigError
@@ -47,8 +48,10 @@ class Server:
         self.extra_plugins = list(extra_plugins)
         ensure_certificates(config)
         store = FilesystemStore(config.data_dir / "queue", config.server.max_queue_items)
-        self.state = ServerState(build_runtime(config, store,
-                                               extra_plugins=self.extra_plugins))
+        self.journal = Journal(config.data_dir / JOURNAL_DIR, config.server.journal_max_size,
+                               config.server.journal_max_age, config.server.hostname)
+        self.state = ServerState(build_runtime(config, store, extra_plugins=self.extra_plugins,
+                                               journal=self.journal))
         self.intake = Intake(self.state)
         self.deliver = deliver
         self.runner: DeliveryRunner | None = None
@@ -188,6 +191,7 @@ class Server:
             await asyncio.wait(list(self.state.tasks), timeout=5)
         await self.runtime.hooks.tampu_shutdown(self.runtime.context)
         self.runtime.context.dns.close()
+        await asyncio.to_thread(self.journal.close)
         log.info("tampu stopped")
 
     def handle_requests(self) -> None:
@@ -205,9 +209,12 @@ class Server:
             config = load_config(old.config.config_dir)
             same_dns = (config.server.dns_servers, config.server.dns_timeout) == \
                 (old.config.server.dns_servers, old.config.server.dns_timeout)
+            self.journal.max_bytes = config.server.journal_max_size
+            self.journal.max_age = config.server.journal_max_age
             runtime = await asyncio.to_thread(
                 build_runtime, config, old.store, stash=old.context.stash,
-                dns=old.context.dns if same_dns else None, extra_plugins=self.extra_plugins)
+                dns=old.context.dns if same_dns else None, extra_plugins=self.extra_plugins,
+                journal=self.journal)
         except (ConfigError, OSError) as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
             for problem in problems:

@@ -1,0 +1,207 @@
+"""``tampu why``: the story of a message, or of a refusal, in plain words.
+
+    tampu why QID                                  # one message: reception, expansion, delivery
+    tampu why --from a@x --to b@y [--since 1h]     # transactions between them (refused ones too)
+    tampu why --session N [--since 1d]             # everything of SMTP session N
+    ... --json                                     # the records as JSON lines
+
+It reads the decision journal (``<data_dir>/journal/``) and, for an item still queued, the
+store (its next attempt, its recipients' state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from tampu.addresses import normalize_address
+from tampu.decisions import JOURNAL_DIR, read_journal
+
+_SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_STAGES = {"connect": "CONNECT", "helo": "HELO", "auth": "AUTH", "mail": "MAIL FROM",
+           "rcpt": "RCPT", "data": "DATA"}
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    from tampu.cli import config_dir_option
+
+    p = config_dir_option(sub.add_parser("why", help="why a message was accepted, refused, "
+                                         "or is not delivered yet"))
+    p.add_argument("qid", nargs="?", help="a queue ID (from a 250 reply or the mail log)")
+    p.add_argument("--from", dest="sender", help="the sender (MAIL FROM)")
+    p.add_argument("--to", dest="rcpt", help="a recipient (RCPT TO)")
+    p.add_argument("--session", type=int, help="an SMTP session number (from the logs)")
+    p.add_argument("--since", default="7d", help="how far back: 30m, 12h, 7d (default 7d)")
+    p.add_argument("--json", action="store_true", help="the records, one JSON object a line")
+    p.set_defaults(func=run)
+
+
+def parse_since(text: str) -> float:
+    m = _SINCE.match(text.strip())
+    if m is None:
+        raise ValueError(f"--since {text!r}: write 30m, 12h or 7d")
+    return time.time() - float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _when(t: float) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return normalize_address(a) == normalize_address(b)
+    except ValueError:
+        return a.lower() == b.lower()
+
+
+def decision_line(d: dict[str, Any]) -> str:
+    """``RCPT <bob@example.com>: relay refused it (550 5.7.1 Relaying not permitted)``."""
+    stage = _STAGES.get(d.get("stage", ""), str(d.get("stage", "")).upper())
+    addr = d.get("addr") or ""
+    shown = addr if addr.startswith("<") else f"<{addr}>"
+    what = f"{stage} {shown}" if stage in ("MAIL FROM", "RCPT") else f"{stage} {addr}".rstrip()
+    reply = d.get("reply", "")
+    ok = reply[:1] == "2" or reply[:1] == "3"
+    who = "the core" if d.get("plugin") == "core" else str(d.get("plugin"))
+    verb = "accepted it" if ok else "refused it"
+    if not ok and d.get("plugin") == "core" and stage == "RCPT" and reply.startswith("550 5.1.1"):
+        verb = "refused it: no plugin accepted this recipient"
+    line = f"{what}: {who} {verb} ({reply})"
+    if d.get("results"):
+        line += " — " + "; ".join(d["results"])
+    return line
+
+
+def attempt_line(a: dict[str, Any], next_attempt: float = 0.0) -> str:
+    where = f" via {a['remote']}" if a.get("remote") else ""
+    code = " ".join(str(x) for x in (a.get("code") or "", a.get("enhanced") or "") if x)
+    reply = f"{code} {a.get('text', '')}".strip()
+    status = {"sent": "delivered", "temporary": "not yet, will retry",
+              "permanent": "failed for good"}.get(a.get("status", ""), a.get("status", ""))
+    orig = f" (for <{a['orig']}>)" if a.get("orig") and a.get("orig") != a.get("to") else ""
+    line = (f"delivery attempt {a.get('attempt')} to <{a.get('to')}>{orig} by "
+            f"{a.get('backend')}{where}: {status} — {reply}")
+    if a.get("status") == "temporary" and next_attempt:
+        line += f"; next attempt {datetime.fromtimestamp(next_attempt).strftime('%H:%M')}"
+    return line
+
+
+def reception_lines(r: dict[str, Any]) -> list[str]:
+    who = f"session {r.get('session')} from {r.get('peer')}"
+    if r.get("helo"):
+        who += f" (HELO {r['helo']})"
+    who += f", authenticated as {r['auth']}" if r.get("auth") else ", not authenticated"
+    if r.get("tls"):
+        who += f", {r['tls']}"
+    lines = [f"{_when(r.get('t', 0))} {who}"]
+    lines += ["  " + decision_line(d) for d in r.get("decisions", [])]
+    if r.get("kind") == "accepted":
+        lines.append(f"  queued as {r.get('qid')}")
+    elif r.get("reply"):
+        lines.append(f"  nothing queued: {r['reply']}")
+    else:
+        lines.append("  nothing queued")
+    return lines
+
+
+def item_story(records: list[dict[str, Any]], qid: str,
+               live: Any = None) -> list[str]:  # noqa: ANN401 - a QueueItem or None
+    mine = [r for r in records if r.get("qid") == qid]
+    lines: list[str] = []
+    for r in mine:
+        kind = r.get("kind")
+        if kind == "accepted":
+            lines += reception_lines(r)
+        elif kind == "queued":
+            lines.append(f"{_when(r.get('t', 0))} queued {qid} from <{r.get('from')}> "
+                         f"({r.get('origin')}, {r.get('size', 0)} bytes)")
+            for rcpt in r.get("recipients", []):
+                route = rcpt.get("route") or {}
+                how = ("pipe " + route["pipe"]) if route.get("pipe") else \
+                    ("via " + "/".join(route["via"])) if route.get("via") else \
+                    "forwarded" if route.get("forward") else ""
+                if rcpt.get("orig") != rcpt.get("to") or how:
+                    lines.append(f"  <{rcpt.get('orig')}> expanded to <{rcpt.get('to')}>"
+                                 + (f" ({how})" if how else ""))
+                else:
+                    lines.append(f"  recipient <{rcpt.get('to')}>")
+        elif kind == "attempt":
+            nxt = live.next_attempt if live is not None else 0.0
+            lines.append(f"{_when(r.get('t', 0))} " + attempt_line(r, nxt))
+        elif kind == "done":
+            sent, failed = r.get("sent", []), r.get("failed", [])
+            lines.append(f"{_when(r.get('t', 0))} done: {len(sent)} delivered, {len(failed)} "
+                         "failed" + (" (a report goes to the sender, unless it asked for "
+                                     "none)" if failed else ""))
+    if live is not None:
+        pending = [r.address for r in live.pending]
+        state = "on hold" if live.held else (
+            f"next attempt {_when(live.next_attempt)}" if live.next_attempt else "in progress")
+        lines.append(f"still queued: {len(pending)} recipient(s) pending, {state}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from tampu.cli import load, print_problems
+    from tampu.errors import ConfigError, QueueError
+    from tampu.store_files import FilesystemStore
+
+    try:
+        config = load(args)
+        since = parse_since(args.since)
+    except ConfigError as exc:
+        print_problems(exc)
+        return 2
+    except ValueError as exc:
+        print(f"tampu: {exc}", file=sys.stderr)
+        return 2
+    if not (args.qid or args.sender or args.rcpt or args.session is not None):
+        print("tampu: give a queue ID, --from/--to, or --session", file=sys.stderr)
+        return 2
+    records = list(read_journal(config.data_dir / JOURNAL_DIR, since))
+    if args.qid:
+        store = FilesystemStore(config.data_dir / "queue", 1)
+        try:
+            live = asyncio.run(store.load(args.qid))
+        except QueueError:
+            live = None
+        found = [r for r in records if r.get("qid") == args.qid]
+        if not found and live is None:
+            print(f"tampu: nothing known of {args.qid} (since {_when(since)})",
+                  file=sys.stderr)
+            return 1
+        if args.json:
+            for r in found:
+                print(json.dumps(r, ensure_ascii=False))
+            return 0
+        print("\n".join(item_story(records, args.qid, live)))
+        return 0
+    chosen = []
+    for r in records:
+        if r.get("kind") not in ("accepted", "refused"):
+            continue
+        if args.session is not None and r.get("session") != args.session:
+            continue
+        if args.sender and not _same(r.get("from") or "", args.sender):
+            continue
+        if args.rcpt and not any(_same(d.get("addr") or "", args.rcpt)
+                                 for d in r.get("decisions", []) if d.get("stage") == "rcpt"):
+            continue
+        chosen.append(r)
+    if not chosen:
+        print(f"tampu: no transaction matches (since {_when(since)})", file=sys.stderr)
+        return 1
+    for r in chosen:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False))
+            continue
+        lines = item_story(records, r["qid"]) if r.get("qid") else reception_lines(r)
+        print("\n".join(lines))
+    return 0

@@ -1,0 +1,266 @@
+"""Decision records: which plugin decided what, at every stage, for every transaction and
+every queue item — what ``tampu why`` tells.
+
+The recorder is the core's own observer of the hooks that fire *after* a verdict
+(``smtp_verdict``, ``smtp_transaction_done``, ``smtp_disconnect``, ``queue_enqueued``,
+``delivery_attempted``, ``queue_done``); it is registered with every configuration. Records
+are compact JSON lines (no message bodies, no passwords) appended to a bounded journal in
+``<data_dir>/journal/`` by a writer thread: one file per process, a new file at a tenth of
+``[server] journal_max_size``, the oldest files removed past ``journal_max_size`` in all or
+``journal_max_age``. While an item lives, its delivery attempts are also kept in its
+``extra["decisions"]`` (saved with its state).
+
+Record kinds: ``refused`` (a transaction or connection that queued nothing), ``accepted``
+(a transaction that queued an item), ``queued`` (the item's final recipients, after
+expansion), ``attempt`` (one delivery attempt), ``done`` (the item left the queue).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from tampu._markers import hookimpl
+from tampu.authres import results
+from tampu.envelope import Envelope, Session, StashKey, Verdict
+from tampu.item import DeliveryResult, QueueItem, Recipient
+
+log = logging.getLogger("tampu.decisions")
+
+JOURNAL_DIR: Final = "journal"
+MAX_DECISIONS: Final = 200
+"""Decisions kept per transaction (a client sending thousands of RCPTs gets a summary)."""
+
+_CURRENT: StashKey[list[dict[str, Any]]] = StashKey()
+_SESSION: StashKey[list[dict[str, Any]]] = StashKey()
+
+
+def _reply(verdict: Verdict) -> str:
+    return str(verdict.reply).replace("\r\n", " / ")
+
+
+class Journal:
+    """The bounded on-disk journal of one process."""
+
+    def __init__(self, directory: Path, max_bytes: int, max_age: float, node: str) -> None:
+        self.dir = directory
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.node = node
+        self.queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.failing = False
+        self.files = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Queue a record (the event loop never waits for the disk)."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="tampu-journal",
+                                           daemon=True)
+            self.thread.start()
+        record.setdefault("t", round(time.time(), 3))
+        record["node"] = self.node
+        self.queue.put(record)
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(10)
+            self.thread = None
+
+    def _run(self) -> None:
+        handle = None
+        written = 0
+        try:
+            while True:
+                record = self.queue.get()
+                if record is None:
+                    return
+                file_limit = max(1024, self.max_bytes // 10)
+                data = self._line(record)
+                while len(data) < file_limit // 4:  # what else is waiting: one write
+                    try:
+                        more = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self.queue.put(None)
+                        break
+                    data += self._line(more)
+                try:
+                    if handle is None or written + len(data) > file_limit:
+                        if handle is not None:
+                            handle.close()
+                        handle, written = self._open()
+                        self._prune()
+                    handle.write(data)
+                    handle.flush()
+                    written += len(data)
+                    self.failing = False
+                except OSError as exc:
+                    if not self.failing:
+                        log.error("decision journal: cannot write to %s: %s; records are "
+                                  "lost until it works again", self.dir, exc.strerror or exc)
+                    self.failing = True
+                    handle = None
+        finally:
+            if handle is not None:
+                handle.close()
+
+    @staticmethod
+    def _line(record: dict[str, Any]) -> bytes:
+        return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode(
+            "utf-8", "backslashreplace")
+
+    def _open(self) -> tuple[Any, int]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        self.files += 1  # names sort in the order they were written (per process)
+        path = self.dir / f"{stamp}-{os.getpid()}-{self.files:06d}.jsonl"
+        return path.open("ab"), 0
+
+    def _prune(self) -> None:
+        """Oldest files first, until the journal is within its size and age."""
+        files = sorted(self.dir.glob("*.jsonl"))
+        now = time.time()
+        sizes = {}
+        for path in files:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            sizes[path] = st.st_size
+            if self.max_age and now - st.st_mtime > self.max_age:
+                path.unlink(missing_ok=True)
+                sizes.pop(path)
+        total = sum(sizes.values())
+        for path in list(sizes)[:-1]:  # never the file being written
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= sizes[path]
+
+
+def read_journal(directory: Path, since: float = 0.0) -> Iterator[dict[str, Any]]:
+    """Every record of the journal (all processes), oldest file first."""
+    for path in sorted(directory.glob("*.jsonl")) if directory.is_dir() else ():
+        try:
+            if path.stat().st_mtime < since:
+                continue
+            lines = path.read_bytes().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if isinstance(record, dict) and record.get("t", 0) >= since:
+                yield record
+
+
+class DecisionRecorder:
+    """Writes decision records; registered by the core with every configuration."""
+
+    name = "decisions"
+    distribution = "tampu (core)"
+    priority = 1_000_000  # after every other observer: it sees their changes
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    # ---------------------------------------------------------------- reception
+
+    @staticmethod
+    def _session(session: Session) -> dict[str, Any]:
+        return {"session": session.id, "peer": session.peer_host, "listener":
+                session.listener.name, "helo": session.helo,
+                "tls": session.tls.version if session.tls else None, "auth": session.auth_user}
+
+    @hookimpl
+    def smtp_verdict(self, session: Session, envelope: Envelope | None,
+                     verdict: Verdict) -> None:
+        entry: dict[str, Any] = {"t": round(time.time(), 3), "stage": verdict.stage,
+                                 "plugin": verdict.plugin,
+                 "addr": verdict.address, "reply": _reply(verdict),
+                 "ms": round(verdict.seconds * 1000, 2)}
+        if verdict.stage in ("connect", "helo", "auth"):
+            session.stash.setdefault(_SESSION, []).append(entry)
+            if verdict.refused and verdict.stage == "connect":
+                self.journal.write({"kind": "refused", **self._session(session),
+                                    "decisions": [entry]})
+            return
+        if verdict.stage == "mail":
+            self._flush(session, None)  # a new transaction: the old one queued nothing
+        current = session.stash.setdefault(_CURRENT, [])
+        if len(current) < MAX_DECISIONS:
+            current.append(entry)
+        if verdict.stage == "mail" and envelope is not None:
+            spf = [str(r) for r in results(envelope, "spf")]
+            if spf:
+                entry["results"] = spf
+
+    def _flush(self, session: Session, envelope: Envelope | None,
+               reply: str | None = None, qid: str | None = None) -> None:
+        current = session.stash.get(_CURRENT, [])
+        if not current:
+            return
+        session.stash[_CURRENT] = []
+        mail = next((d["addr"] for d in current if d["stage"] == "mail"), "")
+        rcpts = [d["addr"] for d in current if d["stage"] == "rcpt" and
+                 d["reply"][:1] == "2"]
+        record: dict[str, Any] = {
+            "kind": "accepted" if qid else "refused", **self._session(session),
+            "from": mail, "to": rcpts, "decisions": session.stash.get(_SESSION, []) + current}
+        if qid:
+            record["qid"] = qid
+        if envelope is not None:
+            record["results"] = [str(r) for r in results(envelope)]
+        if reply is not None:
+            record["reply"] = reply
+        self.journal.write(record)
+
+    @hookimpl
+    def smtp_transaction_done(self, session: Session, envelope: Envelope, reply: Any,
+                              queue_id: str | None) -> None:
+        self._flush(session, envelope, str(reply).replace("\r\n", " / "), queue_id)
+
+    @hookimpl
+    def smtp_disconnect(self, session: Session) -> None:
+        self._flush(session, None)
+
+    # ---------------------------------------------------------------- the queue
+
+    @hookimpl
+    def queue_enqueued(self, item: QueueItem) -> None:
+        self.journal.write({
+            "kind": "queued", "qid": item.id, "from": item.mail_from, "origin": item.origin,
+            "size": item.size, "recipients": [
+                {"to": r.address, "orig": r.original, "route": r.route.to_json()}
+                for r in item.recipients]})
+
+    @hookimpl
+    def delivery_attempted(self, item: QueueItem, recipient: Recipient,
+                           result: DeliveryResult, backend: str) -> None:
+        entry = {"kind": "attempt", "qid": item.id, "to": recipient.address,
+                 "orig": recipient.original, "attempt": recipient.attempts,
+                 "status": result.status, "backend": backend, "remote": result.remote,
+                 "code": result.code, "enhanced": result.enhanced, "text": result.text[:300]}
+        self.journal.write(entry)
+        kept = item.extra.setdefault("decisions", [])
+        if isinstance(kept, list) and len(kept) < MAX_DECISIONS:
+            kept.append({k: v for k, v in entry.items() if k not in ("kind", "qid")})
+
+    @hookimpl
+    def queue_done(self, item: QueueItem) -> None:
+        self.journal.write({
+            "kind": "done", "qid": item.id, "from": item.mail_from,
+            "sent": [r.address for r in item.recipients if r.status.value == "sent"],
+            "failed": [r.address for r in item.failed]})
