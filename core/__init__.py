@@ -5,7 +5,7 @@ The public API for plugin authors::
     from tampu import hookimpl, blocking, Reply, Session, Envelope, StashKey, PluginSettings
 """
 
-from tampu._markers import blocking, hookimpl, hookspec
+from tampu._markers import blocking, dry_run_unsafe, hookimpl, hookspec
 from tampu.addresses import domain_of, split_address
 from tampu.authres import MethodResult, add_result, results
 from tampu.config import PluginSettings, ServerSettings
@@ -55,6 +55,7 @@ __all__ = [
     "add_result",
     "blocking",
     "domain_of",
+    "dry_run_unsafe",
     "hookimpl",
     "hookspec",
     "results",

@@ -33,3 +33,18 @@ def blocking(func: F) -> F:
 
 def is_blocking(func: Callable[..., Any]) -> bool:
     return bool(getattr(func, _BLOCKING_ATTR, False))
+
+
+_UNSAFE_ATTR = "_tampu_dry_run_unsafe"
+
+
+def dry_run_unsafe(func: F) -> F:
+    """Mark a hook implementation that changes something outside the server's memory (runs a
+    program, writes a file, sends a request): ``tampu try`` skips it and says so. Put it
+    *below* ``@hookimpl``."""
+    setattr(func, _UNSAFE_ATTR, True)
+    return func
+
+
+def is_dry_run_unsafe(func: Callable[..., Any]) -> bool:
+    return bool(getattr(func, _UNSAFE_ATTR, False))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import pluggy
 
-from tampu._markers import is_blocking
+from tampu._markers import is_blocking, is_dry_run_unsafe
 from tampu.envelope import AuthResult
 from tampu.errors import PluginError
 from tampu.item import DeliveryResult
@@ -46,6 +46,8 @@ class _Impl:
     function: Callable[..., Any]
     argnames: tuple[str, ...]
     blocking: bool
+    unsafe: bool = False
+    """Marked @dry_run_unsafe: a dry run (``tampu try``) skips it."""
 
 
 @dataclass
@@ -74,7 +76,15 @@ class HookCaller:
     observers: list[HookObserver] = field(default_factory=list)
     trace: bool = field(default_factory=lambda: os.environ.get("TAMPU_TRACE_HOOKS", "")
                         not in ("", "0"))
+    dry_run: bool = False
+    """``tampu try``: implementations marked @dry_run_unsafe are skipped (and listed)."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
     _hooks: dict[str, _Hook] = field(default_factory=dict)
+
+    def start_dry_run(self) -> None:
+        """From now on skip implementations marked @dry_run_unsafe (and list them)."""
+        self.dry_run = True
+        self._hooks.clear()
 
     def implementations(self, name: str) -> list[_Impl]:
         """The implementations of hook ``name`` in call order (priority, then conf.d order)."""
@@ -89,9 +99,14 @@ class HookCaller:
             prio, order = self.ordering.get(impl.plugin_name, (DEFAULT_PRIORITY, 10_000))
             ranked.append(((prio, order, position), _Impl(
                 impl.plugin_name, impl.function, tuple(impl.argnames),
-                is_blocking(impl.function) and not _is_async(impl.function))))
+                is_blocking(impl.function) and not _is_async(impl.function),
+                is_dry_run_unsafe(impl.function))))
         ranked.sort(key=lambda pair: pair[0])
-        found = self._hooks[name] = _Hook([impl for _, impl in ranked])
+        impls = [impl for _, impl in ranked]
+        if self.dry_run:
+            self.skipped.extend((name, i.plugin) for i in impls if i.unsafe)
+            impls = [i for i in impls if not i.unsafe]
+        found = self._hooks[name] = _Hook(impls)
         return found
 
     def _timeout(self, name: str, impl: _Impl) -> float:
@@ -300,6 +315,12 @@ class Hooks:
                                  result: DeliveryResult, backend: str) -> None:
         await self.caller.all("delivery_attempted", item=item, recipient=recipient,
                               result=result, backend=backend)
+
+    async def delivery_route(self, item: QueueItem,
+                             recipient: Recipient) -> tuple[str | None, str | None]:
+        route, plugin = await self.caller.first("delivery_route", item=item,
+                                                recipient=recipient)
+        return cast("str | None", route), plugin
 
     async def retry_delay(self, item: QueueItem, attempt: int) -> float | None:
         delay, _ = await self.caller.first("retry_delay", item=item, attempt=attempt)

@@ -217,7 +217,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tampu import __version__
-    from tampu.commands import config_show, import_chasquid, why
+    from tampu.commands import config_show, import_chasquid, try_, why
     from tampu.commands import queue as queue_commands
 
     parser = argparse.ArgumentParser(prog="tampu", description="tampu mail server")
@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     import_chasquid.register(sub)
     config_show.register(sub)
     why.register(sub)
+    try_.register(sub)
     from tampu.caller import HookCaller, Hooks
     from tampu.registry import cli_plugins
 

@@ -466,6 +466,25 @@ def deliver(item: QueueItem, recipient: Recipient, message: bytes) -> DeliveryRe
     """
 
 
+@hookspec(firstresult=True)
+def delivery_route(item: QueueItem, recipient: Recipient) -> str | None:
+    """Say, without delivering, how this backend would deliver a recipient (``tampu try``).
+
+    **Fires:** only in dry runs, once per final recipient, in the same order as ``deliver``.
+
+    :param item: the queue item as it would be queued (nothing is written).
+    :param recipient: the final recipient (``address`` and ``route``).
+
+    **Result:** verdict. A backend that would claim the recipient returns one line saying
+    where it would go (``Maildir data/mail/example.com/ana``, ``MX mx.example.net``); None:
+    not this backend. A backend without this hook is reported as "cannot tell".
+
+    **Async:** ``async def`` allowed, or ``@blocking``. It must change nothing.
+
+    **Since:** 0.2
+    """
+
+
 @hookspec
 def delivery_attempted(item: QueueItem, recipient: Recipient, result: DeliveryResult,
                        backend: str) -> None:

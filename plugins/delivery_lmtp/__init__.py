@@ -114,6 +114,12 @@ class LmtpPlugin:
         return expand_placeholders(self.ctx.settings.recipient, values)
 
     @hookimpl
+    def delivery_route(self, item: QueueItem, recipient: Recipient) -> str | None:
+        if not self.claims(recipient):
+            return None
+        return f"LMTP {self.remote}, RCPT TO:<{self.lmtp_recipient(recipient.address)}>"
+
+    @hookimpl
     async def deliver(self, item: QueueItem, recipient: Recipient,
                       message: bytes) -> DeliveryResult | None:
         if not self.claims(recipient):

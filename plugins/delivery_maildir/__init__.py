@@ -168,6 +168,13 @@ class MaildirPlugin:
         return self.ctx.server.is_local_mailbox(recipient, self.ctx.settings.domains)
 
     @hookimpl
+    def delivery_route(self, item: QueueItem, recipient: Recipient) -> str | None:
+        if not self.claims(recipient):
+            return None
+        maildir = self.maildir_for(recipient.address)
+        return f"Maildir {maildir}" if maildir else "no usable mailbox name: a failure"
+
+    @hookimpl
     @blocking
     def deliver(self, item: QueueItem, recipient: Recipient,
                 message: bytes) -> DeliveryResult | None:

@@ -138,6 +138,20 @@ class MdaPlugin:
         return {k: v.replace("\0", "") for k, v in env.items()}
 
     @hookimpl
+    def delivery_route(self, item: QueueItem, recipient: Recipient) -> str | None:
+        if recipient.route.pipe is not None:
+            return f"pipe: /bin/sh -c {recipient.route.pipe!r}"
+        if not self.claims_mailbox(recipient):
+            return None
+        user, domain = self.ctx.server.mailbox_of(recipient.address)
+        try:
+            argv = build_argv(self.ctx.settings.command, self.ctx.settings.args,
+                              substitutions(item.mail_from, user, domain))
+        except ValueError as exc:
+            return f"a failure: {exc}"
+        return "MDA " + " ".join(argv)
+
+    @hookimpl
     async def deliver(self, item: QueueItem, recipient: Recipient,
                       message: bytes) -> DeliveryResult | None:
         pipe = recipient.route.pipe

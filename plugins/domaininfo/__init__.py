@@ -32,6 +32,7 @@ from tampu import (
     ServerContext,
     Session,
     domain_of,
+    dry_run_unsafe,
     hookimpl,
 )
 from tampu.authres import results
@@ -70,6 +71,7 @@ class DomainInfoPlugin:
         context.stash[DOMAININFO_STORE] = self.store
 
     @hookimpl
+    @dry_run_unsafe  # it records levels it has not seen before
     async def smtp_mail_from(self, session: Session, envelope: Envelope, address: str,
                              params: dict[str, str | bool]) -> Reply | None:
         if session.authenticated or not self.ctx.settings.incoming:

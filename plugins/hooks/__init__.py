@@ -17,7 +17,16 @@ import signal
 
 from pydantic import Field
 
-from tampu import Envelope, Message, PluginContext, PluginSettings, Reply, Session, hookimpl
+from tampu import (
+    Envelope,
+    Message,
+    PluginContext,
+    PluginSettings,
+    Reply,
+    Session,
+    dry_run_unsafe,
+    hookimpl,
+)
 from tampu.authres import results
 
 PERMANENT_EXIT = 20
@@ -123,6 +132,7 @@ class HooksPlugin:
         return proc.returncode, out
 
     @hookimpl
+    @dry_run_unsafe  # the program may do anything
     async def smtp_data(self, session: Session, envelope: Envelope,
                         message: Message) -> Reply | None:
         if not self._program_file.exists():
