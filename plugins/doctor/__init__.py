@@ -5,7 +5,8 @@ With the configured resolver (``[server] dns_servers``) it checks the MX (pointi
 host's addresses), the DKIM records of the local keys, DMARC, MTA-STS (record and policy),
 TLS-RPT and the certificate's names and expiry; it prints one line per check and, for each
 that is not ok, the exact record to publish. Exit status: 0 when nothing failed (warnings
-allowed), 1 when something failed, 2 for a configuration error.
+allowed), 1 when something failed, 2 for a configuration error (anything ``tampu check``
+refuses, a bad ``[plugins.doctor]`` value, a name that is not a domain).
 
 The plugin has no hooks: it only adds the command (``tampu_register_cli``). Its settings
 (``[plugins.doctor]``, :mod:`.settings`) are read whether it is enabled or not.
@@ -62,11 +63,12 @@ def _settings(config: Config) -> DoctorSettings:
 
 def _cli(args: argparse.Namespace) -> int:
     from tampu.addresses import AddressError, domain_to_ascii, normalize_domain
-    from tampu.cli import load, print_problems
+    from tampu.cli import check, load, print_problems
     from tampu.errors import ConfigError
 
     try:
         config = load(args)
+        check(config)  # what tampu check validates: a server that would not start is no base
         settings = _settings(config)
         if settings.tls_ca_file and not (config.config_dir / settings.tls_ca_file).is_file():
             raise ConfigError([f"plugins.doctor.tls_ca_file: no file "

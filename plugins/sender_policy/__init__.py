@@ -62,8 +62,8 @@ class SenderPolicySettings(PluginSettings):
                                      "(user@domain) who may send as any address: a "
                                      "webmail's service account, a mailing list manager.")
     null_sender: bool = Field(default=True, description="Authenticated users may use the "
-                              "null sender <> (read receipts, RFC 8098; vacation replies, "
-                              "RFC 3834): it names nobody, so it impersonates nobody.")
+                              "null sender <> (read receipts, RFC 8098; vacation replies): "
+                              "it names nobody, so it impersonates nobody.")
 
     @field_validator("domains")
     @classmethod
