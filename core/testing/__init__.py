@@ -32,7 +32,7 @@ nothing.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +117,8 @@ def tampu_server(tmp_path: Path, tampu_ca: Any) -> Iterator[ServerFactory]:  # n
     """Start real tampu servers (see ``launch``); they stop at the end of the test."""
     running: list[RunningServer] = []
 
-    def factory(*, conf: dict[str, str] | None = None, plugins: list[Any] | None = None,
+    def factory(*, conf: dict[str, str] | None = None,
+                plugins: list[Any] | Mapping[str, Any] | None = None,
                 users: dict[str, str] | None = None, deliver: bool | None = None,
                 base: str | None = None, config_dir: Path | None = None,
                 dns: DNSServer | str | None = None, record: bool | VerdictRecorder = False,

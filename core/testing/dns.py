@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -79,8 +80,13 @@ def mx_rdata(host: str, preference: int) -> str:
         raise ValueError(f"not an MX host: {host!r} (a name, or 'PREFERENCE NAME')")
     if not 0 <= preference <= 65535:
         raise ValueError(f"MX preference {preference} is out of 0..65535")
-    name = host if host == "." else host.rstrip(".") + "."
-    return f"{preference} {name}"
+    if host == ".":
+        return f"{preference} ."
+    try:
+        name = dns.name.from_text(host.rstrip(".") + ".")
+    except (dns.exception.DNSException, ValueError) as exc:
+        raise ValueError(f"not an MX host name: {host!r} ({exc})") from None
+    return f"{preference} {name.to_text()}"
 
 
 def spf_text(policy: str) -> str:

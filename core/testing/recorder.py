@@ -71,8 +71,8 @@ class RecordedVerdict:
 
     def __str__(self) -> str:
         what = f" <{self.address}>" if self.address else ""
-        text = " / ".join(self.reply.lines())
-        return f"#{self.session} {self.stage}{what}: {self.plugin} -> {self.reply.code} {text}"
+        return f"#{self.session} {self.stage}{what}: {self.plugin} -> " + \
+            " / ".join(self.reply.lines())
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,14 @@ returns. ``runtime_for`` and ``context_for`` build what ``tampu check`` builds, 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import smtplib
 import ssl
 import textwrap
 import threading
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -342,26 +344,45 @@ def send(srv: RunningServer, mail_from: str, rcpts: list[str], subject: str = "t
 class ServerFactory(Protocol):
     """The ``tampu_server`` fixture (see ``launch``)."""
 
-    def __call__(self, *, conf: dict[str, str] | None = ..., plugins: list[Any] | None = ...,
+    def __call__(self, *, conf: dict[str, str] | None = ...,
+                 plugins: list[Any] | Mapping[str, Any] | None = ...,
                  users: dict[str, str] | None = ..., deliver: bool | None = ...,
                  base: str | None = ..., config_dir: Path | None = ...,
                  dns: DNSServer | str | None = ..., record: bool | VerdictRecorder = ...,
                  capture: bool | CaptureBackend = ...) -> RunningServer: ...
 
 
+def _named(plugins: list[Any] | Mapping[str, Any] | None) -> list[Any]:
+    """Plugin objects and classes; a mapping names them (its key is the conf.d table)."""
+    if not isinstance(plugins, Mapping):
+        return list(plugins or [])
+    out = []
+    for name, obj in plugins.items():
+        if inspect.isclass(obj):  # a subclass, so that the author's class stays as it is
+            obj = type(obj.__name__, (obj,), {"name": name, "__module__": obj.__module__})
+        else:
+            obj.name = name
+        out.append(obj)
+    return out
+
+
 def launch(root: Path, *, ca: Any = None, conf: dict[str, str] | None = None,  # noqa: ANN401 - a trustme.CA
-           plugins: list[Any] | None = None, users: dict[str, str] | None = None,
+           plugins: list[Any] | Mapping[str, Any] | None = None,
+           users: dict[str, str] | None = None,
            deliver: bool | None = None, base: str | None = None,
            config_dir: Path | None = None, dns: DNSServer | str | None = None,
            record: bool | VerdictRecorder = False,
            capture: bool | CaptureBackend = False) -> RunningServer:
     """Write a configuration directory in ``root`` (unless ``config_dir`` is given) and start
-    a server on it; what the ``tampu_server`` fixture does. ``dns``: the DNS server to ask
+    a server on it; what the ``tampu_server`` fixture does. ``plugins``: objects and classes
+    (named by their ``name`` attribute or, for a class, its name in lower case), or a mapping
+    ``{"webhook": WebhookBackend}`` that names them (``[plugins.webhook]`` of ``conf`` is then
+    the plugin's settings table, as for an installed entry point). ``dns``: the DNS server to ask
     (a DNSServer or ``host:port``); ``record``: add a VerdictRecorder (``srv.verdicts``);
     ``capture``: add a CaptureBackend (``srv.capture``), and deliver unless ``deliver=False``.
     """
     ca = ca if ca is not None else default_ca()
-    extra = list(plugins or [])
+    extra = _named(plugins)
     recorder = capture_backend = None
     if record is not False:
         from tampu.testing.recorder import VerdictRecorder
