@@ -43,8 +43,8 @@ def test_verdicts_name_the_deciding_plugin(tampu_server):
     rcpt = srv.verdicts.assert_accepted("rcpt", USER, code=250)
     relay = srv.verdicts.assert_refused("rcpt", "x@remote.example", code=550, plugin="relay")
     assert rcpt.plugin == "localusers" and relay.reply.status == "5.7.1"
-    assert str(relay) == ("#%d rcpt <x@remote.example>: relay -> 550 5.7.1 Relaying not "
-                          "permitted; authenticate first" % relay.session)
+    assert str(relay) == (f"#{relay.session} rcpt <x@remote.example>: relay -> 550 5.7.1 "
+                          "Relaying not permitted; authenticate first")
     assert srv.verdicts.assert_accepted("data").plugin == "core"
     with pytest.raises(AssertionError, match="no refusal at mail"):
         srv.verdicts.assert_refused("mail", timeout=0.1)
