@@ -147,7 +147,8 @@ class ServerSettings(_Strict):
         "deadline grows with max_message_size / min_data_rate when that is longer.")
     min_data_rate: int = Field(
         default=8192, ge=0, description="Bytes per second a DATA transfer must average over "
-        "each minute; slower clients are disconnected (421). 0: no minimum.")
+        "each minute (data_timeout when shorter); slower clients are disconnected (421). "
+        "0: no minimum.")
     tls_handshake_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a TLS handshake (STARTTLS or implicit TLS) "
         "may take.")

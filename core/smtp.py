@@ -267,8 +267,9 @@ class SmtpSession(Wire):
                     status = "5.1.7" if verb.upper() == b"MAIL" else "5.1.3"
                     self.reply(Reply(501, status, "Address is not valid UTF-8"))
                     continue
-                if verb.upper() in (b"HELO", b"EHLO"):
-                    self.reply(Reply(501, "5.5.2", "Host name is not valid UTF-8"))
+                if verb.upper() in (b"HELO", b"EHLO", b"VRFY"):
+                    what = "Address" if verb.upper() == b"VRFY" else "Host name"
+                    self.reply(Reply(501, "5.5.2", f"{what} is not valid UTF-8"))
                     continue
                 arg = rest.decode("utf-8", "replace")
             await handler(arg)
@@ -506,7 +507,7 @@ class SmtpSession(Wire):
         try:
             result = await self.read_data(limit, self.loop.time() + span,
                                           settings.min_data_rate, self.budget,
-                                          self.memory_limit)
+                                          self.memory_limit, settings.data_timeout)
         except Closed as exc:
             if str(exc) == "too slow":
                 self.expired = "too slow a transfer"

@@ -35,8 +35,9 @@ HIGH_WATER: Final = 256 * 1024
 LOW_WATER: Final = 64 * 1024
 MAX_WRITE_BUFFER: Final = 1024 * 1024
 """A client that does not read its replies is dropped past this much unsent output."""
-RATE_WINDOW = 60.0
-"""Seconds over which a DATA transfer's rate is measured against ``min_data_rate``."""
+RATE_WINDOW: Final = 60.0
+"""Seconds over which a DATA transfer's rate is measured against ``min_data_rate`` (or the
+DATA timeout, when shorter)."""
 TRIM_AFTER: Final = 1024 * 1024
 """A transfer at least this big is followed by :func:`give_memory_back`."""
 MMAP_THRESHOLD: Final = 256 * 1024
@@ -342,20 +343,22 @@ class Wire(asyncio.Protocol):
             await self._more()
 
     async def read_data(self, max_size: int, deadline: float, min_rate: int,
-                        budget: MemoryBudget | None = None, memory_limit: int = 0
-                        ) -> DataResult:
+                        budget: MemoryBudget | None = None, memory_limit: int = 0,
+                        rate_window: float = RATE_WINDOW) -> DataResult:
         """Read a DATA transfer up to ``CRLF . CRLF``: dot-unstuffed (RFC 5321 4.5.2),
         kept while within ``max_size`` (and ``budget``), lines checked against the limit. Only
         a CRLF-dot-CRLF ends it (a bare LF never does: no SMTP smuggling). Nothing grows
         with the input beyond ``max_size``: a refused transfer is counted, not kept.
-        Raises Closed (also when the rate stays under ``min_rate`` over a window)."""
+        Raises Closed (also when the rate stays under ``min_rate`` bytes per second over a
+        window of ``rate_window`` seconds, at most :data:`RATE_WINDOW`)."""
         self._buf[0:0] = b"\r\n"  # a virtual line start: the terminator may be the first line
         out = io.BytesIO()  # getvalue() hands its buffer over: no copy at the end
         held, size, first = 0, -2, True
         too_big = too_long = no_memory = False
         long_line = _long_line(self.line_limit)
         self.set_deadline(deadline)
-        window_end, window_bytes = self.loop.time() + RATE_WINDOW, self.received
+        window = min(RATE_WINDOW, rate_window)
+        window_end, window_bytes = self.loop.time() + window, self.received
         tick: asyncio.TimerHandle | None = None
         try:
             while True:
@@ -406,9 +409,9 @@ class Wire(asyncio.Protocol):
                 if min_rate:
                     now = self.loop.time()
                     if now >= window_end:
-                        if self.received - window_bytes < min_rate * RATE_WINDOW:
+                        if self.received - window_bytes < min_rate * window:
                             raise Closed("too slow")
-                        window_end, window_bytes = now + RATE_WINDOW, self.received
+                        window_end, window_bytes = now + window, self.received
                     if tick is None or tick.when() != window_end:
                         if tick is not None:
                             tick.cancel()
