@@ -31,6 +31,7 @@ from tampu.smtp_proxy import IPNetwork, read_proxy_header
 from tampu.smtp_wire import (
     TRIM_AFTER,
     Closed,
+    ForeignProtocol,
     LineTooLong,
     MemoryBudget,
     NotTls,
@@ -153,7 +154,7 @@ class SmtpSession(Wire):
             await self._commands()
         except (Closed, ConnectionError):
             pass
-        except NotSmtp:
+        except (NotSmtp, ForeignProtocol):
             log.info("session %s: %s is not speaking SMTP; closed", session.id,
                      session.peer_host)
         except Exception:  # a bug: say so once, with the session, and close
@@ -243,11 +244,9 @@ class SmtpSession(Wire):
                 return self.close()
             self.waiting = True
             try:
-                if self.peek().startswith(_NOT_SMTP_START):
-                    raise NotSmtp()
                 deadline = min(self.loop.time() + self.settings.command_timeout,
                                self.session_end)
-                line = await self.readline(deadline)
+                line = await self.readline(deadline, _NOT_SMTP_START)
             except LineTooLong:
                 self.waiting = False
                 self.reply(R.LINE_TOO_LONG)

@@ -58,6 +58,10 @@ class LineTooLong(Exception):
     """A command line went past the limit; it was discarded up to its end."""
 
 
+class ForeignProtocol(Exception):
+    """A line starts like another protocol's first bytes (see ``Wire.readline``)."""
+
+
 class NotTls(Exception):
     """The client sent something else than a TLS handshake after ``220`` to STARTTLS."""
 
@@ -287,9 +291,6 @@ class Wire(asyncio.Protocol):
         finally:
             self._waiter = None
 
-    def peek(self) -> bytes:
-        return bytes(self._buf[:16])
-
     def pending_input(self) -> bool:
         return bool(self._buf)
 
@@ -321,11 +322,15 @@ class Wire(asyncio.Protocol):
         self.set_deadline(float("inf"))
         return data
 
-    async def readline(self, deadline: float) -> bytes:
-        """One line without its line ending. Raises Closed, LineTooLong."""
+    async def readline(self, deadline: float, foreign: tuple[bytes, ...] = ()) -> bytes:
+        """One line without its line ending. Raises Closed, LineTooLong, ForeignProtocol
+        (the line starts with one of ``foreign``: known as soon as its first bytes are in,
+        without waiting for a line end that may never come)."""
         armed = False
         discarding = False
         while True:
+            if foreign and not discarding and self._buf.startswith(foreign):
+                raise ForeignProtocol()
             end = self._buf.find(b"\n")
             if end >= 0:
                 line = bytes(self._buf[:end])
@@ -355,7 +360,8 @@ class Wire(asyncio.Protocol):
         out = io.BytesIO()  # getvalue() hands its buffer over: no copy at the end
         held, size, first = 0, -2, True
         too_big = too_long = no_memory = False
-        long_line = _long_line(self.line_limit)
+        limit = self.line_limit
+        long_line = _long_line(limit)
         self.set_deadline(deadline)
         window = min(RATE_WINDOW, rate_window)
         window_end, window_bytes = self.loop.time() + window, self.received
@@ -378,7 +384,7 @@ class Wire(asyncio.Protocol):
                         chunk = view[:cut].tobytes().replace(b"\r\n.", b"\r\n")
                     del buf[:cut]
                     size += len(chunk)
-                    if not too_long and long_line.search(chunk):
+                    if not too_long and _has_long_line(chunk, limit, long_line):
                         too_long = True
                     if size > max_size:
                         too_big = True
@@ -497,12 +503,23 @@ _LONG_LINES: dict[int, re.Pattern[bytes]] = {}
 
 
 def _long_line(limit: int) -> re.Pattern[bytes]:
-    """A line (after a LF) longer than ``limit`` bytes, CR included. Anchored on the LF, so
-    the search runs at memchr speed instead of trying every position."""
+    """A line after its CRLF with more than ``limit - 2`` bytes and no CR: anchored on the
+    CRLF, so the search runs at memchr speed instead of trying every position."""
     pattern = _LONG_LINES.get(limit)
     if pattern is None:
-        pattern = _LONG_LINES[limit] = re.compile(rb"\n[^\n]{%d}" % (limit + 1))
+        pattern = _LONG_LINES[limit] = re.compile(rb"\r\n[^\r]{%d}" % (limit - 1))
     return pattern
+
+
+def _has_long_line(chunk: bytes, limit: int, pattern: re.Pattern[bytes]) -> bool:
+    """Whether ``chunk`` (a CRLF, then whole lines, each up to a CRLF) has a line longer
+    than ``limit`` bytes with its CRLF (RFC 5321 4.5.3.1.6). Lines end at CRLF only: a bare
+    LF or CR is a character of the line."""
+    if len(chunk) <= limit:
+        return False
+    if chunk.count(b"\r") == chunk.count(b"\r\n"):  # no bare CR: the fast search is exact
+        return pattern.search(chunk) is not None
+    return max(map(len, chunk.split(b"\r\n"))) > limit - 2
 
 
 def now() -> float:
