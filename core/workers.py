@@ -175,6 +175,11 @@ def fork_workers(config: Config, count: int) -> Workers:
         if pid == 0:
             code = 1
             try:
+                # Until its event loop handles them: SIGTERM ends a worker at once (nothing
+                # is served yet, and the main process then gives up the start-up), SIGINT (a
+                # terminal's ^C, which the main process gets too) is for the main process.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 _die_with_parent()
                 os.close(rfd)
                 os.close(go_w)
