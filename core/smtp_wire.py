@@ -178,6 +178,7 @@ class Wire(asyncio.Protocol):
         """Why a deadline ended the connection ("" while none did)."""
         self.timeout_reply = b"421 4.4.2 Timeout, closing connection\r\n"
         self.received = 0
+        self._peeking: asyncio.Future[None] | None = None
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -200,6 +201,7 @@ class Wire(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._wake()
+        self._stop_peeking()
         if self._timer is not None:
             self._timer.cancel()
 
@@ -207,6 +209,13 @@ class Wire(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _stop_peeking(self) -> None:
+        """The connection is being closed: a wait for the first TLS byte ends now (the
+        duplicate descriptor would otherwise keep the socket open until the deadline)."""
+        peeking = self._peeking
+        if peeking is not None and not peeking.done():
+            peeking.set_exception(ConnectionResetError("connection closed"))
 
     # ---------------------------------------------------------------- deadlines
 
@@ -267,6 +276,7 @@ class Wire(asyncio.Protocol):
             self.loop.call_later(2.0, self.transport.abort)
         self._eof = True
         self._wake()
+        self._stop_peeking()
 
     @property
     def closed(self) -> bool:
@@ -474,7 +484,7 @@ class Wire(asyncio.Protocol):
         # A duplicate of the descriptor: the event loop refuses to watch the transport's own.
         peeker = socket.socket(fileno=os.dup(raw.fileno()))
         try:
-            ready = self.loop.create_future()
+            ready = self._peeking = self.loop.create_future()
 
             def readable() -> None:
                 if not ready.done():
@@ -488,7 +498,7 @@ class Wire(asyncio.Protocol):
                         try:
                             data = peeker.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
                         except (BlockingIOError, InterruptedError):
-                            ready = self.loop.create_future()
+                            ready = self._peeking = self.loop.create_future()
                             continue
                         if not data:
                             raise ConnectionResetError("closed before the TLS handshake")
@@ -496,6 +506,7 @@ class Wire(asyncio.Protocol):
             finally:
                 self.loop.remove_reader(peeker.fileno())
         finally:
+            self._peeking = None
             peeker.close()
 
 

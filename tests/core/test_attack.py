@@ -244,14 +244,14 @@ def test_ghost_starttls_sessions_release_their_slots_serve(tmp_path):
             assert ghost(port, source, "reset", hello) is None
         assert first_reply(port, sources[0]).startswith("220 ")
         # SIGTERM with 30 ghosts in their handshake: no wait for the shutdown timeout (10s)
-        more = [ghost(port, s, "partial", hello) for s in sources[:30]]
+        more = [ghost(port, s, m, hello) for s, m in zip(sources[:30], modes)]
         with closing_all(more):
             assert all(g is not None for g in more)
             stop = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(8) == 0
             took = time.monotonic() - stop
-        assert took < 3, f"SIGTERM took {took:.1f}s with ghosts open"
+        assert took < 1.2, f"SIGTERM took {took:.1f}s with ghosts open"  # < the deadline
         print(f"SIGTERM with 30 ghosts in a handshake: stopped in {took:.2f}s")
     assert_clean_log(log.read_text())
 
@@ -277,12 +277,12 @@ def test_ghost_starttls_sessions_release_their_slots_asyncio(tampu_server, caplo
             time.sleep(0.05)
         assert not state.connections
         assert first_reply(port, sources[0]).startswith("220 ")
-        # shutdown with ghosts in the handshake is immediate
-        more = [ghost(port, s, "silent", hello) for s in sources[:20]]
+        # shutdown with ghosts in the handshake is immediate (well within its deadline)
+        more = [ghost(port, s, m, hello) for s, m in zip(sources[:20], ["silent", "partial"] * 10)]
         with closing_all(more):
             start = time.monotonic()
             srv.stop()
-            assert time.monotonic() - start < 2.5
+            assert time.monotonic() - start < 1.0
     problems = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert not problems, [r.getMessage() for r in problems]
 
