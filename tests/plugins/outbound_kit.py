@@ -11,13 +11,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.dnsserver import DNSServer, Zone
-from tests.plugins.remote_kit import Sink
+from tests.plugins.remote_kit import Sink, SinkController
 
 POLICY_PATH = "/.well-known/mta-sts.txt"
 
@@ -154,7 +153,7 @@ class AuthRelay:
 
         kwargs: dict[str, Any] = {"ssl_context": tls} if implicit else \
             {"tls_context": tls, "require_starttls": True}
-        self.controller = Controller(self.sink, hostname=host, port=port,
+        self.controller = SinkController(self.sink, hostname=host, port=port,
                                      server_hostname="relay", ready_timeout=5,
                                      authenticator=authenticator,
                                      # aiosmtpd counts only STARTTLS as TLS for AUTH (and

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,36 @@ class Sink:
         return "250 2.0.0 Stored"
 
 
+class SinkController(Controller):
+    """An aiosmtpd Controller that closes the sessions still open when it stops: tampu keeps
+    idle connections open for the next message (delivery_smtp's pool), and a Controller
+    stops its loop without closing them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sessions: list[Any] = []
+
+    def factory(self) -> Any:
+        smtp = super().factory()
+        self.sessions.append(smtp)
+        return smtp
+
+    def stop(self, no_assert: bool = False) -> None:
+        closed = threading.Event()
+
+        def close_all() -> None:
+            for smtp in self.sessions:
+                for transport in (smtp.transport, smtp._original_transport):
+                    if transport is not None and not transport.is_closing():
+                        transport.close()
+            closed.set()
+
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(close_all)
+            closed.wait(5)
+        super().stop(no_assert)
+
+
 class MXFarm:
     """Receiving SMTP servers on 127.0.0.x:port, started and stopped per test."""
 
@@ -84,8 +115,8 @@ class MXFarm:
               tls: ssl.SSLContext | None = None) -> Sink:
         sink = sink or Sink()
         kwargs: dict[str, Any] = {"tls_context": tls, "require_starttls": False} if tls else {}
-        ctl = Controller(sink, hostname=host, port=self.port, server_hostname=f"mx-{host}",
-                         ready_timeout=5, **kwargs)
+        ctl = SinkController(sink, hostname=host, port=self.port,
+                             server_hostname=f"mx-{host}", ready_timeout=5, **kwargs)
         ctl.start()
         self.running[host] = ctl
         return sink
