@@ -82,10 +82,32 @@ class _Dest:
     busy: int = 0
     idle: list[_Idle] = field(default_factory=list)
     """Most recently used last."""
+    closing: int = 0
+    """Connections saying QUIT: they count until they are closed."""
 
     @property
     def open(self) -> int:
-        return self.busy + len(self.idle)
+        return self.busy + len(self.idle) + self.closing
+
+
+@dataclass
+class _Coming:
+    """Connections being closed, during one pass over the waiters: the room each will make
+    is promised to one waiter, so that no more idle connections are closed than needed."""
+
+    total: int
+    per_dest: dict[Destination, int]
+
+    def take(self, dest: Destination | None) -> bool:
+        """Promise one (one to ``dest``; None: any) to a waiter, if there is one left."""
+        if dest is not None:
+            if self.per_dest.get(dest, 0) <= 0:
+                return False
+            self.per_dest[dest] -= 1
+        elif self.total <= 0:
+            return False
+        self.total -= 1
+        return True
 
 
 class ConnectionPool:
@@ -157,12 +179,10 @@ class ConnectionPool:
             idle.timer = asyncio.get_running_loop().call_later(self.idle_timeout,
                                                                 self._expire, dest, idle)
             d.idle.append(idle)
+        elif session is not None:
+            self._close(dest, d, session)
         else:
-            if session is not None:
-                self._close(session)
-            self._open -= 1
-            if d.open == 0:
-                del self._dests[dest]
+            self._closed(dest, d)
         self._grant()
 
     def failed(self, dest: Destination, result: DeliveryResult) -> None:
@@ -175,6 +195,8 @@ class ConnectionPool:
 
     def _grant(self) -> None:
         """Serve waiters in order, each as soon as the limits allow."""
+        coming = _Coming(sum(d.closing for d in self._dests.values()),
+                         {dest: d.closing for dest, d in self._dests.items() if d.closing})
         for waiter in list(self._waiters):
             if waiter.future.done():
                 self._waiters.remove(waiter)
@@ -189,7 +211,7 @@ class ConnectionPool:
                     self._waiters.remove(waiter)
                     waiter.future.set_result(idle.session)
                     continue
-            if not self._make_room(waiter.dest, d):
+            if not self._make_room(waiter.dest, coming):
                 continue
             d = self._dests.setdefault(waiter.dest, _Dest())
             d.busy += 1
@@ -198,23 +220,28 @@ class ConnectionPool:
             self._waiters.remove(waiter)
             waiter.future.set_result(None)
 
-    def _make_room(self, dest: Destination, d: _Dest | None) -> bool:
-        """Whether one more connection to ``dest`` may open now, closing idle ones (of other
-        keys at ``dest``, or anywhere for the limit in all) when that makes room."""
+    def _make_room(self, dest: Destination, coming: _Coming) -> bool:
+        """Whether one more connection to ``dest`` may open now. When the limits are reached,
+        a connection being closed will make room (one per waiter), else an idle one in the
+        way is closed: under another key at ``dest``, or the oldest anywhere for the limit in
+        all."""
+        d = self._dests.get(dest)
         if d is not None and d.open >= self.per_destination:
-            if d.busy >= self.per_destination or not d.idle:
+            if coming.take(dest):
                 return False
-            self._evict(dest, d, d.idle[0])  # an idle one under another key
+            if d.idle:
+                self._evict(dest, d, d.idle[0])  # an idle one under another key
+            if self._dests.get(dest) is not d or d.open >= self.per_destination:
+                return False  # room once it is closed
         if self._open < self.total:
             return True
-        oldest: tuple[Destination, _Dest, _Idle] | None = None
-        for other, od in self._dests.items():
-            if od.idle and (oldest is None or od.idle[0].session.opened
-                            < oldest[2].session.opened):
-                oldest = (other, od, od.idle[0])
-        if oldest is None:
+        if coming.take(None):
             return False
-        self._evict(*oldest)
+        idle = [(od.idle[0].session.opened, other, od) for other, od in self._dests.items()
+                if od.idle]
+        if idle:
+            _, other, od = min(idle, key=lambda entry: entry[0])
+            self._evict(other, od, od.idle[0])
         return self._open < self.total
 
     def _take_idle(self, d: _Dest, idle: _Idle) -> None:
@@ -224,9 +251,12 @@ class ConnectionPool:
 
     def _evict(self, dest: Destination, d: _Dest, idle: _Idle) -> None:
         self._take_idle(d, idle)
+        self._close(dest, d, idle.session)
+
+    def _closed(self, dest: Destination, d: _Dest) -> None:
+        """One connection to ``dest`` is closed: its room is free."""
         self._open -= 1
-        self._close(idle.session)
-        if d.open == 0:
+        if d.open == 0 and self._dests.get(dest) is d:
             del self._dests[dest]
 
     def _expire(self, dest: Destination, idle: _Idle) -> None:
@@ -237,14 +267,24 @@ class ConnectionPool:
 
     # ------------------------------------------------------------------ closing
 
-    def _close(self, session: Session) -> None:
-        """QUIT politely in the background (bounded), then close."""
+    def _close(self, dest: Destination, d: _Dest, session: Session) -> None:
+        """QUIT politely in the background (bounded), then close; the connection keeps its
+        room until then, so that the remote never sees more than the limits."""
         if not session.smtp.is_connected:
             session.smtp.close()
+            self._closed(dest, d)
             return
+        d.closing += 1
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._closing.discard(task)
+            d.closing -= 1
+            self._closed(dest, d)
+            self._grant()
+
         task = asyncio.get_running_loop().create_task(_quit(session.smtp))
         self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(done)
 
     def flush(self) -> None:
         """Close every idle connection (reload, shutdown)."""
