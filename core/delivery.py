@@ -15,9 +15,10 @@ fired. Recipients that asked for NOTIFY=SUCCESS get a ``delivered`` DSN, those t
 NOTIFY=DELAY one ``delayed`` DSN after ``[server] delay_warning_after``.
 
 At start the queue is resumed in the background, after the listeners are open: the store
-lists the items (:meth:`QueueStore.recover`), and a feeder loads and schedules them only as
-fast as slots free up (at most ``max_deliveries`` loaded items wait for a slot), so that a
-queue of thousands neither delays the greeting nor starves reception.
+lists the items (:meth:`QueueStore.recover`), and a feeder loads and schedules them, oldest
+first, only as fast as slots free up (at most :data:`ADMIT_AHEAD` times ``max_deliveries``
+loaded items wait for a slot), so that a queue of thousands neither delays the greeting nor
+starves reception.
 
 Retry schedule (chasquid's): 1 min, then 5, 10, 20 min, then every 20 min, each with ±10%
 jitter. Operator requests (``tampu queue retry|delete|hold|release``) arrive through the
@@ -50,6 +51,9 @@ log = logging.getLogger("tampu.delivery")
 DEFAULT_SCHEDULE: Final = (60.0, 300.0, 600.0, 1200.0)
 """chasquid's: 1, 5, 10, 20 minutes, then every 20 minutes."""
 NO_BACKEND = "no delivery backend accepts this recipient"
+ADMIT_AHEAD: Final = 10
+"""The feeder keeps up to this many times ``max_deliveries`` loaded items waiting for a slot:
+enough for freed slots to go to every destination in turn, few enough to stay cheap."""
 
 
 def schedule_delay(schedule: list[float], attempt: int) -> float:
@@ -172,8 +176,8 @@ class DeliveryRunner:
         """Items to load and schedule (recovery at start, rescans), oldest first."""
         self._backlogged: set[str] = set()
         self._fed = asyncio.Event()
-        self._room = asyncio.Semaphore(self.slots.limit)
-        """Items the feeder scheduled that have not reached a slot yet, at most limit."""
+        self._room = asyncio.Semaphore(self.slots.limit * ADMIT_AHEAD)
+        """Items the feeder scheduled that have not reached a slot yet: a bounded number."""
         self._tickets: set[str] = set()
         self._feeder: asyncio.Task[None] | None = None
         self._stopping = False
