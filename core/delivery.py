@@ -274,7 +274,10 @@ class DeliveryRunner:
         """Serve ``tampu queue`` (SIGUSR1): new items, retries, deletions, holds."""
         await self.rescan()
         for action, qid in await self.store.take_requests():
-            targets = list(self.tasks) if qid == "all" else [qid]
+            targets = [qid]
+            if qid == "all":  # retry: what has a task; the others are in the store (held,
+                # or not loaded yet: they attempt when loaded)
+                targets = list(self.tasks) if action == "retry" else await self.store.ids()
             if action == "retry":
                 woken = 0
                 for key in targets:

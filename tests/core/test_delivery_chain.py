@@ -300,3 +300,24 @@ def test_destination_key_is_the_first_pending_recipients_domain_or_via_host():
     assert destination_key(item) == "next.test"
     item.recipients[1].status = RecipientStatus.FAILED
     assert destination_key(item) == "relay.example:2525"
+
+
+def test_hold_and_release_all_reach_items_not_loaded_yet(tampu_server, tmp_path):
+    slow = Slow(0.3)
+    obs = Observer()
+    srv = _queued_server(tampu_server, tmp_path, [(20, ["u@example.test"])], [obs, slow],
+                         max_deliveries=1)  # 10 loaded ahead, 9 not loaded yet
+    wait_until(lambda: slow.now == 1, 10, "the first delivery to start")
+    asyncio.run(srv.store.request("hold", []))  # `tampu queue hold` (all)
+    srv.loop.call_soon_threadsafe(srv.server.handle_requests)
+
+    def held() -> int:
+        return sum(srv.store.load_now(q).held for q in srv.queue_items())
+
+    wait_until(lambda: held() >= 18, 10, "every waiting item to be held")
+    time.sleep(1)
+    assert len(obs.done) <= 2  # the one in flight (and one starting) finished; no more
+    asyncio.run(srv.store.request("release", []))
+    srv.loop.call_soon_threadsafe(srv.server.handle_requests)
+    wait_until(lambda: srv.queue_items() == [], 30, "every item to be delivered")
+    assert len(set(obs.done)) == 20
