@@ -146,7 +146,7 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     (queue.dir / "zzzzgarbage.item").write_bytes(b"\x00\x01 not json\n")
     half = queue.dir / ".tmp-aaaahalf.item"
     half.write_bytes(b'{"v":1,"id":"aaaahalf"')  # a crash mid-write...
-    os.utime(half, (time.time() - 60, time.time() - 60))  # ...before this process started
+    os.utime(half, (time.time() - 86400, time.time() - 86400))  # ...before this process
     busy = queue.dir / ".tmp-bbbbbusy.item"  # a reception worker writing right now
     busy.write_bytes(b"{")
     (queue.dir / "orphan0.state").write_text("{}")
@@ -156,6 +156,9 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     rec.wait_done(good.id)  # a corrupt neighbour is not fatal: the good item is delivered
     assert rec.attempts_for("good@example.test") == ["sent"]
     assert rec.attempts_for("b@example.test") == []
+    deadline = time.monotonic() + 10  # corrupt items are set aside as the feeder loads them
+    while len(list((queue.dir / "corrupt").iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     names = sorted(p.name for p in queue.dir.iterdir())
     assert names == [".tmp-bbbbbusy.item", "corrupt"]  # old tmp, orphan state gone
     assert sorted(p.name for p in (queue.dir / "corrupt").iterdir()) == [
