@@ -148,7 +148,8 @@ def item_story(records: list[dict[str, Any]], qid: str,
     """A queue item: its reception, expansion, each delivery attempt, and where it stands
     (``live``: the item if it is still in the store)."""
     mine = [r for r in records if r.get("qid") == qid]
-    lines: list[Line] = []
+    mine.sort(key=lambda r: r.get("kind") != "accepted")  # reception first (it is written
+    lines: list[Line] = []                                  # when the 250 is, after queueing)
     for r in mine:
         kind = r.get("kind")
         if kind == "accepted":

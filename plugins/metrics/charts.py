@@ -89,13 +89,11 @@ def stacked_bars(title: str, first: int, counts: Sequence[dict[str, int]],
     parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
              f'aria-label="{e(title)}" xmlns="http://www.w3.org/2000/svg">',
              f"<title>{e(title)}</title>"]
-    for value in (0, top // 2 if top >= 2 else None, top):  # the y axis: 0, half, top
-        if value is None:
-            continue
+    for value in (0.0, top / 2, float(top)) if top > 1 else (0.0, 1.0):  # 0, half, top
         y = _TOP + plot_h - plot_h * value / top
         parts.append(f'<line class="grid" x1="{_LEFT}" x2="{WIDTH - _RIGHT}" y1="{y:.1f}" '
                      f'y2="{y:.1f}"/><text class="axis" x="{_LEFT - 6}" y="{y + 4:.1f}" '
-                     f'text-anchor="end">{value}</text>')
+                     f'text-anchor="end">{value:g}</text>')
     label_every = max(1, len(counts) // 6)
     label_every = next((n for n in (5, 10, 15, 30, 60, 120) if n >= label_every), label_every)
     for i, minute_counts in enumerate(counts):
