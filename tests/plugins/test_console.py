@@ -6,7 +6,6 @@ from __future__ import annotations
 import html
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from tampu.decisions import JOURNAL_DIR, Journal, read_journal, read_journal_tai
 from tampu.plugins.metrics.charts import MinuteRing, Series, stacked_bars
 from tampu.plugins.metrics.http import MAX_FIELDS, Request, parse_head
 from tampu.testing import make_config_dir, start_server
+from tests.conftest import require_tool
 from tests.helpers import RawClient
 from tests.recording import Recorder
 
@@ -295,11 +295,7 @@ def artifacts() -> Path:
 
 def chromium(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the system Chromium headless with a profile of its own; kill what it started."""
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("TAMPU_REQUIRE_TOOLS") == "1":
-            pytest.fail("chromium is not installed (apt-get install chromium)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    exe = require_tool("chromium")  # skipped without it; a failure under TAMPU_REQUIRE_TOOLS=1
     with tempfile.TemporaryDirectory(prefix="tampu-chromium-") as profile:
         proc = subprocess.Popen(
             [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
