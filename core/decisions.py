@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -170,10 +170,10 @@ def _records(lines: list[bytes], since: float = 0.0) -> Iterator[dict[str, Any]]
             yield record
 
 
-def read_journal_tail(directory: Path, max_bytes: int) -> tuple[list[dict[str, Any]], bool]:
-    """The newest records of the journal, reading at most ``max_bytes`` (newest files first;
-    of the file that crosses the limit, only its end), oldest record first; and whether that
-    was the whole journal. What a page that must answer quickly reads."""
+def journal_tail(directory: Path, max_bytes: int) -> tuple[list[bytes], bool]:
+    """The newest lines of the journal, reading at most ``max_bytes`` (newest files first; of
+    the file that crosses the limit, only its end), oldest file first; and whether that was
+    the whole journal. What a page that must answer quickly reads."""
     files = sorted(directory.glob("*.jsonl"), reverse=True) if directory.is_dir() else []
     chunks: list[list[bytes]] = []
     budget = max_bytes
@@ -196,9 +196,22 @@ def read_journal_tail(directory: Path, max_bytes: int) -> tuple[list[dict[str, A
             complete = False
             lines = lines[1:]  # the first one is cut
         chunks.append(lines)
-    records = [r for lines in reversed(chunks) for r in _records(lines)]
+    return [line for lines in reversed(chunks) for line in lines], complete
+
+
+def parse_records(lines: list[bytes],
+                  keep: Callable[[bytes], bool] | None = None) -> list[dict[str, Any]]:
+    """The records of journal ``lines`` (only the lines ``keep`` accepts, if given: a cheap
+    test on the raw line spares parsing the others), in time order."""
+    records = list(_records([line for line in lines if keep(line)] if keep else lines))
     records.sort(key=lambda r: r.get("t", 0))  # files of several processes interleave
-    return records, complete
+    return records
+
+
+def read_journal_tail(directory: Path, max_bytes: int) -> tuple[list[dict[str, Any]], bool]:
+    """:func:`journal_tail`, parsed."""
+    lines, complete = journal_tail(directory, max_bytes)
+    return parse_records(lines), complete
 
 
 class DecisionRecorder:

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import platform
+import re
 import time
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 from prometheus_client import Counter, Histogram
@@ -27,7 +30,7 @@ from prometheus_client import Counter, Histogram
 from tampu import DeliveryResult, ServerContext, __version__
 from tampu.commands.queue import QueueRow, queue_rows
 from tampu.commands.why import stories, transactions
-from tampu.decisions import JOURNAL_DIR, read_journal_tail
+from tampu.decisions import JOURNAL_DIR, journal_tail, parse_records
 from tampu.envelope import Verdict
 from tampu.errors import QueueError
 from tampu.plugins.metrics.charts import MinuteRing, Series, code_series, stacked_bars
@@ -49,7 +52,7 @@ from tampu.plugins.metrics.render import (
 from tampu.plugins.metrics.status import RecentErrors, server_sections
 from tampu.store import format_age, valid_id
 
-RECENT_BYTES: Final = 2 * 1024 * 1024
+RECENT_BYTES: Final = 1024 * 1024
 """Journal read for the front page (the newest records)."""
 SEARCH_BYTES: Final = 16 * 1024 * 1024
 """Journal read for a search or a story: the newest 16 MiB (tens of thousands of records)."""
@@ -59,6 +62,8 @@ QUEUE_ROWS: Final = 200
 QUEUE_SEARCH: Final = 500
 HOURS: Final = (1, 3, 6)
 MAX_QUERY: Final = 256
+MATCHED_LINES: Final = 5000
+"""A search parses at most this many matching journal lines (the newest)."""
 
 _THROUGHPUT = (Series("received", "messages accepted", "#2e7d32"),
                Series("refused", "refusals (any stage)", "#c62828"))
@@ -123,11 +128,13 @@ class Console:
         return host == "localhost" or host.endswith(".localhost") or host in (
             context.hostname.lower(), context.node.lower())
 
-    async def _journal(self, max_bytes: int) -> tuple[list[dict[str, Any]], bool]:
+    async def _journal(self, max_bytes: int, needle: bytes | None = None,
+                       ) -> tuple[list[dict[str, Any]], bool, float]:
+        """(records, whether that was the whole journal, the time of the oldest line read)."""
         async with self.reads:
-            return await asyncio.to_thread(read_journal_tail,
+            return await asyncio.to_thread(_read_journal,
                                            self.source.context.data_dir / JOURNAL_DIR,
-                                           max_bytes)
+                                           max_bytes, needle)
 
     async def index(self, request: Request) -> Response:
         if not self._allowed(request):
@@ -137,13 +144,15 @@ class Console:
                                                                               "6") else 1
         refresh = request.param("refresh")
         refresh_s = int(refresh) if refresh.isdigit() and 5 <= int(refresh) <= 3600 else 0
-        records, complete = await self._journal(SEARCH_BYTES if q else RECENT_BYTES)
+        needle = json.dumps(q, ensure_ascii=False)[1:-1].encode().lower() if q else None
+        records, complete, since = await self._journal(SEARCH_BYTES if q else RECENT_BYTES,
+                                                       needle)
         store = self.source.context.store
         rows, queued = await queue_rows(store, QUEUE_SEARCH if q else QUEUE_ROWS)
         live = set(await store.ids()) if queued <= 100_000 else {r.id for r in rows}
         body = "".join((
             self._summary(rows, queued),
-            self._search(q, hours, records, complete),
+            self._search(q, hours, complete, since),
             self._charts(hours),
             self._transactions(records, q, live),
             self._queue(rows, queued, q),
@@ -161,7 +170,8 @@ class Console:
         if qid and not valid_id(qid) or session and not session.isdigit() or not (qid or
                                                                                   session):
             return 400, "text/plain", b"give ?qid=QUEUE_ID or ?session=N\n"
-        records, complete = await self._journal(SEARCH_BYTES)
+        needle = qid.encode() if qid else b'"session":%d,' % int(session)
+        records, complete, _ = await self._journal(SEARCH_BYTES, needle)
         live = None
         if qid:
             try:
@@ -204,10 +214,11 @@ class Console:
                 f'<dl class="facts" id="facts">{items}</dl>')
 
     @staticmethod
-    def _search(q: str, hours: int, records: list[dict[str, Any]], complete: bool) -> str:
+    def _search(q: str, hours: int, complete: bool, since: float) -> str:
         scope = "the whole journal" if complete else \
             f"the newest {(SEARCH_BYTES if q else RECENT_BYTES) // 1048576} MiB of the journal"
-        since = f", since {time_of(records[0].get('t', 0), True)}" if records else ""
+        if since:
+            scope += f", since {time_of(since, True)}"
         return (f'<form class="search" method="get" action="/" role="search">'
                 f'<label for="q">Address, queue ID or client</label> '
                 f'<input id="q" name="q" type="search" value="{e(q)}" maxlength="{MAX_QUERY}"'
@@ -215,8 +226,8 @@ class Console:
                 f'<input type="hidden" name="hours" value="{hours}">'
                 f'<button type="submit">Search</button>'
                 + (' <a href="/">clear</a>' if q else "") +
-                f'<span class="quiet"> searching {scope} ({len(records)} '
-                f"records{e(since)})</span></form>")
+                f'<span class="quiet"> {"searched" if q else "reading"} {e(scope)}</span>'
+                "</form>")
 
     def _charts(self, hours: int) -> str:
         first, counts = self.ring.window(hours * 60)
@@ -306,3 +317,31 @@ class Console:
                 '<th class="n">samples</th><th class="n">mean</th><th class="n">95% took</th>'
                 '<th class="n">failures</th></tr></thead>'
                 f"<tbody>{lat}</tbody></table></div></div></section>")
+
+
+_QID: Final = re.compile(rb'"qid":"([a-z0-9]{1,64})"')
+
+
+def _read_journal(directory: Path, max_bytes: int,
+                  needle: bytes | None) -> tuple[list[dict[str, Any]], bool, float]:
+    """The newest records; with ``needle``, only those whose line holds it (lower-case: the
+    newest ``MATCHED_LINES`` of them) and every record of the queue items among them (their
+    expansion, attempts, end), so that a search parses a few lines, not the whole window."""
+    lines, complete = journal_tail(directory, max_bytes)
+    first = parse_records(lines[:1])
+    since = float(first[0].get("t", 0)) if first else 0.0
+    if needle is None:
+        return parse_records(lines), complete, since
+    matched = [line for line in lines if needle in line.lower()]
+    if len(matched) > MATCHED_LINES:
+        matched, complete = matched[-MATCHED_LINES:], False
+        oldest = parse_records(matched[:1])
+        since = float(oldest[0].get("t", 0)) if oldest else since
+    found = parse_records(matched)
+    qids = {str(r["qid"]).encode() for r in found if r.get("qid")}
+    if qids:
+        kept = set(matched)
+        found += parse_records(lines, lambda line: line not in kept and (
+            (m := _QID.search(line)) is not None and m.group(1) in qids))
+        found.sort(key=lambda r: r.get("t", 0))
+    return found, complete, since
