@@ -154,7 +154,8 @@ class Console:
             self._summary(rows, queued),
             self._search(q, hours, complete, since),
             self._charts(hours),
-            self._transactions(records, q, live),
+            self._transactions(records, q, live,
+                               self.source.context.settings.journal_max_size > 0),
             self._queue(rows, queued, q),
             self._plugins(),
             server_sections(self.source.context, list(self.source.errors.records)),
@@ -244,7 +245,8 @@ class Console:
                 + "</div></section>")
 
     @staticmethod
-    def _transactions(records: list[dict[str, Any]], q: str, live: set[str]) -> str:
+    def _transactions(records: list[dict[str, Any]], q: str, live: set[str],
+                      journal_on: bool = True) -> str:
         by_qid: dict[str, list[dict[str, Any]]] = {}
         for r in records:
             if r.get("qid") and r.get("kind") in ("queued", "attempt", "done"):
@@ -264,7 +266,9 @@ class Console:
         return (f'<section id="transactions"><h2>Transactions</h2>'
                 f'<p class="quiet">{len(shown)} transaction(s), {what}{more}; each links '
                 "to its decision record.</p>"
-                '<table class="transactions"><thead><tr><th>time</th><th>client</th>'
+                + ("" if journal_on else '<p class="deferred">The decision journal is off '
+                   "(<code>[server] journal_max_size = 0</code>): no transactions to show.</p>")
+                + '<table class="transactions"><thead><tr><th>time</th><th>client</th>'
                 "<th>from</th><th>to</th><th>verdict</th><th>now</th></tr></thead>"
                 f"<tbody>{rows}{empty}</tbody></table></section>")
 

@@ -270,7 +270,10 @@ def test_charts_plugins_and_server_sections(traffic):
     assert "<td>smtp</td>" in page and "Plugin order" in page
 
 
-def test_the_http_server_stays_bounded(traffic):
+def test_the_http_server_stays_bounded(traffic, monkeypatch):
+    from tampu.plugins.metrics import http
+
+    monkeypatch.setattr(http, "REQUEST_TIMEOUT", 1.0)  # read at each request
     status, _, _ = get(traffic, "/", Host="attacker.example:9125")  # DNS rebinding
     assert status == 403
     assert get(traffic, "/", Host="localhost:1")[0] == 200
@@ -282,6 +285,16 @@ def test_the_http_server_stays_bounded(traffic):
     with socket.create_connection(("127.0.0.1", traffic.port), timeout=10) as s:
         s.sendall(b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.0 405")
+    with socket.create_connection(("127.0.0.1", traffic.port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n")  # and never the end of the head
+        s.settimeout(10)
+        started = time.monotonic()
+        assert s.recv(100) == b""  # closed after the request timeout
+        assert 0.8 < time.monotonic() - started < 5
+    _, _, page = get(traffic, "/?refresh=30&hours=6")
+    assert '<meta http-equiv="refresh" content="30">' in page and "<b>6h</b>" in page
+    _, _, page = get(traffic, "/?refresh=1&hours=99")  # out of range: ignored
+    assert 'http-equiv="refresh"' not in page and "<b>1h</b>" in page
 
 
 # ---------------------------------------------------------------------- in a browser
@@ -383,6 +396,26 @@ def test_the_journal_tail_reads_the_newest_within_its_bound(tmp_path):
     assert not complete and records[-1]["session"] == 2_999
     sessions = [r["session"] for r in records]
     assert sessions == list(range(sessions[0], 3_000)) and len(sessions) < 400
+
+
+def test_a_search_parses_only_what_matches(tmp_path):
+    from tampu.plugins.metrics.console import _read_journal
+
+    journal = Journal(tmp_path / "j", max_bytes=10_000_000, max_age=0, node="test")
+    for i in range(2_000):
+        qid = f"q{i:05d}"
+        journal.write({"kind": "accepted", "session": i, "from": f"s{i}@example.org",
+                       "qid": qid, "decisions": []})
+        journal.write({"kind": "attempt", "qid": qid, "to": "x@example.test", "status": "sent"})
+    journal.close()
+    found, complete, since = _read_journal(tmp_path / "j", 10_000_000, b"s1234@example.org")
+    assert complete and since > 0
+    assert [(r["kind"], r["qid"]) for r in found] == [("accepted", "q01234"),
+                                                      ("attempt", "q01234")]
+    found, _, _ = _read_journal(tmp_path / "j", 10_000_000, b"example.org")
+    assert len(found) == 4_000  # every transaction and its item's record
+    found, _, _ = _read_journal(tmp_path / "j", 10_000_000, None)
+    assert len(found) == 4_000
 
 
 @given(st.binary(max_size=300))
