@@ -78,35 +78,35 @@ def traffic(tmp_path_factory, tampu_ca) -> Iterator[Traffic]:
             c.mail("alice@example.org")
             c.rcpt(USER)
             accepted = qid_of(c.data(MSG)[1])
-        with RawClient(srv.port("smtp")) as c:  # refused: relay at RCPT, then bad syntax
-            c.reply()
-            c.cmd("EHLO client.test")
-            assert c.cmd("MAIL FROM:<mallory@example.org>")[0] == 250
-            assert c.cmd("RCPT TO:<bob@remote.example>")[0] == 550
-            assert c.cmd("RSET")[0] == 250
-            assert c.cmd("MAIL FROM:<<script>alert(2)</script>>")[0] == 501
-            c.cmd("QUIT")
+        with RawClient(srv.port("smtp")) as raw:  # refused: relay at RCPT, then bad syntax
+            raw.reply()
+            raw.cmd("EHLO client.test")
+            assert raw.cmd("MAIL FROM:<mallory@example.org>")[0] == 250
+            assert raw.cmd("RCPT TO:<bob@remote.example>")[0] == 550
+            assert raw.cmd("RSET")[0] == 250
+            assert raw.cmd("MAIL FROM:<<script>alert(2)</script>>")[0] == 501
+            raw.cmd("QUIT")
         with srv.smtp() as c:  # deferred by the backend
             c.ehlo("client.test")
             c.mail("carol@example.org")
             c.rcpt(LATER)
             deferred = qid_of(c.data(MSG)[1])
-        with RawClient(srv.port("smtp")) as c:  # a hostile (but valid) sender, accepted
-            c.reply()
-            c.cmd("EHLO client.test")
-            assert c.cmd(f"MAIL FROM:<{HOSTILE}>")[0] == 250
-            assert c.cmd(f"RCPT TO:<{USER}>")[0] == 250
-            assert c.cmd("DATA")[0] == 354
-            code, lines = c.cmd(MSG + b".")
+        with RawClient(srv.port("smtp")) as raw:  # a hostile (but valid) sender, accepted
+            raw.reply()
+            raw.cmd("EHLO client.test")
+            assert raw.cmd(f"MAIL FROM:<{HOSTILE}>")[0] == 250
+            assert raw.cmd(f"RCPT TO:<{USER}>")[0] == 250
+            assert raw.cmd("DATA")[0] == 354
+            code, lines = raw.cmd(MSG + b".")
             assert code == 250, lines
             hostile = lines[-1].rpartition(" ")[2]
-            c.cmd("QUIT")
+            raw.cmd("QUIT")
         rec.wait_done(accepted)
         rec.wait_done(hostile)
         rec.wait(lambda: any(a[1] == LATER for a in rec.attempts), what="the deferred attempt")
         journal = srv.server.config.data_dir / JOURNAL_DIR
 
-        def journaled() -> list[dict] | None:
+        def journaled() -> list[dict[str, object]] | None:
             records = list(read_journal(journal))
             kinds = {(r.get("kind"), r.get("qid")) for r in records}
             ok = {("done", accepted), ("done", hostile), ("attempt", deferred)} <= kinds and \
@@ -139,7 +139,8 @@ class Rows(HTMLParser):
 
     def __init__(self, table: str) -> None:
         super().__init__()
-        self.table, self.depth, self.rows = table, 0, []
+        self.table, self.depth = table, 0
+        self.rows: list[list[str]] = []
         self.attrs: list[dict[str, str | None]] = []
         self.cell: list[str] | None = None
         self.scripts = 0
