@@ -20,7 +20,7 @@ from typing import Any
 
 from tampu.addresses import domain_of
 from tampu.config import Config
-from tampu.errors import ConfigError, QueueError
+from tampu.errors import QueueError
 from tampu.item import QueueItem
 from tampu.store import QueueStore, format_age, valid_id
 from tampu.store_files import FilesystemStore
@@ -58,12 +58,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tampu.cli import load, print_problems
+    from tampu.cli import loaded
 
-    try:
-        config = load(args)
-    except ConfigError as exc:
-        print_problems(exc)
+    config = loaded(args)
+    if config is None:
         return 2
     store = FilesystemStore(config.data_dir / "queue", config.server.max_queue_items)
     return asyncio.run(_run(args, config, store))
