@@ -362,12 +362,15 @@ def machine_header(args: argparse.Namespace, dns_kind: str) -> list[str]:
         f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}",
         f"# tampu at {commit}",
         f"# {NOISE_NOTE}",
+    ] + ([f"# {args.idle} idle connections per system; DNS: {dns_kind}; tampu's [server] "
+          f"max_connections raised to {args.idle + 1000} (the shipped 1,000 per process "
+          "would refuse the rest)"] if args.idle else [
         f"# load: smtp-source + latency probe, {args.sessions} sessions in all "
         f"({args.probe_sessions} of them the probe), {args.messages} messages of "
         f"{args.size} B per run + the probe's, a new connection per message; "
         f"{args.rounds} rounds; DNS: {dns_kind} on loopback, SPF record TTL {args.spf_ttl} s "
         "(TTL 0 for the -ttl0 variant)",
-    ]
+    ])
 
 
 def ratios_to_chasquid(rounds: list[list[Run]], name: str) -> list[float]:
