@@ -292,28 +292,36 @@ def plugins_table(args: argparse.Namespace, dns: LoopbackDns, body: bytes) -> No
     base: list[Result] = []
     without: dict[str, list[Result]] = {p: [] for p in todo}
     deltas: dict[str, list[float]] = {p: [] for p in todo}
+
+    def run(disable: list[str], rnd: int) -> Result:
+        res = measure(args, dns, body, args.disable + disable)
+        print(f"  round {rnd + 1}, without {', '.join(disable) or 'nothing'}: "
+              f"{res.rate:.0f} msgs/s, {res.cpu_ms:.2f} ms/msg ({len(res.errors)} errors)",
+              file=sys.stderr, flush=True)
+        return res
+
     for rnd in range(args.repeat):  # interleaved rounds: drift hits every row alike
-        ref = measure(args, dns, body, args.disable)
-        base.append(ref)
-        print(f"  round {rnd + 1}, default pipeline: {ref.rate:.0f} msgs/s, "
-              f"{ref.cpu_ms:.2f} ms/msg ({len(ref.errors)} errors)", file=sys.stderr,
-              flush=True)
-        for name in todo:
-            res = measure(args, dns, body, args.disable + [name])
+        first = run([], rnd)  # the default pipeline before and after each round
+        shift = rnd * len(todo) // args.repeat
+        order = todo[shift:] + todo[:shift]
+        got = {name: run([name], rnd) for name in order}  # rotated: no row always last
+        last = run([], rnd)
+        base += [first, last]
+        ref = (first.cpu_ms + last.cpu_ms) / 2
+        for name, res in got.items():
             without[name].append(res)
-            deltas[name].append(res.cpu_ms - ref.cpu_ms)
-            print(f"  round {rnd + 1}, without {name}: {res.rate:.0f} msgs/s, "
-                  f"{res.cpu_ms:.2f} ms/msg ({len(res.errors)} errors)", file=sys.stderr,
-                  flush=True)
+            deltas[name].append(res.cpu_ms - ref)
     base_rate, base_cpu = median_result(base)
     spread = [r.cpu_ms for r in base]
     print()
-    print(f"{args.repeat} interleaved rounds; each figure is a median over the rounds; "
-          "Δ CPU is the median of each round's difference to that round's default run")
+    print(f"{args.repeat} interleaved rounds (the plugins in a rotated order, the default "
+          "pipeline first and last); each figure is a median over the rounds; Δ CPU is the "
+          "median of each round's difference to the mean of that round's two default runs")
     print()
     print("| plugin disabled | msgs/s | Δ msgs/s | server CPU ms/msg | Δ CPU ms/msg |")
     print("|---|---|---|---|---|")
-    print(f"| none (default pipeline; CPU {min(spread):.2f}–{max(spread):.2f} over the rounds) "
+    print(f"| none (default pipeline; CPU {min(spread):.2f}–{max(spread):.2f} in its "
+          f"{len(spread)} runs) "
           f"| {base_rate:.0f} | — | {base_cpu:.2f} | — |")
     rows = [(name, *median_result(without[name]), statistics.median(deltas[name]))
             for name in todo]
