@@ -193,6 +193,19 @@ def start_tampu(base: Path, name: str, workers: int, dns: LoopbackDns,
                   [d / "data" / "mail" / "example.test" / "user" / "new"], log, dns.address)
 
 
+def spf_seen(system: System) -> str:
+    """The SPF verdict a delivered message carries (a check that the SPF pass is real)."""
+    for folder in system.maildirs:
+        try:
+            path = next(os.scandir(folder)).path
+        except (StopIteration, FileNotFoundError):
+            continue
+        head = Path(path).read_bytes().split(b"\n\n", 1)[0].decode("utf-8", "replace")
+        m = re.search(r"^Received-SPF: *(\S+)", head, re.M | re.I)
+        return m.group(1).lower() if m else "no Received-SPF header"
+    return "no message delivered"
+
+
 # ---------------------------------------------------------------------------- one load
 
 
@@ -563,6 +576,7 @@ def main() -> int:
             if warm.accepted < args.warmup or warm.delivered < warm.accepted:
                 tee(out, f"warning: {s.label}: warm-up {warm.accepted} accepted, "
                          f"{warm.delivered} delivered: {warm.errors[:2]}")
+            tee(out, f"# SPF in a delivered warm-up message, {s.label}: {spf_seen(s)}")
         rounds: list[list[Run]] = []
         for i in range(args.rounds):
             if time.monotonic() > end:
