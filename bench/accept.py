@@ -148,7 +148,7 @@ async def run_load(load: Load, count: int) -> Result:
 
 
 def write_config(root: Path, smtp: int, submission: int, dns: str, workers: int,
-                 disable: list[str]) -> None:
+                 disable: list[str], settings: list[str] | None = None) -> None:
     write_bench_config(root, f"""\
         # benchmark configuration (fsync on)
         [server]
@@ -170,6 +170,10 @@ def write_config(root: Path, smtp: int, submission: int, dns: str, workers: int,
     # the shipped per-user limit (1,000 recipients an hour) would refuse an --auth run
     (root / "conf.d" / "98-bench-limits.toml").write_text(
         "[plugins.ratelimit]\nrecipients_per_hour = 0\n")
+    if settings:  # --set KEY=VALUE: [server] settings (TOML values), e.g. journal_max_size=0
+        (root / "conf.d" / "97-bench-set.toml").write_text(
+            "[server]\n" + "".join(f"{kv.partition('=')[0].strip()} = "
+                                   f"{kv.partition('=')[2].strip()}\n" for kv in settings))
     if disable:  # for finding where the time goes: the pipeline without some plugins
         (root / "conf.d" / "99-bench-disable.toml").write_text(
             "".join(f"[plugins.{name}]\nenabled = false\n" for name in disable))
@@ -217,7 +221,7 @@ def measure(args: argparse.Namespace, dns: LoopbackDns | None, body: bytes,
     proc = None
     try:
         smtp, submission = free_port(), free_port()
-        write_config(tmp, smtp, submission, dns.address, args.workers, disable)
+        write_config(tmp, smtp, submission, dns.address, args.workers, disable, args.set)
         proc = start([tampu_bin(), "serve", "--config-dir", str(tmp)], tmp / "serve.log")
         wait_port("127.0.0.1", smtp, timeout=60, proc=proc)
         maildir = tmp / "data" / "mail" / LOCAL_DOMAIN / "user" / "new"
@@ -353,6 +357,9 @@ def main() -> int:
                    "tests/dnsserver.py")
     p.add_argument("--ttl", type=int, default=60, help="TTL of the loopback DNS records "
                    "(SPF, DKIM key, DMARC); 0: a lookup per message")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [server] setting (TOML value), e.g. journal_max_size=0 (no "
+                   "decision journal); repeatable")
     p.add_argument("--disable", action="append", default=[], metavar="PLUGIN",
                    help="disable a default plugin (repeatable), to see what it costs")
     p.add_argument("--auth", action="store_true", help="send on the submission listener with "
