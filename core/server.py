@@ -33,7 +33,6 @@ from tampu.smtp_wire import MemoryBudget, tune_malloc
 from tampu.state import ServerState
 from tampu.store_files import FilesystemStore
 from tampu.tls import is_handshake_noise
-from tampu.workers import current_worker
 
 log = logging.getLogger("tampu.server")
 
@@ -88,15 +87,17 @@ class Server:
 
     # ------------------------------------------------------------------ start
 
-    def bind(self, *, reuse_port: bool = False, listen: bool = True) -> None:
+    def bind(self, *, reuse_port: bool = False, listen: bool = True,
+             local_socket: bool = True) -> None:
         """Open the listening sockets (before start-up hooks). ``reuse_port``: SO_REUSEPORT,
         so that worker processes can bind the same addresses; ``listen=False``: bound only,
         so that no connection waits for this process before it serves (listen() comes when
-        it starts serving)."""
+        it starts serving); ``local_socket=False``: not the local socket (a reception worker:
+        the main process serves it)."""
         self._sockets = bind_listeners(self.config, reuse_port=reuse_port, listen=listen)
         self.bound = {name: [s.getsockname()[:2] for s in socks]
                       for name, socks in self._sockets.items()}
-        if not reuse_port or not current_worker():  # the local socket: the main process's
+        if local_socket:
             try:
                 self._local = bind_local_socket(self.config, listen)
             except ConfigError:

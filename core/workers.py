@@ -250,7 +250,7 @@ def _worker_main(config: Config, wfd: int, go_fd: int, index: int) -> int:
     async def run() -> int:
         try:
             server = Server(config, deliver=False)
-            server.bind(reuse_port=True, listen=False)
+            server.bind(reuse_port=True, listen=False, local_socket=False)
         except Exception as exc:
             log.error("reception worker %d: %s", index, exc)
             _report(wfd, _FAILED + f"{index} {exc}".encode("utf-8", "backslashreplace"))
