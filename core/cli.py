@@ -118,10 +118,10 @@ def check(config: Config) -> None:
     """Exactly the validation ``serve`` runs (``build_runtime``), without starting anything.
     Raises ConfigError."""
     from tampu.runtime import build_runtime
-    from tampu.store_files import FilesystemStore
+    from tampu.stores import make_stores
 
-    build_runtime(config, FilesystemStore(config.data_dir / "queue",
-                                          config.server.max_queue_items))
+    stores = make_stores(config)
+    build_runtime(config, stores.queue, state=stores.state)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
