@@ -116,9 +116,15 @@ class QueuePostgresPlugin:
         self.ctx = ctx
 
     @hookimpl
-    def tampu_startup(self, context: ServerContext) -> None:
+    async def tampu_startup(self, context: ServerContext) -> None:
+        from tampu.plugins.queue_postgres.db import Database
         from tampu.stores import state_store_name
 
+        for store in (context.store, context.state):
+            db = getattr(store, "db", None)
+            if isinstance(db, Database) and not db.serving:
+                db.serving = True  # this process is a node: it shows in tampu_nodes
+                await db.beat()
         server = context.config.server
         used = [what for what, name in (("queue", server.queue_store),
                                         ("state", state_store_name(context.config)))

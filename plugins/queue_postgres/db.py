@@ -75,6 +75,9 @@ class Database:
         self.state: PostgresStateStore = PostgresStateStore(self)
         self.due = asyncio.Event()
         self.healthy = False
+        self.serving = False
+        """Set in a serving process (by the plugin at start): only those are nodes in
+        ``tampu_nodes`` (commands such as ``tampu queue`` are not)."""
         self.nodes_alive = 0
         self._listener: Any = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -114,7 +117,7 @@ class Database:
                     f"this tampu needs {schema.LATEST}: "
                     + ("run `tampu db migrate`" if version < schema.LATEST else
                        "it was migrated by a newer tampu"))
-            await self._beat()
+            await self.beat()
             await self._listen()
         except BaseException:
             await self.pool.close()
@@ -181,7 +184,7 @@ class Database:
         while True:
             await asyncio.sleep(self.beat_interval)
             try:
-                await self._beat()
+                await self.beat()
                 if self._listener is None or self._listener.is_closed():
                     self._listener = None
                     await self._listen()
@@ -195,15 +198,17 @@ class Database:
             except Exception:  # the heartbeat must survive anything
                 log.exception("queue_postgres: heartbeat failed")
 
-    async def _beat(self) -> None:
+    async def beat(self) -> None:
+        """One heartbeat now (renew leases, record the node, measure)."""
         now = time.time()
         async with self.connection() as conn:
             await self.queue.renew(conn)
-            await conn.execute(
-                "INSERT INTO tampu_nodes (node, started, heartbeat, pid, version) "
-                "VALUES ($1, $2, tampu_now(), $3, $4) ON CONFLICT (node) DO UPDATE SET "
-                "heartbeat = tampu_now(), pid = EXCLUDED.pid, version = EXCLUDED.version",
-                self.node, now, os.getpid(), __version__)
+            if self.serving:
+                await conn.execute(
+                    "INSERT INTO tampu_nodes (node, started, heartbeat, pid, version) "
+                    "VALUES ($1, $2, tampu_now(), $3, $4) ON CONFLICT (node) DO UPDATE SET "
+                    "heartbeat = tampu_now(), pid = EXCLUDED.pid, version = EXCLUDED.version",
+                    self.node, now, os.getpid(), __version__)
             if now - self._last_gauges >= min(10.0, self.beat_interval * 2):
                 self._last_gauges = now
                 await self.queue.measure(conn)
