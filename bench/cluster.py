@@ -251,7 +251,8 @@ class Node:
         if store == "postgres":
             tables += (f'[plugins.queue_postgres]\nenabled = true\ndsn = "$env:TAMPU_PG_DSN"\n'
                        f"lease_seconds = {lease}\npoll_interval = 0.5\n")
-        (root / "conf.d" / "90-bench.toml").write_text(tables + extra)
+        (root / "conf.d" / "90-bench.toml").write_text(tables)
+        (root / "conf.d" / "91-bench-extra.toml").write_text(extra)  # may repeat a table
         self.env = {**os.environ, **({"TAMPU_PG_DSN": dsn} if dsn else {})}
         self.proc: subprocess.Popen[bytes] | None = None
 

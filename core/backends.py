@@ -47,9 +47,9 @@ class SharedQueueStore(QueueStore, Protocol):
         (at once if an operator asked for a retry meanwhile)."""
         ...
 
-    async def wait_due(self, timeout: float) -> None:
+    async def wait_due(self, at_most: float) -> None:
         """Return when items may have become due (another node or ``tampu queue`` said so),
-        or after ``timeout`` seconds."""
+        or after ``at_most`` seconds."""
         ...
 
     async def apply(self, action: str, ids: list[str]) -> int:

@@ -340,9 +340,9 @@ class PostgresQueueStore:
                 self.leased.discard(lost)
                 log.warning("qid=%s: lease lost (deleted, or taken over after expiring)", lost)
 
-    async def wait_due(self, timeout: float) -> None:
+    async def wait_due(self, at_most: float) -> None:
         try:
-            await asyncio.wait_for(self.db.due.wait(), timeout)
+            await asyncio.wait_for(self.db.due.wait(), at_most)
         except TimeoutError:
             pass
         self.db.due.clear()

@@ -34,13 +34,13 @@ from pydantic import Field, field_validator
 
 from tampu import (
     AuthResult,
-    StateError,
     Envelope,
     PluginContext,
     PluginSettings,
     Reply,
     Session,
     StashKey,
+    StateError,
     hookimpl,
 )
 

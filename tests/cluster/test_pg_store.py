@@ -182,7 +182,7 @@ def test_a_dead_nodes_lease_expires_and_another_node_claims(tmp_path, dsn_env):
                 taken += await qb.claim(10)
                 await asyncio.sleep(0.1)
             assert sorted(taken) == sorted(i.id for i in items)
-            assert set((await qb.holders())) == set(taken)
+            assert set(await qb.holders()) == set(taken)
         finally:
             qa.leased.clear()  # type: ignore[attr-defined]
             await a.close()
