@@ -81,6 +81,8 @@ class HookCaller:
     """``tampu try``: implementations marked @dry_run_unsafe are skipped (and listed)."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     _hooks: dict[str, _Hook] = field(default_factory=dict)
+    _every_checked: int = 0
+    _every: bool = False
 
     def start_dry_run(self) -> None:
         """From now on skip implementations marked @dry_run_unsafe (and list them)."""
@@ -150,7 +152,15 @@ class HookCaller:
 
     def _sampled(self, hook: _Hook) -> bool:
         hook.calls += 1
-        return self.trace or (bool(self.observers) and hook.calls % SAMPLE_EVERY == 1)
+        return self.trace or (bool(self.observers) and (
+            hook.calls % SAMPLE_EVERY == 1 or self._observe_every_call()))
+
+    def _observe_every_call(self) -> bool:
+        """An observer with ``every_call = True`` (the test kit's recorder) sees every call."""
+        if len(self.observers) != self._every_checked:  # observers are only ever added
+            self._every_checked = len(self.observers)
+            self._every = any(getattr(o, "every_call", False) for o in self.observers)
+        return self._every
 
     async def first(self, name: str, **kwargs: Any) -> tuple[Any, str | None]:
         """Verdict hook: (the first non-None result, the plugin that gave it), or (None, None).

@@ -217,7 +217,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tampu import __version__
-    from tampu.commands import config_show, import_chasquid, try_, why
+    from tampu.commands import config_show, import_chasquid, sendmail, try_, why
     from tampu.commands import queue as queue_commands
 
     parser = argparse.ArgumentParser(prog="tampu", description="tampu mail server")
@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_show.register(sub)
     why.register(sub)
     try_.register(sub)
+    sendmail.register(sub)
     from tampu.caller import HookCaller, Hooks
     from tampu.registry import cli_plugins
 
@@ -251,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tampu.commands import sendmail
+
+    rest = sendmail.remainder(sys.argv[1:] if argv is None else argv)
+    if rest is not None:  # sendmail's command line is not argparse's
+        return sendmail.main(rest)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "config_dir"):

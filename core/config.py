@@ -127,6 +127,10 @@ class ServerSettings(_Strict):
         default_factory=list,
         description="Domains delivered locally, in addition to each domains/<domain>/ folder.",
     )
+    local_socket: str = Field(
+        default="sendmail.sock", description="The UNIX socket (in data_dir) where local "
+        "programs submit mail with `tampu sendmail`; the server knows the submitting user "
+        "from the socket. Empty: none.")
     suffix_separators: str = Field(
         default="+", description="Characters that start an address suffix (user+tag): "
         "ignored when looking up local users and aliases.")

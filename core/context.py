@@ -28,7 +28,8 @@ from tampu.users import Domains, UserDirectory
 S = TypeVar("S", bound=PluginSettings)
 
 HookObserver = Callable[[str, str, float, str], None]
-"""Called with (hook, plugin, seconds, outcome ok|error|timeout) for sampled hook calls."""
+"""Called with (hook, plugin, seconds, outcome ok|error|timeout) for sampled hook calls
+(for every call if the observer has an ``every_call = True`` attribute: the test kit's)."""
 
 
 @dataclass(eq=False)

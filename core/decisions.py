@@ -172,6 +172,9 @@ class DecisionRecorder:
     name = "decisions"
     distribution = "tampu (core)"
     priority = 1_000_000  # after every other observer: it sees their changes
+    _current: StashKey[list[dict[str, Any]]] = _CURRENT
+    _in_session: StashKey[list[dict[str, Any]]] = _SESSION
+    """Where a transaction's and a session's decisions wait (a subclass has its own)."""
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
@@ -192,14 +195,14 @@ class DecisionRecorder:
                  "addr": verdict.address, "reply": _reply(verdict),
                  "ms": round(verdict.seconds * 1000, 2)}
         if verdict.stage in ("connect", "helo", "auth"):
-            session.stash.setdefault(_SESSION, []).append(entry)
+            session.stash.setdefault(self._in_session, []).append(entry)
             if verdict.refused and verdict.stage == "connect":
                 self.journal.write({"kind": "refused", **self._session(session),
                                     "decisions": [entry]})
             return
         if verdict.stage == "mail":
             self._flush(session, None)  # a new transaction: the old one queued nothing
-        current = session.stash.setdefault(_CURRENT, [])
+        current = session.stash.setdefault(self._current, [])
         if len(current) < MAX_DECISIONS:
             current.append(entry)
         if verdict.stage == "mail" and envelope is not None:
@@ -209,16 +212,17 @@ class DecisionRecorder:
 
     def _flush(self, session: Session, envelope: Envelope | None,
                reply: str | None = None, qid: str | None = None) -> None:
-        current = session.stash.get(_CURRENT, [])
+        current = session.stash.get(self._current, [])
         if not current:
             return
-        session.stash[_CURRENT] = []
+        session.stash[self._current] = []
         mail = next((d["addr"] for d in current if d["stage"] == "mail"), "")
         rcpts = [d["addr"] for d in current if d["stage"] == "rcpt" and
                  d["reply"][:1] == "2"]
         record: dict[str, Any] = {
             "kind": "accepted" if qid else "refused", **self._session(session),
-            "from": mail, "to": rcpts, "decisions": session.stash.get(_SESSION, []) + current}
+            "from": mail, "to": rcpts,
+            "decisions": session.stash.get(self._in_session, []) + current}
         if qid:
             record["qid"] = qid
         if envelope is not None:

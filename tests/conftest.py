@@ -1,14 +1,12 @@
-"""Shared fixtures. The server factory ``tampu_server`` comes from ``tampu.testing``."""
+"""Shared fixtures. ``tampu_server``, ``tampu_ca``, ``dns_server``, ``make_dns`` and
+``fake_mx`` come from the test kit, ``tampu.testing`` (a pytest11 plugin)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 
 import pytest
-
-from tests.dnsserver import DNSServer, Zone
 
 
 def require_tool(name: str) -> str:
@@ -21,26 +19,3 @@ def require_tool(name: str) -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
-
-
-@pytest.fixture
-def dns_server() -> Iterator[DNSServer]:
-    """A running authoritative DNS server on 127.0.0.1 (empty zone; use ``.set``)."""
-    with DNSServer() as server:
-        yield server
-
-
-@pytest.fixture
-def make_dns() -> Iterator[object]:
-    """Factory: ``make_dns(zone, timeout={...})`` → a running DNSServer, stopped after."""
-    started: list[DNSServer] = []
-
-    def factory(zone: Zone | None = None, timeout: set[str] | None = None) -> DNSServer:
-        server = DNSServer(zone, timeout=timeout)
-        server.start()
-        started.append(server)
-        return server
-
-    yield factory
-    for server in started:
-        server.stop()

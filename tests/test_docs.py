@@ -74,3 +74,49 @@ def test_every_setting_has_a_description():
     lacking = [f"{name}.{f}" for name, cls in models for f, info in cls.model_fields.items()
                if not info.description]
     assert not lacking, f"settings without description=: {lacking}"
+
+
+def _section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_testing_a_plugin_example_is_the_examples_test():
+    """docs/hooks.md shows a third-party plugin tested in at most 10 lines, and that test is
+    in examples/tampu-greylist/tests, which tests/test_examples.py runs."""
+    section = _section((ROOT / "docs" / "hooks.md").read_text(), "Testing a plugin")
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(snippet.splitlines()) <= 10, snippet
+    source = (ROOT / "examples" / "tampu-greylist" / "tests" / "test_greylist.py").read_text()
+    imports, _, body = snippet.partition("\n\n\ndef ")
+    assert body and "def " + body in source, "the doc's test differs from the example's"
+    for line in imports.splitlines():
+        assert line in source.splitlines(), line
+
+
+def test_testing_a_plugin_documents_each_fixture_and_helper():
+    import tampu.testing
+
+    section = _section((ROOT / "docs" / "hooks.md").read_text(), "Testing a plugin")
+    fixtures = ["tampu_server", "tampu_ca", "dns_server", "make_dns", "fake_mx"]
+    for name in fixtures:
+        assert callable(getattr(tampu.testing, name))
+    helpers = ["launch", "make_config_dir", "server_toml", "runtime_for", "context_for",
+               "wait_for", "VerdictRecorder", "CaptureBackend", "DNSServer", "FakeMX",
+               "MXFarm", "ServerFactory", "write_ca"]
+    methods = ["send", "assert_refused", "assert_accepted", "wait_record", "attempts",
+               "calls_of", "wait_delivered", "defer", "fail", "crash", "spf", "mx", "dkim",
+               "dmarc", "mta_sts", "tlsa", "answer", "wait_received", "publish",
+               "delivery_smtp_conf"]
+    prose = re.sub(r"```.*?```", "", section, flags=re.S)
+    code = " ".join(re.findall(r"`([^`]+)`", prose))
+    missing = [n for n in fixtures + helpers + methods if not re.search(rf"\b{n}\b", code)]
+    assert not missing, missing
+    assert set(helpers) <= set(tampu.testing.__all__)
+
+
+def test_backend_guide_test_is_the_webhook_examples_test():
+    section = _section((ROOT / "docs" / "writing-a-delivery-backend.md").read_text(),
+                       "Testing with `tampu.testing`")
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    source = (ROOT / "examples" / "tampu-webhook" / "tests" / "test_webhook.py").read_text()
+    assert snippet in source

@@ -4,7 +4,6 @@ requires AUTH."""
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import ssl
 import threading
@@ -13,11 +12,9 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from tests.dnsserver import DNSServer, Zone
-from tests.plugins.remote_kit import Sink
+from tampu.testing.dns import DNSServer, Zone, tlsa_rdata
+from tampu.testing.mx import MXHandler as Sink
 
 POLICY_PATH = "/.well-known/mta-sts.txt"
 
@@ -114,15 +111,8 @@ def start_dns(zone: Zone, *, authenticated: bool = False) -> DNSServer:
 
 
 def tlsa(cert_pem: bytes, usage: int, selector: int, mtype: int) -> str:
-    """The TLSA rdata text of a PEM certificate."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    data = cert.public_bytes(Encoding.DER) if selector == 0 else \
-        cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    if mtype == 1:
-        data = hashlib.sha256(data).digest()
-    elif mtype == 2:
-        data = hashlib.sha512(data).digest()
-    return f"{usage} {selector} {mtype} {data.hex()}"
+    """The TLSA rdata text of a PEM certificate (the kit's ``tlsa_rdata``)."""
+    return tlsa_rdata(cert_pem, usage, selector, mtype)
 
 
 class _AuthSink(Sink):

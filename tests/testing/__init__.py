@@ -1,0 +1,1 @@
+"""Tests of the test kit, tampu.testing (what plugin authors get)."""
