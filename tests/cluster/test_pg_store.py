@@ -330,3 +330,38 @@ def test_import_queue_moves_a_single_servers_queue(tmp_path, dsn_env, tampu_serv
                       env={"TAMPU_PG_DSN": dsn_env})
     assert again.returncode == 0 and "nothing to import" in again.stdout
     assert os.environ["TAMPU_PG_DSN"] not in done.stdout + done.stderr
+
+
+def test_tampu_queue_commands_act_on_the_shared_queue(tmp_path, dsn_env):
+    root = tmp_path / "c"
+    config = config_for(root, "a")
+    migrate(root, dsn_env)
+
+    async def fill() -> list[str]:
+        stores = await opened(config)
+        try:
+            ids = []
+            for n in range(2):
+                it = item(stores.queue.new_id(), f"r{n}@remote.test")
+                await stores.queue.put(it, b"Subject: q\r\n\r\nbody\r\n")
+                ids.append(it.id)
+            return ids
+        finally:
+            await stores.close()
+
+    ids = asyncio.run(fill())
+    env = {"TAMPU_PG_DSN": dsn_env}
+
+    def tampu_queue(*args: str) -> str:
+        done = run_tampu("queue", *args, "--config-dir", str(root), env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listed = tampu_queue("list")
+    assert all(qid in listed for qid in ids) and "in 2 item(s)" in listed
+    assert "hold applied to 1 item(s) of the shared queue" in tampu_queue("hold", ids[0])
+    assert f"{ids[0]}!" in tampu_queue("list")  # held, as every node sees it
+    assert "Subject: q" in tampu_queue("show", ids[1])
+    assert "release applied to 1" in tampu_queue("release", ids[0])
+    assert "delete applied to 2" in tampu_queue("delete", "ALL")
+    assert "queue is empty" in tampu_queue("list")
