@@ -123,8 +123,7 @@ class QueuePostgresPlugin:
         for store in (context.store, context.state):
             db = getattr(store, "db", None)
             if isinstance(db, Database) and not db.serving:
-                db.serving = True  # this process is a node: it shows in tampu_nodes
-                await db.beat()
+                await db.become_node()  # this process is a node: it shows in tampu_nodes
         server = context.config.server
         used = [what for what, name in (("queue", server.queue_store),
                                         ("state", state_store_name(context.config)))

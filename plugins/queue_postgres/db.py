@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,11 @@ class Database:
         self.state: PostgresStateStore = PostgresStateStore(self)
         self.due = asyncio.Event()
         self.healthy = False
+        self.instance = f"{socket.gethostname()}/{os.getpgid(0)}"
+        """This run of the node (its reception workers share the process group), told apart
+        from another process that uses the same node name."""
+        self.name_in_use = False
+        """Another live process had this node name at start (see :meth:`become_node`)."""
         self.serving = False
         """Set in a serving process (by the plugin at start): only those are nodes in
         ``tampu_nodes`` (commands such as ``tampu queue`` are not)."""
@@ -198,6 +204,23 @@ class Database:
             except Exception:  # the heartbeat must survive anything
                 log.exception("queue_postgres: heartbeat failed")
 
+    async def become_node(self) -> None:
+        """This process serves as the node (the plugin's start-up): it shows in
+        ``tampu_nodes``. If another process of another run sent a heartbeat under the same
+        name within ``lease_seconds``, names are not unique: say so, and leave that name's
+        old leases to expire instead of releasing them (they may be that process's)."""
+        async with self.connection() as conn:
+            row = await conn.fetchrow("SELECT tampu_now() - heartbeat AS age, instance, pid "
+                                      "FROM tampu_nodes WHERE node = $1", self.node)
+        if row is not None and row["instance"] != self.instance and \
+                row["age"] < self.settings.lease_seconds:
+            self.name_in_use = True
+            log.error("queue_postgres: node name %r was in use %.0fs ago (pid %s): every node "
+                      "needs its own [server] node; if that process is this node's previous "
+                      "run, ignore this", self.node, row["age"], row["pid"])
+        self.serving = True
+        await self.beat()
+
     async def beat(self) -> None:
         """One heartbeat now (renew leases, record the node, measure)."""
         now = time.time()
@@ -205,10 +228,11 @@ class Database:
             await self.queue.renew(conn)
             if self.serving:
                 await conn.execute(
-                    "INSERT INTO tampu_nodes (node, started, heartbeat, pid, version) "
-                    "VALUES ($1, $2, tampu_now(), $3, $4) ON CONFLICT (node) DO UPDATE SET "
-                    "heartbeat = tampu_now(), pid = EXCLUDED.pid, version = EXCLUDED.version",
-                    self.node, now, os.getpid(), __version__)
+                    "INSERT INTO tampu_nodes (node, started, heartbeat, pid, version, instance) "
+                    "VALUES ($1, $2, tampu_now(), $3, $4, $5) ON CONFLICT (node) DO UPDATE SET "
+                    "heartbeat = tampu_now(), pid = EXCLUDED.pid, version = EXCLUDED.version, "
+                    "instance = EXCLUDED.instance", self.node, now, os.getpid(), __version__,
+                    self.instance)
             if now - self._last_gauges >= min(10.0, self.beat_interval * 2):
                 self._last_gauges = now
                 await self.queue.measure(conn)

@@ -276,7 +276,10 @@ class PostgresQueueStore:
 
     async def recover(self) -> list[str]:
         """At start: leases this node held before (it crashed or was killed) are given up
-        now instead of at their expiry. Nothing to load: the claim loop takes due items."""
+        now instead of at their expiry (unless another live process uses this node's name).
+        Nothing to load: the claim loop takes due items."""
+        if self.db.name_in_use:
+            return []
         async with self._conn("cannot read the queue") as conn:
             count, _ = await conn.fetchrow(_RELEASE_NODE, [], self.node, "tampu_queue")
             self._estimate = int(await conn.fetchval("SELECT count(*) FROM tampu_queue"))

@@ -74,7 +74,8 @@ CREATE TABLE tampu_nodes (
     started   double precision NOT NULL,
     heartbeat double precision NOT NULL,
     pid       integer NOT NULL,
-    version   text NOT NULL
+    version   text NOT NULL,
+    instance  text NOT NULL
 );
 """),
 )

@@ -365,3 +365,31 @@ def test_tampu_queue_commands_act_on_the_shared_queue(tmp_path, dsn_env):
     assert "release applied to 1" in tampu_queue("release", ids[0])
     assert "delete applied to 2" in tampu_queue("delete", "ALL")
     assert "queue is empty" in tampu_queue("list")
+
+
+def test_a_node_name_in_use_elsewhere_is_reported_and_its_leases_kept(tmp_path, dsn_env,
+                                                                      caplog):
+    config = config_for(tmp_path / "a", "same", lease=5.0)
+    migrate(tmp_path / "a", dsn_env)
+
+    async def run() -> None:
+        first, second = await opened(config), await opened(config)
+        q1, q2 = first.queue, second.queue
+        db1, db2 = first.backends[0], second.backends[0]
+        try:
+            await db1.become_node()  # type: ignore[attr-defined]
+            q1.lease_on_put = True  # type: ignore[attr-defined]
+            it = item(q1.new_id())
+            await q1.put(it, b"Subject: x\r\n\r\n")
+            db2.instance = "another-host/1"  # type: ignore[attr-defined]
+            await db2.become_node()  # type: ignore[attr-defined]
+            assert db2.name_in_use  # type: ignore[attr-defined]
+            assert await q2.recover() == []
+            holders = await q2.holders()  # type: ignore[attr-defined]
+            assert holders[it.id][0] == "same"  # not released: it may be the other's
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(run())
+    assert "node name 'same' was in use" in caplog.text
