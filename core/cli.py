@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from tampu.config import Config, load_config
-from tampu.errors import ConfigError
+from tampu.errors import ConfigError, PluginError
 
 PIDFILE = "tampu.pid"
 DEFAULT_CONFIG_DIR = "/etc/tampu"
@@ -69,6 +69,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print_problems(exc)
         return 2
     setup_logging(config.server.log_level)
+    # A log line must never fail (an address or HELO name the terminal cannot encode):
+    # what cannot be encoded is escaped, whatever the locale.
+    for stream in (sys.stderr, sys.stdout):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     from tampu import workers
     from tampu.runtime import ensure_certificates
     from tampu.server import Server, bind_listeners
@@ -83,35 +89,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         ensure_certificates(config)  # once, before any worker forks
         if extra > 0:  # fail early, before forking: every process binds the same addresses
-            for socks in bind_listeners(config, reuse_port=True).values():
+            for socks in bind_listeners(config, reuse_port=True, listen=False).values():
                 for sock in socks:
                     sock.close()
     except (ConfigError, OSError) as exc:
         print_problems(exc if isinstance(exc, ConfigError) else ConfigError([str(exc)]))
         return 2
-    pids, pipe = workers.fork_workers(config, extra)
+    # Until the event loop handles them, SIGTERM/SIGINT only ask for a stop (nothing serves
+    # yet); the workers, forked below, start with the same handlers.
+    early: list[int] = []
+    target: list[tuple[asyncio.AbstractEventLoop, Server]] = []
+
+    def early_stop(signum: int, _frame: object) -> None:
+        early.append(signum)
+        for loop, server in target:
+            loop.call_soon_threadsafe(server.request_stop)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, early_stop)
+    team = workers.fork_workers(config, extra)
 
     async def run() -> int:
         try:
             server = Server(config)
-            server.bind(reuse_port=extra > 0)
-            workers.attach_main(server, pids, pipe)
-            pidfile = config.data_dir / PIDFILE
-            config.data_dir.mkdir(parents=True, exist_ok=True)
-            pidfile.write_text(f"{os.getpid()}\n")
-            try:
-                await server.serve()
-            finally:
-                pidfile.unlink(missing_ok=True)
+            server.bind(reuse_port=extra > 0, listen=extra == 0)
         except ConfigError as exc:
             print_problems(exc)
             return 2
+        workers.attach_main(server, team)
+        pidfile = config.data_dir / PIDFILE
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(f"{os.getpid()}\n")
+        target.append((asyncio.get_running_loop(), server))
+        if early:
+            server.request_stop()
+        try:
+            served = await server.serve(gate=workers.main_gate(server, team))
+        finally:
+            pidfile.unlink(missing_ok=True)
+        if team.failure:
+            return 1
+        if not served and not server.stop_requested:
+            return 1
         return 0
 
     try:
         return asyncio.run(run())
+    except PluginError as exc:  # a start-up hook failed: no process serves
+        logging.getLogger("tampu.server").error("tampu could not start: %s", exc)
+        return 1
+    except Exception:
+        logging.getLogger("tampu.server").exception("tampu could not start")
+        return 1
     finally:
-        workers.reap(pids)
+        team.stop()
 
 
 def check(config: Config) -> None:

@@ -163,12 +163,17 @@ class ServerSettings(_Strict):
         "deadline grows with max_message_size / min_data_rate when that is longer.")
     min_data_rate: int = Field(
         default=8192, ge=0, description="Bytes per second a DATA transfer must average over "
-        "each minute; slower clients are disconnected (421). 0: no minimum.")
+        "each minute (data_timeout when shorter); slower clients are disconnected (421). "
+        "0: no minimum.")
     tls_handshake_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a TLS handshake (STARTTLS or implicit TLS) "
         "may take.")
     max_connections: int = Field(default=1000, gt=0,
                                  description="Concurrent connections per process.")
+    reception_memory: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="Bytes of message bodies the sessions "
+        "of one process may hold at once while receiving (never less than max_message_size); "
+        "past it a transfer is refused with 452 (and MAIL FROM with a larger SIZE at once).")
     max_errors: int = Field(
         default=3, gt=0, description="Errors a session may make (5xx replies: bad syntax, "
         "unknown commands, failed AUTH, refused recipients beyond free_refused_recipients) "

@@ -16,7 +16,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from tampu.claims import ClaimLoop, start_claims
@@ -29,6 +29,7 @@ from tampu.intake import Intake
 from tampu.registry import Registry
 from tampu.runtime import Runtime, build_runtime, ensure_certificates
 from tampu.smtp import SmtpSession
+from tampu.smtp_wire import MemoryBudget, tune_malloc
 from tampu.state import ServerState
 from tampu.stores import make_stores
 from tampu.tls import is_handshake_noise
@@ -68,6 +69,9 @@ class Server:
         self.on_stop: list[Callable[[], None]] = []
         """Called when a stop is requested (the worker manager passes it on)."""
         self.on_reload: list[Callable[[], None]] = []
+        self.on_shutdown: list[Callable[[], None]] = []
+        self.budget = MemoryBudget()
+        """Message bodies held by this process's sessions ([server] reception_memory)."""
 
     @property
     def runtime(self) -> Runtime:
@@ -83,15 +87,25 @@ class Server:
 
     # ------------------------------------------------------------------ start
 
-    def bind(self, *, reuse_port: bool = False) -> None:
+    def bind(self, *, reuse_port: bool = False, listen: bool = True) -> None:
         """Open the listening sockets (before start-up hooks). ``reuse_port``: SO_REUSEPORT,
-        so that worker processes can bind the same addresses."""
-        self._sockets = bind_listeners(self.config, reuse_port=reuse_port)
+        so that worker processes can bind the same addresses; ``listen=False``: bound only,
+        so that no connection waits for this process before it serves (listen() comes when
+        it starts serving)."""
+        self._sockets = bind_listeners(self.config, reuse_port=reuse_port, listen=listen)
         self.bound = {name: [s.getsockname()[:2] for s in socks]
                       for name, socks in self._sockets.items()}
 
-    async def start(self) -> None:
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    async def start(self, *, gate: Callable[[], Awaitable[bool]] | None = None) -> bool:
+        """Start-up hooks, then (when ``gate`` lets it, and no stop was requested meanwhile)
+        delivery and the listeners. False: stopped before serving (the hooks that started
+        are shut down, the addresses given back). Raises what a start-up hook raises."""
         loop = asyncio.get_running_loop()
+        tune_malloc()
         # Blocking work (fsync, Maildir writes, password hashing) runs in threads; the
         # default pool (cores + 4) makes concurrent sessions queue behind each other's fsyncs.
         loop.set_default_executor(
@@ -105,14 +119,23 @@ class Server:
                             self.config.certs_dir)
         if not self._sockets:
             self.bind()
+        if self._stop.is_set():  # stopped before start-up
+            self._close_sockets()
+            return False
         try:
             await self.stores.open()  # the queue and state stores connect (PostgreSQL)
             await self.runtime.hooks.tampu_startup(self.runtime.context)
         except BaseException:  # tampu does not serve: give the addresses back
-            for sock in [s for socks in self._sockets.values() for s in socks]:
-                sock.close()
+            self._close_sockets()
             await self.stores.close()
             raise
+        if not await self._may_serve(gate):
+            self._close_sockets()
+            await self.runtime.hooks.tampu_shutdown(self.runtime.context)
+            self.runtime.context.dns.close()
+            await self.stores.close()
+            log.info("tampu stopped before serving")
+            return False
         if self.deliver:
             self.runner = DeliveryRunner(self.state, self.intake)
             await self.runner.start()
@@ -120,6 +143,27 @@ class Server:
         await self._listen()
         log.info("tampu ready: %s", ", ".join(
             f"{n}={'/'.join(f'{h}:{p}' for h, p in a)}" for n, a in self.bound.items()))
+        return True
+
+    async def _may_serve(self, gate: Callable[[], Awaitable[bool]] | None) -> bool:
+        """Whether to go on to serving: no stop requested, and the gate (the other
+        processes' start-up) says yes before any stop is."""
+        if self._stop.is_set():
+            return False
+        if gate is None:
+            return True
+        passed = asyncio.ensure_future(gate())
+        stopped = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait([passed, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not passed.done():
+            passed.cancel()
+            return False
+        return passed.result() and not self._stop.is_set()
+
+    def _close_sockets(self) -> None:
+        for sock in [s for socks in self._sockets.values() for s in socks]:
+            sock.close()
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -133,12 +177,14 @@ class Server:
                 now = runtime.config.server.listeners.get(info.name)
                 trusted = ([ipaddress.ip_network(n, strict=False) for n in now.proxy_trusted]
                            if now is not None and now.proxy_protocol else None)
-                return SmtpSession(self.state, self.intake, info, runtime.tls, trusted)
+                return SmtpSession(self.state, self.intake, info, runtime.tls, trusted,
+                                   self.budget)
 
             implicit = None
             if lst.kind == "submissions":
                 implicit = self._implicit_tls = self._implicit_tls or self.runtime.tls
             for sock in self._sockets[name]:
+                sock.listen(1024)  # again is harmless; first time when bound with listen=False
                 # The handshake of an implicit-TLS listener happens before the session
                 # exists: a client that fails or stalls in it never takes a session slot.
                 self.listeners.append(await loop.create_server(
@@ -154,15 +200,29 @@ class Server:
                 callback()
         self._stop.set()
 
-    async def serve(self, *, install_signals: bool = True,
-                    ready: asyncio.Event | None = None) -> None:
+    async def serve(self, *, install_signals: bool = True, ready: asyncio.Event | None = None,
+                    gate: Callable[[], Awaitable[bool]] | None = None) -> bool:
+        """Start, serve until stopped, shut down. ``gate``: awaited after the start-up hooks,
+        before serving (the other processes' start-up); False, or a stop requested before
+        serving, ends the server there. Returns whether it served."""
         loop = asyncio.get_running_loop()
-        await self.start()
-        restore = []
-        if install_signals:
+        restore: list[signal.Signals] = []
+        if install_signals:  # before start-up: a SIGTERM then is a stop before serving
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
                 restore.append(sig)
+        started = False
+        try:
+            started = await self.start(gate=gate)
+        finally:
+            if not started:
+                for sig in restore:
+                    loop.remove_signal_handler(sig)
+                for callback in self.on_shutdown:
+                    callback()
+        if not started:
+            return False
+        if install_signals:
             loop.add_signal_handler(signal.SIGHUP, lambda: self.state.spawn(self.reload()))
             loop.add_signal_handler(signal.SIGUSR1, self.handle_requests)
             restore.extend([signal.SIGHUP, signal.SIGUSR1])
@@ -174,6 +234,7 @@ class Server:
             for sig in restore:
                 loop.remove_signal_handler(sig)
             await self.shutdown()
+        return True
 
     async def shutdown(self) -> None:
         """Stop accepting; 421 to idle sessions; let transactions finish; cancel the rest."""
@@ -201,6 +262,8 @@ class Server:
         self.runtime.context.dns.close()
         await asyncio.to_thread(self.journal.close)
         await self.stores.close()
+        for callback in self.on_shutdown:
+            callback()
         log.info("tampu stopped")
 
     def handle_requests(self) -> None:
@@ -285,15 +348,16 @@ def quiet_handshake_errors(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(handler)
 
 
-def bind_listeners(config: Config, *, reuse_port: bool = False
+def bind_listeners(config: Config, *, reuse_port: bool = False, listen: bool = True
                    ) -> dict[str, list[socket.socket]]:
-    """Listening sockets for every listener of ``config``; ConfigError naming the listener."""
+    """Listening sockets for every listener of ``config`` (bound only with ``listen=False``);
+    ConfigError naming the listener."""
     out: dict[str, list[socket.socket]] = {}
     for name, lst in config.server.listeners.items():
         socks: list[socket.socket] = []
         for host, port in lst.endpoints():
             try:
-                socks.extend(_bind(host, port, reuse_port))
+                socks.extend(_bind(host, port, reuse_port, listen))
             except OSError as exc:
                 for sock in [s for done in out.values() for s in done] + socks:
                     sock.close()
@@ -303,7 +367,8 @@ def bind_listeners(config: Config, *, reuse_port: bool = False
     return out
 
 
-def _bind(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
+def _bind(host: str, port: int, reuse_port: bool = False,
+          listen: bool = True) -> list[socket.socket]:
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
@@ -320,7 +385,8 @@ def _bind(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(addr)
-            sock.listen(1024)
+            if listen:
+                sock.listen(1024)
             sock.setblocking(False)
         except OSError:
             sock.close()

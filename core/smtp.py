@@ -28,7 +28,16 @@ from tampu.received import received_header
 from tampu.reply import Reply, with_enhanced_code
 from tampu.smtp_auth import authenticate
 from tampu.smtp_proxy import IPNetwork, read_proxy_header
-from tampu.smtp_wire import Closed, LineTooLong, Wire
+from tampu.smtp_wire import (
+    TRIM_AFTER,
+    Closed,
+    ForeignProtocol,
+    LineTooLong,
+    MemoryBudget,
+    NotTls,
+    Wire,
+    give_memory_back,
+)
 
 if TYPE_CHECKING:
     from tampu.caller import Hooks
@@ -43,6 +52,11 @@ _ENVID = re.compile(r"^[\x21-\x2a\x2c-\x3c\x3e-\x7e+]{1,100}$")  # xtext (RFC 34
 _ORCPT = re.compile(r"^[A-Za-z0-9-]+;[\x21-\x2a\x2c-\x3c\x3e-\x7e+]{1,500}$")
 _NOTIFY = re.compile(r"^(NEVER|(SUCCESS|FAILURE|DELAY)(,(SUCCESS|FAILURE|DELAY))*)$", re.I)
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NO_MEMORY = Reply(452, "4.3.1", "Insufficient system storage for the message now, try again "
+                                "later")
+NOT_TLS = Reply(500, "5.5.1", "TLS handshake expected after 220 to STARTTLS; closing connection")
+DEFAULT_BUDGET = MemoryBudget()
+"""The budget of sessions made without one (each Server has its own)."""
 
 
 class NotSmtp(Exception):
@@ -53,7 +67,8 @@ class SmtpSession(Wire):
     """One SMTP connection on one listener."""
 
     def __init__(self, state: ServerState, intake: Intake, listener: ListenerInfo,
-                 tls: ssl.SSLContext | None, proxy_trusted: list[IPNetwork] | None) -> None:
+                 tls: ssl.SSLContext | None, proxy_trusted: list[IPNetwork] | None,
+                 budget: MemoryBudget | None = None) -> None:
         settings = state.runtime.config.server
         super().__init__(settings.max_line_length)
         self.state = state
@@ -67,13 +82,18 @@ class SmtpSession(Wire):
         self.errors = 0
         self.refused_rcpts = 0
         self.waiting = False
+        self.handshaking = False
         self.session_end = 0.0
+        self.budget = budget if budget is not None else DEFAULT_BUDGET
 
     # ---------------------------------------------------------------- lifecycle
 
     def connection_made(self, transport: Any) -> None:  # noqa: ANN401 - asyncio's API
         super().connection_made(transport)
-        peer = transport.get_extra_info("peername") or ("", 0)
+        try:
+            peer = transport.get_extra_info("peername") or ("", 0)
+        except (AttributeError, OSError):  # uvloop: the socket is already gone
+            peer = ("", 0)
         self.session = Session(peer_host=str(peer[0]), peer_port=int(peer[1]),
                                listener=self.listener)
         if transport.get_extra_info("ssl_object") is not None:  # implicit TLS: done already
@@ -83,11 +103,13 @@ class SmtpSession(Wire):
 
     @property
     def idle(self) -> bool:
-        """Waiting for a command outside a transaction: safe to close at shutdown."""
-        return self.waiting and self.envelope is None
+        """Waiting for a command outside a transaction (or in a TLS handshake): safe to close
+        at shutdown."""
+        return (self.waiting and self.envelope is None) or self.handshaking
 
     def close_for_shutdown(self) -> None:
-        self.write(f"{R.SHUTTING_DOWN}\r\n".encode())
+        if not self.handshaking:  # no plain text into a TLS handshake
+            self.write(f"{R.SHUTTING_DOWN}\r\n".encode())
         self.abort()
 
     @property
@@ -97,6 +119,13 @@ class SmtpSession(Wire):
     @property
     def hooks(self) -> Hooks:
         return self.state.runtime.hooks
+
+    @property
+    def memory_limit(self) -> int:
+        """Bytes of message bodies the sessions of this process may hold at once (never less
+        than one message of the largest size)."""
+        settings = self.settings
+        return max(settings.reception_memory, settings.max_message_size)
 
     async def _serve(self) -> None:
         assert self.session is not None
@@ -125,7 +154,7 @@ class SmtpSession(Wire):
             await self._commands()
         except (Closed, ConnectionError):
             pass
-        except NotSmtp:
+        except (NotSmtp, ForeignProtocol):
             log.info("session %s: %s is not speaking SMTP; closed", session.id,
                      session.peer_host)
         except Exception:  # a bug: say so once, with the session, and close
@@ -151,15 +180,32 @@ class SmtpSession(Wire):
 
     async def _handshake(self) -> bool:
         assert self.session is not None and self.tls is not None
+        self.handshaking = True
         try:
             await self.start_tls(self.tls, self.settings.tls_handshake_timeout)
+        except NotTls:
+            log.info("session %s: %s sent plain text instead of a TLS handshake; closed",
+                     self.session.id, self.session.peer_host)
+            await self._refuse_plaintext()
+            return False
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("session %s: TLS handshake with %s failed: %s", self.session.id,
                      self.session.peer_host, str(exc) or type(exc).__name__)
             return False
+        finally:
+            self.handshaking = False
         assert self.transport is not None
         self.session.tls = tls_info(self.transport)
         return True
+
+    async def _refuse_plaintext(self) -> None:
+        """A command in plain text where the TLS handshake should be: answer it, close."""
+        try:
+            await self.readline(self.loop.time() + self.settings.tls_handshake_timeout)
+        except (Closed, LineTooLong):
+            pass
+        self.reply(NOT_TLS)
+        self.close()
 
     # ---------------------------------------------------------------- replies
 
@@ -198,11 +244,9 @@ class SmtpSession(Wire):
                 return self.close()
             self.waiting = True
             try:
-                if self.peek().startswith(_NOT_SMTP_START):
-                    raise NotSmtp()
                 deadline = min(self.loop.time() + self.settings.command_timeout,
                                self.session_end)
-                line = await self.readline(deadline)
+                line = await self.readline(deadline, _NOT_SMTP_START)
             except LineTooLong:
                 self.waiting = False
                 self.reply(R.LINE_TOO_LONG)
@@ -221,6 +265,10 @@ class SmtpSession(Wire):
                 if verb.upper() in (b"MAIL", b"RCPT"):
                     status = "5.1.7" if verb.upper() == b"MAIL" else "5.1.3"
                     self.reply(Reply(501, status, "Address is not valid UTF-8"))
+                    continue
+                if verb.upper() in (b"HELO", b"EHLO", b"VRFY"):
+                    what = "Address" if verb.upper() == b"VRFY" else "Host name"
+                    self.reply(Reply(501, "5.5.2", f"{what} is not valid UTF-8"))
                     continue
                 arg = rest.decode("utf-8", "replace")
             await handler(arg)
@@ -343,6 +391,11 @@ class SmtpSession(Wire):
         if self.state.runtime.store.full():  # early, so no body is sent for nothing
             await self._verdict("mail", R.QUEUE_FULL, None, path.address, start)
             return self.reply(R.QUEUE_FULL)
+        declared = path.params.get("SIZE")
+        if isinstance(declared, str) and \
+                int(declared) > self.budget.available(self.memory_limit):
+            await self._verdict("mail", NO_MEMORY, None, path.address, start)
+            return self.reply(NO_MEMORY)
         env = Envelope(mail_from=path.address, mail_params=path.params,
                        smtputf8=path.params.get("SMTPUTF8") is True)
         try:
@@ -452,7 +505,8 @@ class SmtpSession(Wire):
                    if settings.min_data_rate else 0.0)
         try:
             result = await self.read_data(limit, self.loop.time() + span,
-                                          settings.min_data_rate)
+                                          settings.min_data_rate, self.budget,
+                                          self.memory_limit, settings.data_timeout)
         except Closed as exc:
             if str(exc) == "too slow":
                 self.expired = "too slow a transfer"
@@ -460,13 +514,25 @@ class SmtpSession(Wire):
             raise
         self.envelope = None
         start = time.perf_counter()
-        if result.message is None:
-            reply = R.MESSAGE_TOO_BIG if result.too_big else R.LINE_TOO_LONG
-            queue_id, plugin = None, None
-        else:
-            reply, queue_id, plugin = await self._accept(session, env, Message(result.message))
+        size, held = result.size, result.held
+        try:
+            if result.message is None:
+                reply = R.MESSAGE_TOO_BIG if result.too_big else R.LINE_TOO_LONG \
+                    if result.line_too_long else NO_MEMORY
+                queue_id, plugin = None, None
+                if result.no_memory:
+                    log.warning("session %s: reception memory (%d bytes) in use; a message "
+                                "from %s refused with 452", session.id, self.memory_limit,
+                                session.peer_host)
+            else:  # no reference here: the received bytes go as soon as they are queued
+                reply, queue_id, plugin = await self._accept(session, env,
+                                                             Message(result.take()))
+        finally:
+            self.budget.give(held)
+            if size >= TRIM_AFTER:
+                give_memory_back(self.loop)
         await self._verdict("data", reply, plugin, "", start)
-        self._log_transaction(session, env, reply, queue_id, result.size)
+        self._log_transaction(session, env, reply, queue_id, size)
         await self._call(self.hooks.smtp_transaction_done(session, env, reply, queue_id))
         self.reply(reply)
 
@@ -489,10 +555,11 @@ class SmtpSession(Wire):
                 "utf-8", "replace")
         top += b"".join(f"{n}: {v}\r\n".encode("utf-8", "surrogateescape")
                         for n, v in message.added_headers)
-        body = strip_own(message.data, hostname)
+        data = top + strip_own(message.data, hostname)
+        del message  # the bytes as received: only the queued copy stays in memory
         try:
             item = await self.intake.submit(Submission(
-                mail_from=env.mail_from, recipients=env.rcpt_to, data=top + body,
+                mail_from=env.mail_from, recipients=env.rcpt_to, data=data,
                 envelope=env, auth_user=session.auth_user,
                 trusted_network=session.trusted_network, peer=session.peer_host,
                 helo=session.helo or "", item_id=queue_id))

@@ -5,6 +5,14 @@ reception only. Every process binds its own listening sockets with SO_REUSEPORT,
 spreads connections over them. A worker tells the main process about each new queue item over
 a pipe (the item is already durable when it does), and the main process schedules its delivery.
 SIGTERM/SIGINT/SIGHUP given to the main process are passed on to the workers.
+
+Start-up is all or nothing: every process builds its configuration and runs its start-up
+hooks with its sockets bound but not listening, then reports ``ready`` (or ``failed``) to the
+main process. Only when every worker and the main process itself are ready does the main
+process send each worker its go-ahead; then they all listen. If any of them fails, is stopped
+(SIGTERM) or dies during start-up, no process ever accepts a connection: the workers get no
+go-ahead (their start pipe is closed) and stop, and the main process stops too. A worker
+whose main process is gone at any time stops (PR_SET_PDEATHSIG, and the closed pipes).
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ import asyncio
 import logging
 import os
 import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tampu.config import Config
@@ -23,32 +34,167 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tampu.workers")
 
+_READY = b"!ready "
+_FAILED = b"!failed "
+_GO = b"g"
+_INDEX = 0
 
-def fork_workers(config: Config, count: int) -> tuple[list[int], int | None]:
-    """Fork ``count`` reception workers. Returns (their PIDs, the read end of their pipe).
 
-    Must be called before any event loop exists. In a worker this function does not return:
-    the worker serves until stopped and exits.
-    """
+def current_worker() -> int:
+    """0 in the main process (or without workers), 1..N-1 in a reception worker."""
+    return _INDEX
+
+
+def startup_timeout(config: Config) -> float:
+    """Seconds the main process waits for every worker to be ready."""
+    return max(60.0, 2 * config.server.plugin_timeout)
+
+
+@dataclass
+class Workers:
+    """The main process's view of its reception workers."""
+
+    pids: list[int]
+    rfd: int | None
+    """Read end of the pipe on which workers report start-up and new queue items."""
+    go: dict[int, int] = field(default_factory=dict)
+    """Worker index -> write end of its start pipe (closed once it got its go-ahead)."""
+    ready: set[int] = field(default_factory=set)
+    failed: dict[int, str] = field(default_factory=dict)
+    exited: dict[int, int] = field(default_factory=dict)
+    """PID -> wait status of workers that ended (and were reaped)."""
+    failure: str = ""
+    """Why start-up was abandoned ("" when it was not)."""
+
+    @property
+    def count(self) -> int:
+        return len(self.pids)
+
+    def _check_exits(self) -> None:
+        for pid in self.pids:
+            if pid in self.exited:
+                continue
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                self.exited[pid] = status
+
+    async def all_ready(self, within: float) -> bool:
+        """Wait until every worker reported ready; False (``failure`` says why) when one
+        failed, ended or did not report within ``within`` seconds."""
+        deadline = time.monotonic() + within
+        while True:
+            if self.failed:
+                index, why = next(iter(self.failed.items()))
+                self.failure = f"reception worker {index} failed to start: {why}"
+                return False
+            self._check_exits()
+            if self.exited:
+                pid, status = next(iter(self.exited.items()))
+                self.failure = f"reception worker (pid {pid}) ended during start-up " \
+                    f"({_describe(status)})"
+                return False
+            if len(self.ready) == self.count:
+                return True
+            if time.monotonic() >= deadline:
+                late = sorted(set(range(1, self.count + 1)) - self.ready)
+                self.failure = f"reception workers {late} not ready after {within:.0f}s"
+                return False
+            await asyncio.sleep(0.02)
+
+    def release(self) -> None:
+        """Give every worker its go-ahead."""
+        for index, fd in list(self.go.items()):
+            try:
+                os.write(fd, _GO)
+            except OSError:  # it ended meanwhile: the main process notices later
+                pass
+            os.close(fd)
+            del self.go[index]
+
+    def abandon(self) -> None:
+        """No go-ahead for anyone: close the start pipes (waiting workers stop)."""
+        for fd in self.go.values():
+            os.close(fd)
+        self.go.clear()
+
+    def signal_all(self, sig: signal.Signals) -> None:
+        for pid in self.pids:
+            if pid in self.exited:
+                continue
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """At the main process's end, however it ends: stop the workers and wait for them
+        (those still running after ``timeout`` are killed)."""
+        self.abandon()
+        self.signal_all(signal.SIGTERM)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self._check_exits()
+            if len(self.exited) == self.count:
+                break
+            time.sleep(0.02)
+        for pid in self.pids:
+            if pid not in self.exited:
+                log.warning("reception worker %d did not stop; killed", pid)
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                self.exited[pid] = -1
+        if self.rfd is not None:
+            try:
+                os.close(self.rfd)
+            except OSError:
+                pass
+            self.rfd = None
+
+
+def _describe(status: int) -> str:
+    if status < 0:
+        return "killed"
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
+def fork_workers(config: Config, count: int) -> Workers:
+    """Fork ``count`` reception workers. Must be called before any event loop exists. In a
+    worker this function does not return: the worker serves until stopped and exits."""
     if count <= 0:
-        return [], None
+        return Workers([], None)
     rfd, wfd = os.pipe()
-    pids = []
-    for index in range(count):
+    workers = Workers([], rfd)
+    for index in range(1, count + 1):
+        go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            _die_with_parent()
-            os.close(rfd)
             code = 1
             try:
-                code = _worker_main(config, wfd, index + 1)
+                # Until its event loop handles them: SIGTERM ends a worker at once (nothing
+                # is served yet, and the main process then gives up the start-up), SIGINT (a
+                # terminal's ^C, which the main process gets too) is for the main process.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                _die_with_parent()
+                os.close(rfd)
+                os.close(go_w)
+                for other in workers.go.values():  # the start pipes of the other workers
+                    os.close(other)
+                code = _worker_main(config, wfd, go_r, index)
             except BaseException:
-                log.exception("worker %d failed", index + 1)
+                log.exception("reception worker %d failed", index)
             finally:
                 os._exit(code)
-        pids.append(pid)
+        os.close(go_r)
+        workers.pids.append(pid)
+        workers.go[index] = go_w
     os.close(wfd)
-    return pids, rfd
+    return workers
 
 
 def _die_with_parent() -> None:
@@ -65,32 +211,86 @@ def _die_with_parent() -> None:
         os._exit(0)
 
 
-def _worker_main(config: Config, wfd: int, index: int) -> int:
+def _report(wfd: int, line: bytes) -> bool:
+    try:
+        os.write(wfd, line[:400] + b"\n")  # one write under PIPE_BUF: never interleaved
+        return True
+    except OSError:
+        return False
+
+
+async def _wait_go(go_fd: int) -> bool:
+    """The main process's go-ahead (True), or its refusal or end (False)."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            data = os.read(go_fd, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not got.done():
+            got.set_result(data)
+
+    os.set_blocking(go_fd, False)
+    loop.add_reader(go_fd, readable)
+    try:
+        return await got == _GO
+    finally:
+        loop.remove_reader(go_fd)
+
+
+def _worker_main(config: Config, wfd: int, go_fd: int, index: int) -> int:
+    global _INDEX
+    _INDEX = index
     from tampu.server import Server
 
-    async def run() -> None:
-        server = Server(config, deliver=False)
-        server.bind(reuse_port=True)
+    async def run() -> int:
+        try:
+            server = Server(config, deliver=False)
+            server.bind(reuse_port=True, listen=False)
+        except Exception as exc:
+            log.error("reception worker %d: %s", index, exc)
+            _report(wfd, _FAILED + f"{index} {exc}".encode("utf-8", "backslashreplace"))
+            return 1
 
         def notify(item: QueueItem, _message: bytes) -> None:
-            try:
-                os.write(wfd, f"{item.id}\n".encode())
-            except BrokenPipeError:  # the main process is gone: the item waits for its start
-                log.error("worker %d: the main process is gone; stopping", index)
+            if not _report(wfd, item.id.encode()):
+                # the main process is gone: the item waits for its next start
+                log.error("reception worker %d: the main process is gone; stopping", index)
                 server.request_stop()
 
+        async def gate() -> bool:
+            if not _report(wfd, _READY + str(index).encode()):
+                return False
+            if await _wait_go(go_fd):
+                return True
+            log.info("reception worker %d: start-up abandoned by the main process", index)
+            return False
+
         server.intake.schedulers.append(notify)
-        await server.serve()
+        try:
+            started = await server.serve(gate=gate)
+        except Exception as exc:
+            _report(wfd, _FAILED + f"{index} {exc}".encode("utf-8", "backslashreplace"))
+            raise
+        return 0 if started or server.stop_requested else 1
 
     log.info("reception worker %d started (pid %d)", index, os.getpid())
-    asyncio.run(run())
-    return 0
+    try:
+        return asyncio.run(run())
+    finally:
+        os.close(go_fd)
 
 
-def attach_main(server: Server, pids: list[int], rfd: int | None) -> None:
-    """In the main process: schedule items the workers queued; pass signals on to them."""
-    if rfd is None:
+def attach_main(server: Server, workers: Workers) -> None:
+    """In the main process: follow the workers' start-up reports, schedule the items they
+    queued, pass signals on to them."""
+    if workers.rfd is None:
         return
+    rfd = workers.rfd
     loop = asyncio.get_running_loop()
     buffer = bytearray()
 
@@ -105,36 +305,36 @@ def attach_main(server: Server, pids: list[int], rfd: int | None) -> None:
         buffer.extend(chunk)
         *lines, rest = bytes(buffer).split(b"\n")
         buffer[:] = rest
-        if server.runner is not None:
-            for qid in lines:
-                server.state.spawn(server.runner.schedule_id(qid.decode()))
+        for line in lines:
+            if line.startswith(_READY):
+                workers.ready.add(int(line[len(_READY):] or 0))
+            elif line.startswith(_FAILED):
+                index, _, why = line[len(_FAILED):].partition(b" ")
+                workers.failed[int(index or 0)] = why.decode("utf-8", "replace")
+            elif line and server.runner is not None:
+                server.state.spawn(server.runner.schedule_id(line.decode()))
 
     os.set_blocking(rfd, False)
     loop.add_reader(rfd, readable)
+    server.on_stop.append(lambda: workers.signal_all(signal.SIGTERM))
+    server.on_reload.append(lambda: workers.signal_all(signal.SIGHUP))
+    def forget() -> None:
+        loop.remove_reader(rfd)
 
-    def forward(sig: signal.Signals) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-    server.on_stop.append(lambda: forward(signal.SIGTERM))
-    server.on_reload.append(lambda: forward(signal.SIGHUP))
+    server.on_shutdown.append(forget)
 
 
-def reap(pids: list[int], timeout: float = 30.0) -> None:
-    """Wait for the workers to exit (after they got SIGTERM); kill those that do not."""
-    import time
+def main_gate(server: Server, workers: Workers) -> Callable[[], Awaitable[bool]] | None:
+    """The main process's start-up gate: every worker ready, then the go-ahead to all."""
+    if not workers.pids:
+        return None
 
-    end = time.monotonic() + timeout
-    pending = set(pids)
-    while pending and time.monotonic() < end:
-        for pid in list(pending):
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                pending.discard(pid)
-        time.sleep(0.05)
-    for pid in pending:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+    async def gate() -> bool:
+        if await workers.all_ready(startup_timeout(server.config)):
+            workers.release()
+            return True
+        log.error("%s; tampu does not serve", workers.failure)
+        workers.abandon()
+        return False
+
+    return gate

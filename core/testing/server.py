@@ -435,6 +435,7 @@ def start_server(config_dir: Path, *, plugins: list[Any] | None = None, deliver:
                 task = asyncio.ensure_future(server.serve(install_signals=False, ready=started))
                 waiter = asyncio.ensure_future(started.wait())
                 await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()  # not left pending when start-up failed
                 if task.done():
                     task.result()
                 ready.set()

@@ -245,8 +245,10 @@ class MailLogPlugin:
         Refusals at DATA are the transaction's own line; failed AUTH is an auth line."""
         if self.log is None or not verdict.refused or verdict.stage in ("data", "auth"):
             return
-        about = f" <{verdict.address}>" if verdict.address and verdict.stage in (
-            "mail", "rcpt") else f" {verdict.address}" if verdict.address else ""
+        address = verdict.address
+        if verdict.stage in ("mail", "rcpt") and address and not address.startswith("<"):
+            address = f"<{address}>"  # a refused path comes as it was written
+        about = f" {address}" if address else ""
         sender = f" from=<{envelope.mail_from}>" if envelope is not None and \
             verdict.stage == "rcpt" else ""
         self.log.event("refused", f"{_client(session)} refused {verdict.stage.upper()}"

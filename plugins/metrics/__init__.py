@@ -42,6 +42,7 @@ from tampu.config import split_hostport
 from tampu.envelope import Verdict
 from tampu.plugins.metrics.http import HttpServer, Response
 from tampu.plugins.metrics.status import QueueSummary, RecentErrors, render
+from tampu.workers import current_worker
 
 log = logging.getLogger("tampu.plugins.metrics")
 
@@ -138,6 +139,12 @@ class MetricsState:
             context.hook_observers.append(self.observe)
 
     async def listen(self, address: str) -> None:
+        if current_worker():
+            # With [server] workers > 1 only the main process serves the endpoint: it is
+            # the one that delivers, and no two processes race for the address.
+            log.debug("metrics: reception worker %d does not serve %s", current_worker(),
+                      address)
+            return
         if address == self.address and self.http.server is not None:
             return
         await self.http.stop()
@@ -147,8 +154,7 @@ class MetricsState:
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise
-            # Another process of this server (a reception worker) serves it.
-            log.warning("metrics: %s is in use; this process's metrics are not exported",
+            log.warning("metrics: %s is in use (another program?); metrics are not exported",
                         address)
             return
         self.address = address

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("tampu.plugins.metrics")
@@ -28,23 +29,41 @@ class HttpServer:
     def __init__(self, routes: dict[str, Route]) -> None:
         self.routes = routes
         self.server: asyncio.Server | None = None
+        self._extra: list[asyncio.Server] = []
 
     @property
     def bound(self) -> tuple[str, int] | None:
-        if self.server is None or not self.server.sockets:
+        if self.server is None:
             return None
-        host, port = self.server.sockets[0].getsockname()[:2]
-        return str(host), int(port)
+        for sock in self.server.sockets:
+            if sock is not None:  # uvloop: None for a listener that is gone
+                host, port = sock.getsockname()[:2]
+                return str(host), int(port)
+        return None
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._client, host or None, port,
-                                                 reuse_address=True, limit=MAX_REQUEST)
+        """Listen on ``host:port``. Raises OSError (EADDRINUSE ...) when it cannot: the
+        sockets are bound and listening before the event loop gets them (uvloop drops a
+        listen() failure silently, leaving a server without a socket)."""
+        socks = await asyncio.to_thread(_listening_sockets, host, port)
+        try:
+            self.server = await asyncio.start_server(self._client, sock=socks[0],
+                                                     limit=MAX_REQUEST)
+            extra = [await asyncio.start_server(self._client, sock=s, limit=MAX_REQUEST)
+                     for s in socks[1:]]
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        self._extra = extra
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
+        for server in [self.server, *self._extra]:
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+        self.server = None
+        self._extra = []
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -84,3 +103,32 @@ class HttpServer:
             log.exception("metrics: %s failed", target)
             return 500, "text/plain", b"internal error\n", method == "HEAD"
         return status, ctype, body, method == "HEAD"
+
+
+def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening sockets for ``host:port`` (every address of a name; ``""``: all).
+    Raises OSError."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, stype, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, stype, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(128)
+            sock.setblocking(False)
+            if port == 0:
+                break  # an ephemeral port is not the same for two families
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks

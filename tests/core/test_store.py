@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tampu import store_files
 from tampu.errors import QueueError
 from tampu.item import QueueItem, Recipient, Route
 from tampu.store import valid_id
@@ -146,7 +147,9 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     (queue.dir / "zzzzgarbage.item").write_bytes(b"\x00\x01 not json\n")
     half = queue.dir / ".tmp-aaaahalf.item"
     half.write_bytes(b'{"v":1,"id":"aaaahalf"')  # a crash mid-write...
-    os.utime(half, (time.time() - 60, time.time() - 60))  # ...before this process started
+    # ...before this process started (however long ago the test run imported the store)
+    before = store_files._PROCESS_START - 60
+    os.utime(half, (before, before))
     busy = queue.dir / ".tmp-bbbbbusy.item"  # a reception worker writing right now
     busy.write_bytes(b"{")
     (queue.dir / "orphan0.state").write_text("{}")
