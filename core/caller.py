@@ -54,7 +54,22 @@ class _Impl:
 @dataclass
 class _Hook:
     impls: list[_Impl]
+    ranks: list[tuple[int, int, int]] = field(default_factory=list)
+    """Each implementation's (priority, conf.d order, position): the order they run in."""
     calls: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStage:
+    """One step of the chain of delivery backends: one plugin's ``deliver_batch``
+    (``batch``), or consecutive ``deliver`` implementations asked per recipient."""
+
+    batch: bool
+    impls: tuple[_Impl, ...]
+
+    @property
+    def plugins(self) -> tuple[str, ...]:
+        return tuple(impl.plugin for impl in self.impls)
 
 
 def _is_async(func: Callable[..., Any]) -> bool:
@@ -105,12 +120,30 @@ class HookCaller:
                 is_blocking(impl.function) and not _is_async(impl.function),
                 is_dry_run_unsafe(impl.function))))
         ranked.sort(key=lambda pair: pair[0])
-        impls = [impl for _, impl in ranked]
+        kept = [pair for pair in ranked if not (self.dry_run and pair[1].unsafe)]
         if self.dry_run:
-            self.skipped.extend((name, i.plugin) for i in impls if i.unsafe)
-            impls = [i for i in impls if not i.unsafe]
-        found = self._hooks[name] = _Hook(impls)
+            self.skipped.extend((name, i.plugin) for _, i in ranked if i.unsafe)
+        found = self._hooks[name] = _Hook([impl for _, impl in kept],
+                                          [rank for rank, _ in kept])
         return found
+
+    def delivery_stages(self) -> list[DeliveryStage]:
+        """``deliver_batch`` and ``deliver`` implementations merged in one order (priority,
+        then conf.d order; a plugin's ``deliver_batch`` before its ``deliver``), consecutive
+        ``deliver`` implementations grouped in one stage."""
+        batch, single = self._hook("deliver_batch"), self._hook("deliver")
+        merged = sorted([((r[0], r[1], 0, r[2]), True, i) for r, i in
+                         zip(batch.ranks, batch.impls, strict=True)]
+                        + [((r[0], r[1], 1, r[2]), False, i) for r, i in
+                           zip(single.ranks, single.impls, strict=True)],
+                        key=lambda entry: entry[0])
+        stages: list[DeliveryStage] = []
+        for _, is_batch, impl in merged:
+            if not is_batch and stages and not stages[-1].batch:
+                stages[-1] = DeliveryStage(False, (*stages[-1].impls, impl))
+            else:
+                stages.append(DeliveryStage(is_batch, (impl,)))
+        return stages
 
     def _timeout(self, name: str, impl: _Impl) -> float:
         return self.plugin_timeouts.get(impl.plugin) or self.hook_timeouts.get(name,
@@ -165,9 +198,15 @@ class HookCaller:
     async def first(self, name: str, **kwargs: Any) -> tuple[Any, str | None]:
         """Verdict hook: (the first non-None result, the plugin that gave it), or (None, None).
         Plugin failures raise PluginError."""
+        return await self.first_of(name, None, **kwargs)
+
+    async def first_of(self, name: str, impls: Sequence[_Impl] | None,
+                       **kwargs: Any) -> tuple[Any, str | None]:
+        """:meth:`first` over some of the hook's implementations (a delivery stage); None:
+        all of them."""
         hook = self._hook(name)
         timed = self._sampled(hook)
-        for impl in hook.impls:
+        for impl in hook.impls if impls is None else impls:
             res = await self._run(name, impl, kwargs, timed)
             if res is not None:
                 if self.trace:
@@ -221,6 +260,7 @@ class Hooks:
 
     def __init__(self, caller: HookCaller) -> None:
         self.caller = caller
+        self._stages: list[DeliveryStage] | None = None
 
     def has(self, name: str) -> bool:
         return bool(self.caller.implementations(name))
@@ -324,6 +364,50 @@ class Hooks:
         return cast("tuple[DeliveryResult | None, str | None]", _typed("deliver", await (
             self.caller.first("deliver", item=item, recipient=recipient, message=message)),
             DeliveryResult))
+
+    def delivery_stages(self) -> list[DeliveryStage]:
+        """The delivery backends in the order they are asked (computed once per runtime)."""
+        if self._stages is None:
+            self._stages = self.caller.delivery_stages()
+        return self._stages
+
+    async def deliver_in(self, stage: DeliveryStage, item: QueueItem, recipient: Recipient,
+                         message: bytes) -> tuple[DeliveryResult | None, str | None]:
+        """``deliver`` asked of the implementations of one (per-recipient) stage."""
+        return cast("tuple[DeliveryResult | None, str | None]", _typed("deliver", await (
+            self.caller.first_of("deliver", stage.impls, item=item, recipient=recipient,
+                                 message=message)), DeliveryResult))
+
+    async def deliver_batch(self, stage: DeliveryStage, item: QueueItem,
+                            recipients: list[Recipient],
+                            message: bytes) -> list[tuple[Recipient, DeliveryResult]]:
+        """``deliver_batch`` of one (batch) stage: the pairs it answered, checked (each one
+        of ``recipients``, once, with a DeliveryResult); anything else raises PluginError."""
+        found, plugin = await self.caller.first_of("deliver_batch", stage.impls, item=item,
+                                                   recipients=list(recipients),
+                                                   message=message)
+        plugin = plugin or stage.plugins[0]
+        if found is None:
+            return []
+        offered = {id(r) for r in recipients}
+        seen: set[int] = set()
+        problem = "" if isinstance(found, list) else f"returned a {type(found).__name__}"
+        pairs: list[tuple[Recipient, DeliveryResult]] = []
+        for entry in found if not problem else []:
+            if not (isinstance(entry, tuple) and len(entry) == 2
+                    and isinstance(entry[1], DeliveryResult)):
+                problem = f"returned {entry!r}, not a (Recipient, DeliveryResult) pair"
+                break
+            rcpt, result = entry
+            if id(rcpt) not in offered or id(rcpt) in seen:
+                problem = f"answered for {rcpt!r}, not one of the recipients given (or twice)"
+                break
+            seen.add(id(rcpt))
+            pairs.append((rcpt, result))
+        if problem:
+            log.error("plugin %s %s from deliver_batch", plugin, problem)
+            raise PluginError(plugin, "deliver_batch", problem)
+        return pairs
 
     async def delivery_attempted(self, item: QueueItem, recipient: Recipient,
                                  result: DeliveryResult, backend: str) -> None:

@@ -191,6 +191,10 @@ class ServerSettings(_Strict):
     delivery_timeout: float = Field(
         default=900.0, gt=0, description="Seconds one delivery attempt (the deliver hook) may "
         "take; long enough for RFC 5321's SMTP timeouts.")
+    max_deliveries: int = Field(
+        default=100, gt=0, description="Queue items being delivered at once, all delivery "
+        "backends together (Postfix: default_process_limit 100); others wait their turn, "
+        "taken in turn by destination domain.")
     shutdown_timeout: float = Field(default=30.0, ge=0,
                                     description="Seconds open transactions get at shutdown.")
     workers: int = Field(default=1, ge=1, le=64,

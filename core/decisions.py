@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -157,13 +157,61 @@ def read_journal(directory: Path, since: float = 0.0) -> Iterator[dict[str, Any]
             lines = path.read_bytes().splitlines()
         except OSError:
             continue
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash
-            if isinstance(record, dict) and record.get("t", 0) >= since:
-                yield record
+        yield from _records(lines, since)
+
+
+def _records(lines: list[bytes], since: float = 0.0) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        if isinstance(record, dict) and record.get("t", 0) >= since:
+            yield record
+
+
+def journal_tail(directory: Path, max_bytes: int) -> tuple[list[bytes], bool]:
+    """The newest lines of the journal, reading at most ``max_bytes`` (newest files first; of
+    the file that crosses the limit, only its end), oldest file first; and whether that was
+    the whole journal. What a page that must answer quickly reads."""
+    files = sorted(directory.glob("*.jsonl"), reverse=True) if directory.is_dir() else []
+    chunks: list[list[bytes]] = []
+    budget = max_bytes
+    complete = True
+    for path in files:
+        if budget <= 0:
+            complete = False
+            break
+        try:
+            with path.open("rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                start = max(0, size - budget)
+                fh.seek(start)
+                data = fh.read(budget)
+        except OSError:
+            continue
+        budget -= len(data)
+        lines = data.splitlines()
+        if start > 0:
+            complete = False
+            lines = lines[1:]  # the first one is cut
+        chunks.append(lines)
+    return [line for lines in reversed(chunks) for line in lines], complete
+
+
+def parse_records(lines: list[bytes],
+                  keep: Callable[[bytes], bool] | None = None) -> list[dict[str, Any]]:
+    """The records of journal ``lines`` (only the lines ``keep`` accepts, if given: a cheap
+    test on the raw line spares parsing the others), in time order."""
+    records = list(_records([line for line in lines if keep(line)] if keep else lines))
+    records.sort(key=lambda r: r.get("t", 0))  # files of several processes interleave
+    return records
+
+
+def read_journal_tail(directory: Path, max_bytes: int) -> tuple[list[dict[str, Any]], bool]:
+    """:func:`journal_tail`, parsed."""
+    lines, complete = journal_tail(directory, max_bytes)
+    return parse_records(lines), complete
 
 
 class DecisionRecorder:

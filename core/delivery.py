@@ -1,18 +1,30 @@
 """The delivery loop: one asyncio task per queue item, retries, give-up and DSNs.
 
-For each pending recipient the core's relay guard runs first (:func:`relay_refusal`), then
-the ``deliver`` hook; each result is written to the item's state before the next recipient.
+Each round of an item first waits for a delivery slot (``[server] max_deliveries`` rounds at
+once, all backends together; waiting rounds get freed slots in turn by destination domain, so
+that a backlog for one domain does not hold up mail for the others). For each pending
+recipient the core's relay guard runs first (:func:`relay_refusal`), then the delivery
+backends in order (``deliver_batch`` for the recipients still unclaimed, ``deliver`` per
+recipient); each result is written to the item's state before the next backend is asked.
 While some recipients are pending the task sleeps per the retry schedule (``retry_delay``
-hook, else ``[server] retry_schedule`` with jitter). When none are pending, or the item is
-older than ``give_up_after``, the item is finished: failed recipients go to ``queue_give_up``
-and, unless they asked for NOTIFY=NEVER, into a DSN (``make_dsn``, action ``failed``) queued
-from ``<>``; the item is removed and ``queue_done`` fired. Recipients that asked for
-NOTIFY=SUCCESS get a ``delivered`` DSN, those that asked for NOTIFY=DELAY one ``delayed`` DSN
-after ``[server] delay_warning_after``.
+hook, else ``[server] retry_schedule`` with jitter), without the message bytes in memory.
+When none are pending, or the item is older than ``give_up_after``, the item is finished:
+failed recipients go to ``queue_give_up`` and, unless they asked for NOTIFY=NEVER, into a DSN
+(``make_dsn``, action ``failed``) queued from ``<>``; the item is removed and ``queue_done``
+fired. Recipients that asked for NOTIFY=SUCCESS get a ``delivered`` DSN, those that asked for
+NOTIFY=DELAY one ``delayed`` DSN after ``[server] delay_warning_after``.
+
+At start the queue is resumed in the background, after the listeners are open: the store
+lists the items (:meth:`QueueStore.recover`), and a feeder loads and schedules them, oldest
+first, only as fast as slots free up (at most :data:`ADMIT_AHEAD` times ``max_deliveries``
+loaded items wait for a slot), so that a queue of thousands neither delays the greeting nor
+starves reception.
 
 Retry schedule (chasquid's): 1 min, then 5, 10, 20 min, then every 20 min, each with ±10%
 jitter. Operator requests (``tampu queue retry|delete|hold|release``) arrive through the
-store and SIGUSR1; :meth:`DeliveryRunner.handle_requests` serves them.
+store and SIGUSR1; :meth:`DeliveryRunner.handle_requests` serves them. A retry request
+reaches every item: one waiting is woken, one whose round is in flight (or just finished)
+starts its next round at once, one waiting for a slot or not loaded yet attempts anyway.
 """
 
 from __future__ import annotations
@@ -22,10 +34,12 @@ import functools
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Final
 
 from tampu.addresses import domain_of
+from tampu.caller import DeliveryStage
 from tampu.errors import PluginError, QueueError
 from tampu.intake import Intake, Submission, wants
 from tampu.item import DeliveryResult, QueueItem, Recipient, RecipientStatus
@@ -37,6 +51,9 @@ log = logging.getLogger("tampu.delivery")
 DEFAULT_SCHEDULE: Final = (60.0, 300.0, 600.0, 1200.0)
 """chasquid's: 1, 5, 10, 20 minutes, then every 20 minutes."""
 NO_BACKEND = "no delivery backend accepts this recipient"
+ADMIT_AHEAD: Final = 10
+"""The feeder keeps up to this many times ``max_deliveries`` loaded items waiting for a slot:
+enough for freed slots to go to every destination in turn, few enough to stay cheap."""
 
 
 def schedule_delay(schedule: list[float], attempt: int) -> float:
@@ -67,13 +84,103 @@ def relay_refusal(is_local_domain: Callable[[str], bool], item: QueueItem,
         "not sent by an authenticated user", enhanced="5.7.1", remote="tampu")
 
 
+def destination_key(item: QueueItem) -> str:
+    """Whom the item's next round is mostly for: the first pending recipient's via host or
+    domain (the key delivery slots are shared by)."""
+    for rcpt in item.recipients:
+        if rcpt.pending:
+            via = rcpt.route.via
+            if via:
+                return via[0].lower()
+            return domain_of(rcpt.address) or rcpt.address.lower()
+    return ""
+
+
+class DeliverySlots:
+    """At most ``limit`` rounds deliver at once. Rounds that wait queue by destination key;
+    each freed slot goes to the next key in turn (round robin), first come first served
+    within a key."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.waiting = 0
+        self._queues: dict[str, deque[asyncio.Future[None]]] = {}
+        self._turns: deque[str] = deque()
+
+    def set_limit(self, limit: int) -> None:
+        """A reload may change ``[server] max_deliveries``."""
+        if limit != self.limit:
+            self.limit = limit
+            self._grant()
+
+    async def acquire(self, key: str) -> None:
+        if self.active < self.limit and not self._turns:
+            self.active += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+            self._turns.append(key)
+        queue.append(fut)
+        self.waiting += 1
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot came just as the task was cancelled
+            else:
+                self._forget(key, fut)
+            raise
+
+    def release(self) -> None:
+        self.active -= 1
+        self._grant()
+
+    def _forget(self, key: str, fut: asyncio.Future[None]) -> None:
+        queue = self._queues.get(key)
+        if queue is not None and fut in queue:
+            queue.remove(fut)
+            self.waiting -= 1
+            if not queue:
+                del self._queues[key]
+                self._turns.remove(key)
+
+    def _grant(self) -> None:
+        while self.active < self.limit and self._turns:
+            key = self._turns.popleft()
+            queue = self._queues[key]
+            fut = queue.popleft()
+            self.waiting -= 1
+            if queue:
+                self._turns.append(key)
+            else:
+                del self._queues[key]
+            if not fut.done():
+                fut.set_result(None)
+                self.active += 1
+
+
 class DeliveryRunner:
     def __init__(self, state: ServerState, intake: Intake) -> None:
         self.state = state
         self.intake = intake
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.wakeups: dict[str, asyncio.Event] = {}
+        """Items waiting for their next round (the event wakes them)."""
         self.retry_soon: set[str] = set()
+        """Items asked to retry while not waiting: their next round starts without a delay.
+        Cleared when a round starts (that round answers the request)."""
+        self.slots = DeliverySlots(state.runtime.config.server.max_deliveries)
+        self._backlog: deque[str] = deque()
+        """Items to load and schedule (recovery at start, rescans), oldest first."""
+        self._backlogged: set[str] = set()
+        self._fed = asyncio.Event()
+        self._room = asyncio.Semaphore(self.slots.limit * ADMIT_AHEAD)
+        """Items the feeder scheduled that have not reached a slot yet: a bounded number."""
+        self._tickets: set[str] = set()
+        self._feeder: asyncio.Task[None] | None = None
         self._stopping = False
         intake.schedulers.append(self.schedule)
 
@@ -82,31 +189,79 @@ class DeliveryRunner:
         return self.state.runtime.store
 
     async def start(self) -> None:
-        """Resume the queue: items are scheduled a batch at a time, so that reception gets
-        the event loop between batches even with thousands of items."""
-        items = await self.store.recover()
-        if items:
-            log.info("resuming %d queued item(s)", len(items))
-        self.state.spawn(self._resume(items))
+        """Resume the queue in the background: returns at once, so the listeners open before
+        any item is read; the items are loaded as delivery slots free up."""
+        self._feeder = asyncio.get_running_loop().create_task(self._feed(),
+                                                              name="delivery-feeder")
+        self.state.spawn(self._recover())
 
-    async def _resume(self, items: list[QueueItem]) -> None:
-        for i, item in enumerate(items):
-            self.schedule(item)
-            if i % 50 == 49:
-                await asyncio.sleep(0.01)
+    async def _recover(self) -> None:
+        started = time.monotonic()
+        ids = await self.store.recover()
+        if ids:
+            log.info("resuming %d queued item(s) (listed in %.2fs)", len(ids),
+                     time.monotonic() - started)
+        self._enqueue(ids)
 
-    def schedule(self, item: QueueItem, message: bytes | None = None) -> None:
+    def _enqueue(self, ids: list[str]) -> None:
+        for qid in ids:
+            if qid not in self._backlogged and qid not in self.tasks:
+                self._backlogged.add(qid)
+                self._backlog.append(qid)
+        if self._backlog:
+            self._fed.set()
+
+    async def _feed(self) -> None:
+        """Load and schedule backlog items, no faster than they get delivery slots."""
+        while not self._stopping:
+            if not self._backlog:
+                self._fed.clear()
+                await self._fed.wait()
+                continue
+            await self._room.acquire()
+            qid = self._backlog.popleft()
+            self._backlogged.discard(qid)
+            ticket = False
+            try:
+                if qid in self.tasks:
+                    continue
+                try:
+                    item = await self.store.load(qid)
+                except QueueError as exc:
+                    if await self.store.exists(qid):  # else: finished meanwhile
+                        await self.store.quarantine(qid, str(exc))
+                    continue
+                if item.held or qid in self.tasks:
+                    continue
+                ticket = self.schedule(item)
+                if ticket:
+                    self._tickets.add(qid)
+            except Exception:
+                log.exception("qid=%s: cannot resume this item", qid)
+            finally:
+                if not ticket:
+                    self._room.release()
+
+    def _release_ticket(self, qid: str) -> None:
+        if qid in self._tickets:
+            self._tickets.discard(qid)
+            self._room.release()
+
+    def schedule(self, item: QueueItem, message: bytes | None = None) -> bool:
+        """Start the item's task (unless it has one). True if a task was started."""
         if self._stopping or item.id in self.tasks:
-            return
+            return False
         task = asyncio.get_running_loop().create_task(self._run(item, message),
                                                       name=f"qid={item.id}")
         self.tasks[item.id] = task
         task.add_done_callback(functools.partial(self._forget, item.id))
+        return True
 
     def _forget(self, qid: str, _task: asyncio.Task[None] | None = None) -> None:
         self.tasks.pop(qid, None)
         self.wakeups.pop(qid, None)
         self.retry_soon.discard(qid)
+        self._release_ticket(qid)
 
     async def schedule_id(self, qid: str) -> None:
         """Schedule an item another process (a reception worker) wrote."""
@@ -120,13 +275,21 @@ class DeliveryRunner:
         """Serve ``tampu queue`` (SIGUSR1): new items, retries, deletions, holds."""
         await self.rescan()
         for action, qid in await self.store.take_requests():
-            targets = list(self.tasks) if qid == "all" else [qid]
+            targets = [qid]
+            if qid == "all":  # retry: what has a task; the others are in the store (held,
+                # or not loaded yet: they attempt when loaded)
+                targets = list(self.tasks) if action == "retry" else await self.store.ids()
             if action == "retry":
+                woken = 0
                 for key in targets:
+                    if key not in self.tasks:
+                        continue  # not loaded yet: it attempts as soon as it is
                     self.retry_soon.add(key)
                     if key in self.wakeups:
                         self.wakeups[key].set()
-                log.info("retry requested for %s: %d item(s) woken", qid, len(targets))
+                        woken += 1
+                log.info("retry requested for %s: %d waiting item(s) woken, %d in flight",
+                         qid, woken, len([k for k in targets if k in self.tasks]) - woken)
             elif action in ("hold", "release"):
                 await self._set_held(targets, action == "hold")
             elif action == "delete":
@@ -164,27 +327,22 @@ class DeliveryRunner:
         log.info("qid=%s deleted by an operator", qid)
 
     async def rescan(self) -> int:
-        """Pick up items written by other processes (workers, ``tampu queue``)."""
-        n = 0
-        for qid in await self.store.ids():
-            if qid not in self.tasks:
-                try:
-                    item = await self.store.load(qid)
-                except QueueError as exc:
-                    if await self.store.exists(qid):  # else: finished meanwhile
-                        await self.store.quarantine(qid, str(exc))
-                    continue
-                if not item.held:
-                    self.schedule(item)
-                    n += 1
-        return n
+        """Pick up items written by other processes (workers, ``tampu queue``): they join
+        the feeder's backlog (held ones are skipped when loaded)."""
+        before = len(self._backlog)
+        self._enqueue([qid for qid in await self.store.ids() if qid not in self.tasks])
+        return len(self._backlog) - before
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._feeder is not None:
+            self._feeder.cancel()
+            self._fed.set()
         for task in self.tasks.values():
             task.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks.values()), timeout=10)
+        waited = [*self.tasks.values(), *([self._feeder] if self._feeder else [])]
+        if waited:
+            await asyncio.wait(waited, timeout=10)
 
     # ------------------------------------------------------------------ one item
 
@@ -210,22 +368,21 @@ class DeliveryRunner:
             log.info("qid=%s is on hold", item.id)
             return
         while True:
+            self.slots.set_limit(self.state.runtime.config.server.max_deliveries)
+            await self.slots.acquire(destination_key(item))
+            try:
+                self._release_ticket(item.id)
+                self.retry_soon.discard(item.id)  # this round answers earlier requests
+                if message is None:
+                    if not await self.store.exists(item.id):
+                        log.info("qid=%s removed from the queue by an operator", item.id)
+                        await self.store.remove(item)  # a state file written meanwhile
+                        return
+                    message = await self.store.read_message(item.id)
+                sent = await self._round(item, message)
+            finally:
+                self.slots.release()
             settings = self.state.runtime.config.server
-            if message is None:
-                if not await self.store.exists(item.id):
-                    log.info("qid=%s removed from the queue by an operator", item.id)
-                    await self.store.remove(item)  # a state file written meanwhile
-                    return
-                message = await self.store.read_message(item.id)
-            pending = item.pending
-            sent: list[Recipient] = []
-            for i, rcpt in enumerate(pending):
-                # Each result is on disk before the next recipient. After the last one the
-                # round's end writes it, or the item is removed: a crash in between only
-                # means delivering that recipient again (twice is allowed, never zero times).
-                await self._attempt(item, rcpt, message, persist=i < len(pending) - 1)
-                if rcpt.status is RecipientStatus.SENT:
-                    sent.append(rcpt)
             item.attempts += 1
             await self._notify(item, [r for r in sent if wants(r, "SUCCESS")], message,
                                "delivered")
@@ -237,13 +394,13 @@ class DeliveryRunner:
             delay = await self._delay(item)
             item.next_attempt = time.time() + delay
             await self.store.save_state(item)
+            message = None  # read again for the next round: a waiting item holds no bytes
             await self._wait(item, delay)
 
     async def _delay(self, item: QueueItem) -> float:
         settings = self.state.runtime.config.server
         delay = None
         if item.id in self.retry_soon:
-            self.retry_soon.discard(item.id)
             delay = 0.0
         else:
             try:
@@ -256,6 +413,8 @@ class DeliveryRunner:
         return max(0.0, min(delay, remaining))
 
     async def _wait(self, item: QueueItem, delay: float) -> None:
+        if item.id in self.retry_soon:  # asked while the round's end was being written
+            return
         log.info("qid=%s: %d recipient(s) pending, next attempt in %.0fs", item.id,
                  len(item.pending), delay)
         event = self.wakeups.setdefault(item.id, asyncio.Event())
@@ -266,40 +425,101 @@ class DeliveryRunner:
             pass
         finally:
             self.wakeups.pop(item.id, None)
-        self.retry_soon.discard(item.id)
 
-    async def _attempt(self, item: QueueItem, rcpt: Recipient, message: bytes,
-                       persist: bool = True) -> None:
+    # ------------------------------------------------------------------ one round
+
+    async def _round(self, item: QueueItem, message: bytes) -> list[Recipient]:
+        """One attempt at every pending recipient; the recipients sent."""
         runtime = self.state.runtime
-        start = time.monotonic()
-        backend = "core"
-        result = relay_refusal(runtime.context.is_local_domain, item, rcpt)
-        if result is None:
+        pending = item.pending
+        unclaimed: list[Recipient] = []
+        refused: list[tuple[Recipient, DeliveryResult]] = []
+        for rcpt in pending:
+            refusal = relay_refusal(runtime.context.is_local_domain, item, rcpt)
+            if refusal is None:
+                unclaimed.append(rcpt)
+            else:
+                refused.append((rcpt, refusal))
+        if refused:
+            await self._record(item, refused, "core", time.monotonic())
+        stages = runtime.hooks.delivery_stages()
+        for index, stage in enumerate(stages):
+            if not unclaimed:
+                break
+            last = index == len(stages) - 1
+            if stage.batch:
+                unclaimed = await self._batch(item, stage, unclaimed, message)
+            else:
+                unclaimed = await self._singles(item, stage, unclaimed, message, last)
+        for rcpt in unclaimed:  # also when no backend is configured at all
+            await self._record(item, [(rcpt, DeliveryResult.permanent(NO_BACKEND))], "core",
+                               time.monotonic())
+        return [r for r in pending if r.status is RecipientStatus.SENT]
+
+    async def _singles(self, item: QueueItem, stage: DeliveryStage, rcpts: list[Recipient],
+                       message: bytes, last: bool) -> list[Recipient]:
+        """``deliver`` per recipient; the recipients no backend of the stage claimed."""
+        hooks = self.state.runtime.hooks
+        left = []
+        for rcpt in rcpts:
+            start = time.monotonic()
             try:
-                result, plugin = await runtime.hooks.deliver(item, rcpt, message)
+                result, plugin = await hooks.deliver_in(stage, item, rcpt, message)
                 backend = plugin or "core"
             except PluginError as exc:
                 backend = exc.plugin
                 result = DeliveryResult.temporary(f"delivery plugin {exc.plugin} failed: "
                                                   f"{exc.reason}")
-        if result is None:
-            result = DeliveryResult.permanent(NO_BACKEND)
-        rcpt.attempts += 1
-        rcpt.last_error = "" if result.status == "sent" else result.text
-        rcpt.last_code = result.code
-        rcpt.last_enhanced = result.enhanced
-        rcpt.last_remote = result.remote
-        if result.status == "sent":
-            rcpt.status = RecipientStatus.SENT
-        elif result.status == "permanent":
-            rcpt.status = RecipientStatus.FAILED
-        if persist or item.pending:  # skipped only when the item is about to finish
+            if result is None and last:
+                result = DeliveryResult.permanent(NO_BACKEND)
+            if result is None:
+                left.append(rcpt)
+            else:
+                await self._record(item, [(rcpt, result)], backend, start)
+        return left
+
+    async def _batch(self, item: QueueItem, stage: DeliveryStage, rcpts: list[Recipient],
+                     message: bytes) -> list[Recipient]:
+        """One backend's ``deliver_batch``; the recipients it did not answer for."""
+        start = time.monotonic()
+        try:
+            pairs = await self.state.runtime.hooks.deliver_batch(stage, item, rcpts, message)
+        except PluginError as exc:
+            failure = DeliveryResult.temporary(f"delivery plugin {exc.plugin} failed: "
+                                               f"{exc.reason}")
+            await self._record(item, [(r, failure) for r in rcpts], exc.plugin, start)
+            return []
+        if not pairs:
+            return rcpts
+        await self._record(item, pairs, stage.plugins[0], start)
+        answered = {id(r) for r, _ in pairs}
+        return [r for r in rcpts if id(r) not in answered]
+
+    async def _record(self, item: QueueItem, results: list[tuple[Recipient, DeliveryResult]],
+                      backend: str, start: float) -> None:
+        """Apply results, write them (unless the item is about to finish: nothing pending
+        left; a crash then only means delivering again, twice is allowed, never zero
+        times), log them and fire ``delivery_attempted``."""
+        for rcpt, result in results:
+            rcpt.attempts += 1
+            rcpt.last_error = "" if result.status == "sent" else result.text
+            rcpt.last_code = result.code
+            rcpt.last_enhanced = result.enhanced
+            rcpt.last_remote = result.remote
+            if result.status == "sent":
+                rcpt.status = RecipientStatus.SENT
+            elif result.status == "permanent":
+                rcpt.status = RecipientStatus.FAILED
+        if item.pending:
             await self.store.save_state(item)
-        log.info("qid=%s from=<%s> to=<%s> attempt=%d status=%s backend=%s remote=%s "
-                 "delay=%.3fs reply=%r", item.id, item.mail_from, rcpt.address, rcpt.attempts,
-                 result.status, backend, result.remote or "-", time.monotonic() - start,
-                 result.text)
-        await runtime.hooks.delivery_attempted(item, rcpt, result, backend)
+        hooks = self.state.runtime.hooks
+        elapsed = time.monotonic() - start
+        for rcpt, result in results:
+            log.info("qid=%s from=<%s> to=<%s> attempt=%d status=%s backend=%s remote=%s "
+                     "delay=%.3fs reply=%r", item.id, item.mail_from, rcpt.address,
+                     rcpt.attempts, result.status, backend, result.remote or "-", elapsed,
+                     result.text)
+            await hooks.delivery_attempted(item, rcpt, result, backend)
 
     async def _warn_delay(self, item: QueueItem, message: bytes) -> None:
         after = self.state.runtime.config.server.delay_warning_after

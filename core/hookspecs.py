@@ -33,10 +33,18 @@ something, accepted or refused; ``smtp_disconnect`` ends every session that reac
 
 Firing order for one queue item::
 
-    queue_enqueued -> ( deliver -> delivery_attempted )* per pending recipient
+    queue_enqueued -> (wait for a delivery slot: [server] max_deliveries)
+      -> ( deliver_batch (the unclaimed pending recipients, one call per batch backend)
+         | deliver (once per unclaimed pending recipient) )* in backend order
+         -> delivery_attempted per recipient
       -> [NOTIFY=SUCCESS: make_dsn(delivered)] -> [some temporary: retry_delay, wait,
       [late: make_dsn(delayed)], again] -> [failures: queue_give_up -> make_dsn(failed)]
       -> queue_done
+
+Delivery backends (implementations of ``deliver_batch`` and ``deliver``) are asked in one
+order: priority, then conf.d order; a plugin that has both is asked ``deliver_batch`` first.
+Each recipient goes to the first backend that claims it, exactly as if every backend were
+per-recipient; the core's relay guard runs before any of them.
 
 Lifecycle: ``tampu_startup`` (before listeners open), ``tampu_reload`` (SIGHUP),
 ``tampu_shutdown`` (after listeners closed and sessions drained).
@@ -472,7 +480,8 @@ def queue_enqueued(item: QueueItem) -> None:
 def deliver(item: QueueItem, recipient: Recipient, message: bytes) -> DeliveryResult | None:
     """Attempt delivery of an item to one pending recipient.
 
-    **Fires:** on each attempt, once per pending recipient, in the item's task.
+    **Fires:** on each attempt, once per pending recipient that no earlier backend (a
+    ``deliver_batch`` included) claimed, in the item's task.
 
     :param item: the queue item (envelope, ``auth_user``, ``origin``).
     :param recipient: the final recipient (``address`` and ``route`` hints).
@@ -509,12 +518,42 @@ def delivery_route(item: QueueItem, recipient: Recipient) -> str | None:
 
 
 @hookspec
+def deliver_batch(item: QueueItem, recipients: list[Recipient],
+                  message: bytes) -> list[tuple[Recipient, DeliveryResult]] | None:
+    """Attempt delivery of several pending recipients of an item at once (for example one
+    SMTP transaction per destination, with several RCPT TO).
+
+    **Fires:** on each attempt of an item, once per backend that implements it, at that
+    backend's place in the order of delivery backends (see the module documentation), with
+    the pending recipients that no earlier backend claimed and that passed the core's relay
+    guard. Not called when there are none.
+
+    :param item: the queue item (envelope, ``auth_user``, ``origin``).
+    :param recipients: the recipients still unclaimed, in the item's order.
+    :param message: the message bytes as queued.
+
+    **Result:** claim, not a verdict: a list of ``(recipient, DeliveryResult)`` pairs for the
+    recipients this backend delivered (or tried to), each one of the ``Recipient`` objects
+    given, at most once; the others go on to the next backends (``deliver_batch`` or
+    ``deliver``). None or ``[]``: none of them. The core records every result (written to the
+    item on disk before the next backend is asked) and fires ``delivery_attempted`` for each,
+    as it does for ``deliver``. An exception, a timeout (``[server] delivery_timeout``) or a
+    malformed answer counts as a temporary failure of every recipient given.
+
+    **Async:** ``async def`` allowed, or ``@blocking``.
+
+    **Since:** 0.2
+    """
+
+
+@hookspec
 def delivery_attempted(item: QueueItem, recipient: Recipient, result: DeliveryResult,
                        backend: str) -> None:
     """A delivery attempt finished.
 
-    **Fires:** after each ``deliver`` (and after the core's own decisions: its relay guard,
-    no backend claiming the recipient, a backend failing).
+    **Fires:** after each ``deliver``, for each recipient a ``deliver_batch`` answered for
+    (and after the core's own decisions: its relay guard, no backend claiming the recipient,
+    a backend failing).
 
     :param item: the queue item.
     :param recipient: the recipient, already updated with the result.

@@ -21,7 +21,8 @@ from tampu.state import ServerState
 
 log = logging.getLogger("tampu.intake")
 
-Scheduler = Callable[[QueueItem, bytes], None]
+Scheduler = Callable[[QueueItem, bytes], object]
+"""Called with a new item and its bytes; what it returns is ignored."""
 _NOTIFY_WORDS: tuple[Literal["SUCCESS", "FAILURE", "DELAY"], ...] = ("SUCCESS", "FAILURE", "DELAY")
 
 

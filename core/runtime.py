@@ -127,7 +127,8 @@ def build_runtime(config: Config, store: QueueStore, *, stash: Stash | None = No
     if problems:
         raise ConfigError(problems)
     caller = HookCaller(registry.pm, registry.ordering, config.server.plugin_timeout,
-                        hook_timeouts={"deliver": config.server.delivery_timeout},
+                        hook_timeouts={"deliver": config.server.delivery_timeout,
+                                       "deliver_batch": config.server.delivery_timeout},
                         plugin_timeouts=registry.plugin_timeouts,
                         observers=context.hook_observers)
     runtime = Runtime(context, Hooks(caller), registry, tls)

@@ -62,8 +62,12 @@ class QueueStore(Protocol):
         """Every item's ID, oldest first."""
         ...
 
-    async def recover(self) -> list[QueueItem]:
-        """At start: clean up after a crash, set unreadable items aside, load the rest."""
+    async def recover(self) -> list[str]:
+        """At start: clean up after a crash; the IDs of the items to resume, oldest first.
+
+        Cheap even for a big queue: the delivery loop loads the items afterwards with
+        :meth:`load`, a few at a time while mail is being received (an unreadable one is
+        then set aside with :meth:`quarantine`)."""
         ...
 
     async def quarantine(self, item_id: str, reason: str) -> None:

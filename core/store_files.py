@@ -7,8 +7,13 @@ Layout of ``<data_dir>/queue/``:
   fsync, rename, fsync of the directory. Only then does the client get ``250``.
 * ``<id>.state`` — JSON with per-recipient results, hold flag and the item's ``extra``,
   replaced atomically (same dance) after each delivery attempt.
-* ``.tmp-*`` — half-written files from a crash before rename: removed at start (those older
-  than this process: reception workers may be writing newer ones).
+* ``.tmp-*`` — half-written files: a write that fails (disk full) removes its own at once;
+  those a crash left before rename are removed at start (those older than this process:
+  reception workers may be writing newer ones).
+
+Reception's writes (``put``) run in the event loop's default thread pool; the delivery side's
+(states, reads, removals, loads, recovery) in a small pool of their own (:data:`QUEUE_THREADS`),
+so that a busy delivery loop never makes a client's ``DATA`` wait for a thread.
 * ``corrupt/`` — items that cannot be read are moved here with a log line.
 * ``requests/`` — operator requests (``<action>.<id>`` or ``<action>.all``, empty files) from
   ``tampu queue``, served by the running server on SIGUSR1.
@@ -21,7 +26,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from tampu.errors import QueueError
 from tampu.files import TMP_PREFIX, write_durably
@@ -37,6 +45,18 @@ CORRUPT_DIR = "corrupt"
 ACTIONS = ("retry", "delete", "hold", "release")
 _PROCESS_START = time.time()
 """Before any reception worker forks: older ``.tmp-*`` files are leftovers of a crash."""
+QUEUE_THREADS = 8
+"""Threads of the delivery side's queue I/O (one pool per process, made at first use)."""
+_T = TypeVar("_T")
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+async def _in_queue_thread(func: Callable[..., _T], *args: object) -> _T:
+    """Run ``func(*args)`` in the queue I/O pool (re-made in a forked process)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(QUEUE_THREADS, thread_name_prefix="tampu-queue"))
+    return await asyncio.get_running_loop().run_in_executor(_pool[1], func, *args)
 
 
 class FilesystemStore:
@@ -109,10 +129,10 @@ class FilesystemStore:
         if not self.item_path(item.id).exists():
             return  # deleted by an operator
         body = json.dumps(item.state_json(), separators=(",", ":")).encode()
-        await asyncio.to_thread(write_durably, self.state_path(item.id), [body], self.fsync)
+        await _in_queue_thread(write_durably, self.state_path(item.id), [body], self.fsync)
 
     async def remove(self, item: QueueItem) -> None:
-        await asyncio.to_thread(self.remove_now, item.id)
+        await _in_queue_thread(self.remove_now, item.id)
         self._estimate = max(0, self._estimate - 1)
 
     def remove_now(self, item_id: str) -> bool:
@@ -130,7 +150,7 @@ class FilesystemStore:
     # ------------------------------------------------------------------ reading
 
     async def read_message(self, item_id: str) -> bytes:
-        return await asyncio.to_thread(self.read_message_now, item_id)
+        return await _in_queue_thread(self.read_message_now, item_id)
 
     def read_message_now(self, item_id: str) -> bytes:
         try:
@@ -141,7 +161,7 @@ class FilesystemStore:
             raise QueueError(f"no queue item {item_id}") from None
 
     async def load(self, item_id: str) -> QueueItem:
-        return self.load_now(item_id)
+        return await _in_queue_thread(self.load_now, item_id)
 
     def load_now(self, item_id: str) -> QueueItem:
         if not valid_id(item_id):
@@ -174,10 +194,12 @@ class FilesystemStore:
                         item_id, exc)
         return item
 
-    async def recover(self) -> list[QueueItem]:
-        return await asyncio.to_thread(self._recover)
+    async def recover(self) -> list[str]:
+        return await _in_queue_thread(self._recover)
 
-    def _recover(self) -> list[QueueItem]:
+    def _recover(self) -> list[str]:
+        """Remove old ``.tmp-*`` files and orphan states; the IDs, oldest first. Items are
+        not read here: the delivery loop loads them as it gets to them."""
         self.prepare()
         for entry in list(self.dir.iterdir()):
             if entry.name.startswith(TMP_PREFIX):
@@ -188,28 +210,26 @@ class FilesystemStore:
                     continue
                 log.warning("removing half-written queue file %s", entry.name)
                 entry.unlink(missing_ok=True)
-        items = []
-        for item_id in self.ids_now():
-            try:
-                items.append(self.load_now(item_id))
-            except QueueError as exc:
-                self.quarantine_now(item_id, str(exc))
-        for entry in self.dir.iterdir():
-            if entry.name.endswith(STATE_SUFFIX) and not self.item_path(
+            elif entry.name.endswith(STATE_SUFFIX) and not self.item_path(
                     entry.name[: -len(STATE_SUFFIX)]).exists():
-                entry.unlink(missing_ok=True)
-        items.sort(key=lambda i: i.created)
-        self._estimate = len(items)
-        return items
+                entry.unlink(missing_ok=True)  # its item is gone (a state is written after)
+        ids = self.ids_now()  # queue IDs sort by time: oldest first
+        self._estimate = len(ids)
+        return ids
 
     async def quarantine(self, item_id: str, reason: str) -> None:
-        self.quarantine_now(item_id, reason)
+        await _in_queue_thread(self.quarantine_now, item_id, reason)
 
     def quarantine_now(self, item_id: str, reason: str) -> None:
-        log.error("qid=%s: %s; moved to %s", item_id, reason, self.dir / CORRUPT_DIR)
+        moved = False
         for path in (self.item_path(item_id), self.state_path(item_id)):
-            if path.exists():
+            try:
                 os.replace(path, self.dir / CORRUPT_DIR / path.name)
+                moved = True
+            except FileNotFoundError:
+                pass
+        if moved:
+            log.error("qid=%s: %s; moved to %s", item_id, reason, self.dir / CORRUPT_DIR)
 
     def corrupt_count(self) -> int:
         corrupt = self.dir / CORRUPT_DIR

@@ -16,6 +16,7 @@ import json
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -93,6 +94,62 @@ async def _items(store: QueueStore) -> list[QueueItem | tuple[str, str]]:
             if await store.exists(qid):
                 out.append((qid, str(exc)))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRow:
+    """One item as ``tampu queue list`` and the console show it; ``error`` set (and ``item``
+    None) for an item that cannot be read."""
+
+    id: str
+    item: QueueItem | None
+    error: str = ""
+
+    def age(self, now: float) -> str:
+        return format_age(now - self.item.created) if self.item is not None else "-"
+
+    @property
+    def next_attempt(self) -> str:
+        """``on hold``, ``next attempt 2024-05-01 12:04:00`` or ``next attempt now``."""
+        if self.item is None:
+            return "-"
+        return "on hold" if self.item.held else f"next attempt {_when(self.item.next_attempt)}"
+
+    @property
+    def last_error(self) -> str:
+        """The error of the latest attempt of a pending recipient (else of any recipient)."""
+        if self.item is None:
+            return self.error
+        for group in (self.item.pending, self.item.recipients):
+            errors = [r for r in group if r.last_error]
+            if errors:
+                return max(errors, key=lambda r: r.attempts).last_error
+        return ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object (postqueue -j's fields)."""
+        item = self.item
+        if item is None:
+            return {"queue_id": self.id, "error": self.error}
+        return {
+            "queue_id": item.id, "arrival_time": int(item.created), "size": item.size,
+            "sender": item.mail_from, "held": item.held, "attempts": item.attempts,
+            "next_attempt": int(item.next_attempt) or None, "origin": item.origin,
+            "recipients": [{"address": r.address, "status": r.status.value,
+                            "delay_reason": r.last_error} for r in item.recipients]}
+
+
+async def queue_rows(store: QueueStore, limit: int | None = None) -> tuple[list[QueueRow], int]:
+    """The oldest ``limit`` items (all if None) as rows, and how many items there are."""
+    ids = await store.ids()
+    rows = []
+    for qid in ids[:limit] if limit is not None else ids:
+        try:
+            rows.append(QueueRow(qid, await store.load(qid)))
+        except QueueError as exc:
+            if await store.exists(qid):
+                rows.append(QueueRow(qid, None, str(exc)))
+    return rows, len(ids)
 
 
 async def _run(args: argparse.Namespace, config: Config, store: QueueStore) -> int:
@@ -175,30 +232,25 @@ def _when(ts: float) -> str:
 
 async def list_queue(store: QueueStore, *, as_json: bool) -> int:
     now = time.time()
-    entries = await _items(store)
+    rows, _ = await queue_rows(store)
     holders = await store.holders() if isinstance(store, SharedQueueStore) else {}
     total = 0
-    for entry in entries:
-        if not isinstance(entry, QueueItem):
-            qid, error = entry
-            print(json.dumps({"queue_id": qid, "error": error}) if as_json
-                  else f"{qid}  (unreadable: {error})")
-            continue
-        item = entry
-        total += item.size
+    for row in rows:
+        item = row.item
         if as_json:
-            print(json.dumps({
-                "queue_id": item.id, "arrival_time": int(item.created), "size": item.size,
-                "sender": item.mail_from, "held": item.held, "attempts": item.attempts,
-                "next_attempt": int(item.next_attempt) or None, "origin": item.origin,
-                "node": holders[item.id][0] if item.id in holders else None,
-                "recipients": [{"address": r.address, "status": r.status.value,
-                                "delay_reason": r.last_error} for r in item.recipients]}))
+            print(json.dumps({**row.to_json(), "node": holders[row.id][0]} if row.id in holders
+                             else row.to_json()))
+            if item is not None:
+                total += item.size
             continue
+        if item is None:
+            print(f"{row.id}  (unreadable: {row.error})")
+            continue
+        total += item.size
         flag = "!" if item.held else " "
         print(f"{item.id}{flag} {item.size:>9}  {_when(item.created)}  "
-              f"age={format_age(now - item.created)}  <{item.mail_from}>")
-        state = "on hold" if item.held else f"next attempt {_when(item.next_attempt)}"
+              f"age={row.age(now)}  <{item.mail_from}>")
+        state = row.next_attempt
         if item.id in holders:
             state += f"  being delivered by {holders[item.id][0]}"
         print(f"    attempts={item.attempts}  {state}  origin={item.origin}")
@@ -206,7 +258,7 @@ async def list_queue(store: QueueStore, *, as_json: bool) -> int:
             err = f"  ({r.last_error})" if r.last_error else ""
             print(f"    <{r.address}>  {r.status.value}{err}")
     if not as_json:
-        n = sum(isinstance(e, QueueItem) for e in entries)
+        n = sum(row.item is not None for row in rows)
         print(f"-- {total // 1024} KiB in {n} item(s)" if n else "queue is empty")
         corrupt = store.corrupt_count() if isinstance(store, FilesystemStore) else 0
         if corrupt and isinstance(store, FilesystemStore):

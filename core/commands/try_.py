@@ -158,8 +158,9 @@ async def dry_run(runtime: Any, args: argparse.Namespace) -> list[dict[str, Any]
         except PluginError as exc:
             where, plugin = f"cannot tell: {exc.reason}", exc.plugin
         if where is None:
-            cannot = [n for n in hooks.order(["deliver"])["deliver"]
-                      if n not in hooks.order(["delivery_route"])["delivery_route"]]
+            order = hooks.order(["deliver", "deliver_batch", "delivery_route"])
+            cannot = [n for n in dict.fromkeys(order["deliver_batch"] + order["deliver"])
+                      if n not in order["delivery_route"]]
             where = (f"no backend says it would take it ({', '.join(cannot)} cannot tell)"
                      if cannot else NO_BACKEND + ": a permanent failure")
         steps.append({"stage": "route", "subject": final.address, "outcome": where,

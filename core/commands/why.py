@@ -17,11 +17,15 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tampu.addresses import normalize_address
 from tampu.decisions import JOURNAL_DIR, read_journal
+
+if TYPE_CHECKING:
+    from tampu.item import QueueItem
 
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -93,59 +97,129 @@ def attempt_line(a: dict[str, Any], next_attempt: float = 0.0) -> str:
     return line
 
 
-def reception_lines(r: dict[str, Any]) -> list[str]:
+Tone = Literal["ok", "refused", "deferred", "failed", "info"]
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One line of a story. ``depth`` 0 is an event (it starts with its time), 1 a decision
+    or a detail under it; ``tone`` says how it ended, for a renderer that shows it (the
+    console colours it; the text form leaves it out)."""
+
+    text: str
+    depth: int = 0
+    tone: Tone = "info"
+
+    def __str__(self) -> str:
+        return "  " * self.depth + self.text
+
+
+def _decision_tone(d: dict[str, Any]) -> Tone:
+    reply = str(d.get("reply", ""))
+    return "ok" if reply[:1] in ("2", "3") else "deferred" if reply[:1] == "4" else "refused"
+
+
+_ATTEMPT_TONES: dict[str, Tone] = {"sent": "ok", "temporary": "deferred",
+                                   "permanent": "failed"}
+
+
+def reception_story(r: dict[str, Any]) -> list[Line]:
+    """An SMTP transaction (an ``accepted`` or ``refused`` record): who, each decision, and
+    what was queued."""
     who = f"session {r.get('session')} from {r.get('peer')}"
     if r.get("helo"):
         who += f" (HELO {r['helo']})"
     who += f", authenticated as {r['auth']}" if r.get("auth") else ", not authenticated"
     if r.get("tls"):
         who += f", {r['tls']}"
-    lines = [f"{_when(r.get('t', 0))} {who}"]
-    lines += ["  " + decision_line(d) for d in r.get("decisions", [])]
+    lines = [Line(f"{_when(r.get('t', 0))} {who}")]
+    lines += [Line(decision_line(d), 1, _decision_tone(d)) for d in r.get("decisions", [])]
     if r.get("kind") == "accepted":
-        lines.append(f"  queued as {r.get('qid')}")
+        lines.append(Line(f"queued as {r.get('qid')}", 1, "ok"))
     elif r.get("reply"):
-        lines.append(f"  nothing queued: {r['reply']}")
+        lines.append(Line(f"nothing queued: {r['reply']}", 1, "refused"))
     else:
-        lines.append("  nothing queued")
+        lines.append(Line("nothing queued", 1, "refused"))
     return lines
 
 
 def item_story(records: list[dict[str, Any]], qid: str,
-               live: Any = None) -> list[str]:  # noqa: ANN401 - a QueueItem or None
+               live: QueueItem | None = None) -> list[Line]:
+    """A queue item: its reception, expansion, each delivery attempt, and where it stands
+    (``live``: the item if it is still in the store)."""
     mine = [r for r in records if r.get("qid") == qid]
-    lines: list[str] = []
+    mine.sort(key=lambda r: r.get("kind") != "accepted")  # reception first (it is written
+    lines: list[Line] = []                                  # when the 250 is, after queueing)
     for r in mine:
         kind = r.get("kind")
         if kind == "accepted":
-            lines += reception_lines(r)
+            lines += reception_story(r)
         elif kind == "queued":
-            lines.append(f"{_when(r.get('t', 0))} queued {qid} from <{r.get('from')}> "
-                         f"({r.get('origin')}, {r.get('size', 0)} bytes)")
+            lines.append(Line(f"{_when(r.get('t', 0))} queued {qid} from <{r.get('from')}> "
+                              f"({r.get('origin')}, {r.get('size', 0)} bytes)"))
             for rcpt in r.get("recipients", []):
                 route = rcpt.get("route") or {}
                 how = ("pipe " + route["pipe"]) if route.get("pipe") else \
                     ("via " + "/".join(route["via"])) if route.get("via") else \
                     "forwarded" if route.get("forward") else ""
                 if rcpt.get("orig") != rcpt.get("to") or how:
-                    lines.append(f"  <{rcpt.get('orig')}> expanded to <{rcpt.get('to')}>"
-                                 + (f" ({how})" if how else ""))
+                    lines.append(Line(f"<{rcpt.get('orig')}> expanded to <{rcpt.get('to')}>"
+                                      + (f" ({how})" if how else ""), 1))
                 else:
-                    lines.append(f"  recipient <{rcpt.get('to')}>")
+                    lines.append(Line(f"recipient <{rcpt.get('to')}>", 1))
         elif kind == "attempt":
             nxt = live.next_attempt if live is not None else 0.0
-            lines.append(f"{_when(r.get('t', 0))} " + attempt_line(r, nxt))
+            lines.append(Line(f"{_when(r.get('t', 0))} " + attempt_line(r, nxt), 0,
+                              _ATTEMPT_TONES.get(str(r.get("status")), "info")))
         elif kind == "done":
             sent, failed = r.get("sent", []), r.get("failed", [])
-            lines.append(f"{_when(r.get('t', 0))} done: {len(sent)} delivered, {len(failed)} "
-                         "failed" + (" (a report goes to the sender, unless it asked for "
-                                     "none)" if failed else ""))
+            lines.append(Line(
+                f"{_when(r.get('t', 0))} done: {len(sent)} delivered, {len(failed)} failed"
+                + (" (a report goes to the sender, unless it asked for none)" if failed
+                   else ""), 0, "failed" if failed else "ok"))
     if live is not None:
         pending = [r.address for r in live.pending]
         state = "on hold" if live.held else (
             f"next attempt {_when(live.next_attempt)}" if live.next_attempt else "in progress")
-        lines.append(f"still queued: {len(pending)} recipient(s) pending, {state}")
+        lines.append(Line(f"still queued: {len(pending)} recipient(s) pending, {state}", 0,
+                          "deferred"))
     return lines
+
+
+def transactions(records: list[dict[str, Any]], *, sender: str | None = None,
+                 rcpt: str | None = None, session: int | None = None) -> list[dict[str, Any]]:
+    """The transaction records (``accepted``, ``refused``) matching every filter given."""
+    chosen = []
+    for r in records:
+        if r.get("kind") not in ("accepted", "refused"):
+            continue
+        if session is not None and r.get("session") != session:
+            continue
+        if sender and not _same(r.get("from") or "", sender):
+            continue
+        if rcpt and not any(_same(d.get("addr") or "", rcpt)
+                            for d in r.get("decisions", []) if d.get("stage") == "rcpt"):
+            continue
+        chosen.append(r)
+    return chosen
+
+
+def stories(records: list[dict[str, Any]], *, qid: str | None = None,
+            live: QueueItem | None = None, sender: str | None = None, rcpt: str | None = None,
+            session: int | None = None) -> list[list[Line]]:
+    """The story ``tampu why`` tells and the console shows: of item ``qid`` (one story), or
+    of each transaction matching ``sender``/``rcpt``/``session`` (an accepted one told with
+    its item's whole life). Empty when nothing is known."""
+    if qid:
+        if live is None and not any(r.get("qid") == qid for r in records):
+            return []
+        return [item_story(records, qid, live)]
+    return [item_story(records, r["qid"]) if r.get("qid") else reception_story(r)
+            for r in transactions(records, sender=sender, rcpt=rcpt, session=session)]
+
+
+def text(story: list[Line]) -> str:
+    return "\n".join(map(str, story))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,42 +240,31 @@ def run(args: argparse.Namespace) -> int:
         print("tampu: give a queue ID, --from/--to, or --session", file=sys.stderr)
         return 2
     records = list(read_journal(config.data_dir / JOURNAL_DIR, since))
+    live = None
     if args.qid:
         store = FilesystemStore(config.data_dir / "queue", 1)
         try:
             live = asyncio.run(store.load(args.qid))
         except QueueError:
             live = None
-        found = [r for r in records if r.get("qid") == args.qid]
-        if not found and live is None:
-            print(f"tampu: nothing known of {args.qid} (since {_when(since)})",
-                  file=sys.stderr)
-            return 1
         if args.json:
+            found = [r for r in records if r.get("qid") == args.qid]
             for r in found:
                 print(json.dumps(r, ensure_ascii=False))
-            return 0
-        print("\n".join(item_story(records, args.qid, live)))
-        return 0
-    chosen = []
-    for r in records:
-        if r.get("kind") not in ("accepted", "refused"):
-            continue
-        if args.session is not None and r.get("session") != args.session:
-            continue
-        if args.sender and not _same(r.get("from") or "", args.sender):
-            continue
-        if args.rcpt and not any(_same(d.get("addr") or "", args.rcpt)
-                                 for d in r.get("decisions", []) if d.get("stage") == "rcpt"):
-            continue
-        chosen.append(r)
-    if not chosen:
-        print(f"tampu: no transaction matches (since {_when(since)})", file=sys.stderr)
-        return 1
-    for r in chosen:
-        if args.json:
+            if found or live is not None:
+                return 0
+    elif args.json:
+        chosen = transactions(records, sender=args.sender, rcpt=args.rcpt,
+                              session=args.session)
+        for r in chosen:
             print(json.dumps(r, ensure_ascii=False))
-            continue
-        lines = item_story(records, r["qid"]) if r.get("qid") else reception_lines(r)
-        print("\n".join(lines))
+        if chosen:
+            return 0
+    told = [] if args.json else stories(records, qid=args.qid, live=live, sender=args.sender,
+                                        rcpt=args.rcpt, session=args.session)
+    if not told:
+        what = f"nothing known of {args.qid}" if args.qid else "no transaction matches"
+        print(f"tampu: {what} (since {_when(since)})", file=sys.stderr)
+        return 1
+    print("\n".join(map(text, told)))
     return 0

@@ -187,6 +187,50 @@ class MXHandler:
         return chosen
 
 
+def closing_controller(handler: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - aiosmtpd objects
+    """An aiosmtpd Controller that closes the sessions still open when it stops: tampu keeps
+    idle connections open for the next message (delivery_smtp's pool), and a plain
+    Controller stops its loop without closing them."""
+    return closing_controller_class()(handler, **kwargs)
+
+
+_CLASS: list[type] = []
+
+
+def closing_controller_class() -> type:
+    if _CLASS:
+        return _CLASS[0]
+    from aiosmtpd.controller import Controller
+
+    class SinkController(Controller):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.sessions: list[Any] = []
+
+        def factory(self) -> Any:  # noqa: ANN401 - an aiosmtpd SMTP
+            smtp = super().factory()
+            self.sessions.append(smtp)
+            return smtp
+
+        def stop(self, no_assert: bool = False) -> None:
+            closed = threading.Event()
+
+            def close_all() -> None:
+                for smtp in self.sessions:
+                    for transport in (smtp.transport, smtp._original_transport):
+                        if transport is not None and not transport.is_closing():
+                            transport.abort()  # at once, TLS or not
+                closed.set()
+
+            if self.loop.is_running():
+                self.loop.call_soon_threadsafe(close_all)
+                closed.wait(5)
+            super().stop(no_assert)
+
+    _CLASS.append(SinkController)
+    return SinkController
+
+
 class FakeMX:
     """One fake MX on ``host:port`` (a free port by default); ``tls``: a trustme CA (a
     certificate for ``names`` is issued) or a server SSLContext, to offer STARTTLS."""
@@ -208,12 +252,11 @@ class FakeMX:
     # ---------------------------------------------------------------- running
 
     def start(self) -> FakeMX:
-        from aiosmtpd.controller import Controller
-
         kwargs: dict[str, Any] = {"tls_context": self.tls,
                                   "require_starttls": self.require_starttls} if self.tls else {}
-        self._controller = Controller(self.handler, hostname=self.host, port=self.port,
-                                      server_hostname=self.hostname, ready_timeout=5, **kwargs)
+        self._controller = closing_controller(self.handler, hostname=self.host, port=self.port,
+                                              server_hostname=self.hostname, ready_timeout=5,
+                                              **kwargs)
         self._controller.start()
         return self
 

@@ -71,8 +71,10 @@ async def run_program(argv: Sequence[str], data: bytes, *, env: Mapping[str, str
         try:
             stdin.write(data)
             await stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the program stopped reading: its exit status tells what happened
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            # the program stopped reading (uvloop: RuntimeError, the pipe's handler is
+            # closed once the program exited): its exit status tells what happened
+            pass
         finally:
             stdin.close()
 

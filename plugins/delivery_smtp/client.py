@@ -1,4 +1,10 @@
-"""One SMTP client session to one address: EHLO, opportunistic STARTTLS, MAIL, RCPT, DATA.
+"""SMTP client sessions to one address: EHLO, opportunistic STARTTLS, MAIL, RCPT..., DATA.
+
+One transaction carries a :class:`Job`: one sender, one or more recipients (each gets its own
+result: a 5xx to its RCPT fails it for good, a 4xx leaves it for the next host, the reply to
+DATA is every accepted recipient's). With a :class:`~.pool.ConnectionPool` the connection
+comes from the pool when an idle one to the same address fits (RSET first), and goes back to
+it after a clean transaction; the pool's limits decide when a new connection may open.
 
 TLS is tried the way chasquid does it: first with certificate verification (level
 ``tls_verified``); if the certificate does not verify, again on a new connection without
@@ -17,15 +23,15 @@ import contextlib
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiosmtplib
-from aiosmtplib import SMTPResponse
 
 from tampu import DeliveryResult
 from tampu.plugins.delivery_smtp.mx import Target
+from tampu.plugins.delivery_smtp.pool import ConnectionPool, DestinationFailed, Session
 from tampu.plugins.domaininfo.store import SecLevel
 
 if TYPE_CHECKING:
@@ -36,6 +42,8 @@ Login = Callable[[aiosmtplib.SMTP, str], Awaitable[None]]
 """``login(smtp, remote)``: authenticate on the open connection; raises NextHost."""
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)(.*)$", re.S)
 _QUIT_TIMEOUT = 2.0
+_RSET_TIMEOUT = 20.0
+"""At most, for the RSET that checks a pooled connection (Postfix: smtp_rset_timeout)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,17 +61,24 @@ class Job:
     """What to send in one transaction."""
 
     mail_from: str
-    rcpt: str
+    rcpts: tuple[str, ...]
     message: bytes
     smtputf8: bool
 
+    def only(self, indexes: list[int]) -> Job:
+        """The same message for some of the recipients."""
+        return Job(self.mail_from, tuple(self.rcpts[i] for i in indexes), self.message,
+                   self.smtputf8)
+
 
 class NextHost(Exception):
-    """This address or host did not take the mail (temporarily): try the next one."""
+    """This address or host did not take the mail (temporarily): try the next one.
+    ``connect``: the connection itself failed (refused, timed out, greeting refused)."""
 
-    def __init__(self, result: DeliveryResult) -> None:
+    def __init__(self, result: DeliveryResult, *, connect: bool = False) -> None:
         super().__init__(result.text)
         self.result = result
+        self.connect = connect
 
 
 def reply_result(code: int, message: str, remote: str, *, stage: str) -> DeliveryResult:
@@ -79,22 +94,35 @@ def reply_result(code: int, message: str, remote: str, *, stage: str) -> Deliver
     return DeliveryResult.temporary(text, code=code, enhanced=enhanced, remote=remote)
 
 
-def _temporary(text: str, remote: str, enhanced: str = "4.4.1") -> NextHost:
-    return NextHost(DeliveryResult.temporary(text, enhanced=enhanced, remote=remote))
+def _temporary(text: str, remote: str, enhanced: str = "4.4.1", *,
+               connect: bool = False) -> NextHost:
+    return NextHost(DeliveryResult.temporary(text, enhanced=enhanced, remote=remote),
+                    connect=connect)
 
 
 class Attempt:
     """Delivery of one job to one address of one target host."""
 
     def __init__(self, cfg: ClientConfig, target: Target, address: str,
-                 require: TlsRequirement | None = None, login: Login | None = None) -> None:
+                 require: TlsRequirement | None = None, login: Login | None = None,
+                 pool: ConnectionPool | None = None, login_id: str = "") -> None:
         self.cfg = cfg
         self.target = target
         self.address = address
         self.require = require
         self.login = login
+        self.pool = pool
+        self.login_id = login_id
         self.remote = f"{target.host} [{address}]" if target.host != address else address
         self.level = SecLevel.PLAIN
+
+    def pool_key(self) -> Hashable:
+        """What a pooled connection must have been opened with to serve this attempt: the
+        host name (TLS verification), the TLS requirement, the credentials, the EHLO name."""
+        req = self.require
+        need = None if req is None else (req.reason, req.level, req.implicit, id(req.context))
+        return (self.target.host, need, self.login_id, self.cfg.helo,
+                id(self.cfg.verified_tls))
 
     # ------------------------------------------------------------------ connecting
 
@@ -118,12 +146,13 @@ class Attempt:
         except aiosmtplib.SMTPResponseException as exc:  # greeting other than 220
             if sock is not None:
                 sock.close()
-            raise _temporary(f"greeting refused: {exc.code} {exc.message}", self.remote) \
-                from None
+            raise _temporary(f"greeting refused: {exc.code} {exc.message}", self.remote,
+                             connect=True) from None
         except (OSError, aiosmtplib.SMTPException) as exc:
             if sock is not None:
                 sock.close()  # a failed handshake may leave it open
-            raise _temporary(f"{prefix}cannot connect: {exc}", self.remote, "4.4.1") from None
+            raise _temporary(f"{prefix}cannot connect: {exc}", self.remote, "4.4.1",
+                             connect=implicit is None) from None
         await self._ehlo(smtp)
         return smtp
 
@@ -209,74 +238,146 @@ class Attempt:
 
     # ------------------------------------------------------------------ the transaction
 
-    async def deliver(self, job: Job, check_level: LevelCheck | None) -> DeliveryResult:
-        """Deliver ``job``. Returns ``sent`` or a permanent failure; raises NextHost else."""
-        smtp = await self.open()
+    async def deliver(self, job: Job, check_level: LevelCheck | None) -> list[DeliveryResult]:
+        """Deliver ``job``: one result per recipient (a temporary one: try it at the next
+        host). Raises NextHost when nothing could be done here."""
+        if self.pool is None:
+            own = Session(await self.open(), self.level, self.remote)
+            try:
+                return (await self._use(own, job, check_level, fresh=True))[0]
+            finally:
+                await _quit(own.smtp)
+        dest, key = (self.address, self.target.port), self.pool_key()
+        try:
+            found = await self.pool.lease(dest, key)
+        except DestinationFailed as exc:
+            raise NextHost(exc.result) from None
+        session: Session | None = found
+        reusable = False
+        try:
+            if session is not None and not await self._reset(session):
+                session = None
+            fresh = session is None
+            if session is None:
+                try:
+                    session = Session(await self.open(), self.level, self.remote)
+                except NextHost as exc:
+                    if exc.connect:
+                        self.pool.failed(dest, exc.result)
+                    raise
+            results, reusable = await self._use(session, job, check_level, fresh=fresh)
+            return results
+        finally:
+            self.pool.give_back(dest, key, session, reusable=reusable)
+
+    async def _reset(self, session: Session) -> bool:
+        """Whether a pooled connection still works (RSET answered 250); else it is closed."""
+        smtp = session.smtp
+        if smtp.is_connected:
+            try:
+                await smtp.rset(timeout=min(self.cfg.command_timeout, _RSET_TIMEOUT))
+                return True
+            except (OSError, aiosmtplib.SMTPException):
+                pass
+        smtp.close()
+        return False
+
+    async def _use(self, session: Session, job: Job, check_level: LevelCheck | None, *,
+                   fresh: bool) -> tuple[list[DeliveryResult], bool]:
+        """The job's transaction on ``session``; the results and whether the connection is
+        fit for another transaction. Raises NextHost."""
+        smtp = session.smtp
+        self.level = session.level
+        self.remote = session.remote
         try:
             if check_level is not None and not await check_level(self.level):
                 raise NextHost(DeliveryResult.temporary(
                     f"security level downgrade: {self.target.host} offered only "
                     f"{self.level.label}, less than before", enhanced="4.7.5",
                     remote=self.remote))
-            if self.login is not None:
+            if fresh and self.login is not None:
                 await self.login(smtp, self.remote)
-            return await self._transaction(smtp, job)
         except (OSError, aiosmtplib.SMTPException) as exc:
             raise _temporary(f"connection failed during the transaction: {exc}",
                              self.remote) from None
-        finally:
-            await _quit(smtp)
+        results, clean = await self._transaction(smtp, job)
+        session.messages += 1
+        return results, clean and smtp.is_connected
 
-    async def _transaction(self, smtp: aiosmtplib.SMTP, job: Job) -> DeliveryResult:
+    async def _transaction(self, smtp: aiosmtplib.SMTP,
+                           job: Job) -> tuple[list[DeliveryResult], bool]:
+        """MAIL, RCPT per recipient, DATA if any was accepted. The results, and whether the
+        dialogue ended where another transaction may start."""
+        count = len(job.rcpts)
+        results: list[DeliveryResult | None] = [None] * count
         utf8 = smtp.supports_extension("smtputf8")
-        if not (job.mail_from.isascii() and job.rcpt.isascii()) and not utf8:
-            return DeliveryResult.permanent(
-                "the remote server does not support SMTPUTF8, needed for these addresses",
-                enhanced="5.6.7", remote=self.remote)
-        opts: list[bytes] = []
-        if job.smtputf8 and utf8:
-            opts.append(b"SMTPUTF8")
-        if not job.message.isascii() and smtp.supports_extension("8bitmime"):
-            opts.append(b"BODY=8BITMIME")
-        if smtp.supports_extension("size"):
-            opts.append(f"SIZE={len(job.message)}".encode())
-        resp = await smtp.execute_command(b"MAIL", b"FROM:<" + job.mail_from.encode() + b">",
-                                          *opts)
-        self._check(resp, (250,), "MAIL FROM")
-        resp = await smtp.execute_command(b"RCPT", b"TO:<" + job.rcpt.encode() + b">")
-        self._check(resp, (250, 251), "RCPT TO")
+        if not utf8:
+            for i, rcpt in enumerate(job.rcpts):
+                if not (job.mail_from.isascii() and rcpt.isascii()):
+                    results[i] = DeliveryResult.permanent(
+                        "the remote server does not support SMTPUTF8, needed for these "
+                        "addresses", enhanced="5.6.7", remote=self.remote)
+        todo = [i for i in range(count) if results[i] is None]
+        if not todo:
+            return _filled(results), True
         try:
-            resp = await smtp.data(job.message, timeout=self.cfg.data_timeout)
-        except aiosmtplib.SMTPDataError as exc:
-            self._check(SMTPResponse(exc.code, exc.message), (), "DATA")  # always raises
-            raise
-        return DeliveryResult.sent(" ".join(resp.message.split()) or "accepted",
-                                   code=resp.code, remote=self.remote)
+            opts: list[bytes] = []
+            if job.smtputf8 and utf8:
+                opts.append(b"SMTPUTF8")
+            if not job.message.isascii() and smtp.supports_extension("8bitmime"):
+                opts.append(b"BODY=8BITMIME")
+            if smtp.supports_extension("size"):
+                opts.append(f"SIZE={len(job.message)}".encode())
+            resp = await smtp.execute_command(
+                b"MAIL", b"FROM:<" + job.mail_from.encode() + b">", *opts)
+            if resp.code != 250:
+                refused = reply_result(resp.code, resp.message, self.remote,
+                                       stage="MAIL FROM")
+                return _filled(results, refused), True
+            accepted = []
+            for i in todo:
+                resp = await smtp.execute_command(
+                    b"RCPT", b"TO:<" + job.rcpts[i].encode() + b">")
+                if resp.code in (250, 251):
+                    accepted.append(i)
+                else:
+                    results[i] = reply_result(resp.code, resp.message, self.remote,
+                                              stage="RCPT TO")
+            if not accepted:
+                return _filled(results), True
+            try:
+                resp = await smtp.data(job.message, timeout=self.cfg.data_timeout)
+            except aiosmtplib.SMTPDataError as exc:
+                refused = reply_result(exc.code, exc.message, self.remote, stage="DATA")
+                return _filled(results, refused), True
+            sent = DeliveryResult.sent(" ".join(resp.message.split()) or "accepted",
+                                       code=resp.code, remote=self.remote)
+            return _filled(results, sent), True
+        except (OSError, aiosmtplib.SMTPException) as exc:
+            lost = DeliveryResult.temporary(f"connection failed during the transaction: {exc}",
+                                            enhanced="4.4.1", remote=self.remote)
+            return _filled(results, lost), False
 
-    def _check(self, resp: SMTPResponse, good: tuple[int, ...], stage: str) -> None:
-        if resp.code in good:
-            return
-        result = reply_result(resp.code, resp.message, self.remote, stage=stage)
-        if result.status == "permanent":
-            raise _Permanent(result)
-        raise NextHost(result)
 
-
-class _Permanent(Exception):
-    def __init__(self, result: DeliveryResult) -> None:
-        super().__init__(result.text)
-        self.result = result
+def _filled(results: list[DeliveryResult | None],
+            rest: DeliveryResult | None = None) -> list[DeliveryResult]:
+    """``results`` with the recipients still without one given ``rest``."""
+    out = []
+    for result in results:
+        chosen = result if result is not None else rest
+        assert chosen is not None
+        out.append(chosen)
+    return out
 
 
 async def deliver_to(cfg: ClientConfig, target: Target, address: str, job: Job,
                      check_level: LevelCheck | None, require: TlsRequirement | None = None,
-                     login: Login | None = None) -> DeliveryResult:
-    """Deliver through one address: ``sent`` or permanent, else raise NextHost."""
-    attempt = Attempt(cfg, target, address, require, login)
-    try:
-        return await attempt.deliver(job, check_level)
-    except _Permanent as exc:
-        return exc.result
+                     login: Login | None = None, *, pool: ConnectionPool | None = None,
+                     login_id: str = "") -> list[DeliveryResult]:
+    """Deliver through one address: one result per recipient of ``job`` (temporary ones may
+    be tried at the next address); raises NextHost when the address took nothing."""
+    attempt = Attempt(cfg, target, address, require, login, pool, login_id)
+    return await attempt.deliver(job, check_level)
 
 
 async def _open_socket(address: str, port: int, limit: float) -> socket.socket:

@@ -45,6 +45,7 @@ from tampu.plugins.delivery_smtp.client import (
     deliver_to,
 )
 from tampu.plugins.delivery_smtp.mx import Target, parse_via
+from tampu.plugins.delivery_smtp.pool import ConnectionPool
 from tampu.plugins.delivery_smtp.tls_policy import TlsRequirement
 
 log = logging.getLogger("tampu.plugins.delivery_smtp.smarthost")
@@ -257,24 +258,46 @@ async def relay_addresses(resolver: Resolver, host: str) -> list[str]:
 
 async def deliver(relay: Relay, client: ClientConfig, job: Job, check: LevelCheck | None,
                   resolver: Resolver, verified: ssl.SSLContext,
-                  skipped: Callable[[DeliveryResult], None] | None = None) -> DeliveryResult:
-    """Send ``job`` through ``relay``: each of its addresses in turn until one takes it or
-    refuses it for good. ``skipped`` is told of each address that did not take it."""
+                  skipped: Callable[[Job, DeliveryResult], None] | None = None, *,
+                  pool: ConnectionPool | None = None) -> list[DeliveryResult]:
+    """Send ``job`` through ``relay``: each of its addresses in turn until each recipient is
+    taken or refused for good; one result per recipient. ``skipped`` is told of each address
+    that did not take some of them."""
     target = Target(relay.host, relay.port)
     try:
         addresses = await relay_addresses(resolver, relay.host)
     except LookupError as exc:
-        return DeliveryResult.temporary(f"{relay.label}: {exc.args[0]}", enhanced="4.4.3",
-                                        remote=relay.host)
+        return [DeliveryResult.temporary(f"{relay.label}: {exc.args[0]}", enhanced="4.4.3",
+                                         remote=relay.host)] * len(job.rcpts)
     require = requirement(relay, verified)
     login = login_step(relay)
-    last: DeliveryResult | None = None
+    login_id = f"{relay.username}@{relay.host}:{relay.port}" if relay.username else ""
+    final: list[DeliveryResult | None] = [None] * len(job.rcpts)
+    last: list[DeliveryResult | None] = [None] * len(job.rcpts)
     for address in addresses:
+        todo = [i for i, done in enumerate(final) if done is None]
+        if not todo:
+            break
+        part = job.only(todo)
         try:
-            return await deliver_to(client, target, address, job, check, require, login)
+            results = await deliver_to(client, target, address, part, check, require, login,
+                                       pool=pool, login_id=login_id)
         except NextHost as exc:
-            last = exc.result
+            for i in todo:
+                last[i] = exc.result
             if skipped is not None:
-                skipped(last)
-    assert last is not None
-    return last
+                skipped(part, exc.result)
+            continue
+        for i, result in zip(todo, results, strict=True):
+            if result.status == "temporary":
+                last[i] = result
+                if skipped is not None:
+                    skipped(job.only([i]), result)
+            else:
+                final[i] = result
+    out = []
+    for done, tried in zip(final, last, strict=True):
+        chosen = done if done is not None else tried
+        assert chosen is not None
+        out.append(chosen)
+    return out

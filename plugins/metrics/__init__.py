@@ -1,8 +1,8 @@
-"""``metrics``: Prometheus metrics and a small status page on their own HTTP listener.
+"""``metrics``: Prometheus metrics and the admin console on their own HTTP listener.
 
 ``GET /metrics`` (Prometheus text format, from ``prometheus-client`` with a registry of this
-server's own) and ``GET /`` (queue, listeners, plugin order, recent errors). Loopback by
-default: the page shows configuration details, so expose it only to your monitoring.
+server's own) and the read-only console (``GET /``, ``GET /why``: :mod:`.console`). Loopback by
+default: the console shows addresses and configuration details, so keep it private.
 
 State (the metrics, the HTTP listener) lives in the server stash, so a reload keeps the counters
 and the listener; the new plugin instance takes them over in ``tampu_reload``.
@@ -40,8 +40,9 @@ from tampu.authres import results
 from tampu.backends import SharedQueueStore
 from tampu.config import split_hostport
 from tampu.envelope import Verdict
-from tampu.plugins.metrics.http import HttpServer, Response
-from tampu.plugins.metrics.status import QueueSummary, RecentErrors, render
+from tampu.plugins.metrics.console import Console
+from tampu.plugins.metrics.http import HttpServer, Request, Response
+from tampu.plugins.metrics.status import QueueSummary, RecentErrors
 from tampu.workers import current_worker
 
 log = logging.getLogger("tampu.plugins.metrics")
@@ -127,7 +128,8 @@ class MetricsState:
                                      registry=r)
         r.register(_QueueCollector(self))
         self.errors = RecentErrors(errors)
-        self.http = HttpServer({"/metrics": self._metrics, "/": self._status})
+        self.console = Console(self)
+        self.http = HttpServer({"/metrics": self._metrics, **self.console.routes()})
         self.address = ""
 
     # ------------------------------------------------------------------ lifecycle
@@ -212,14 +214,9 @@ class MetricsState:
 
     # ------------------------------------------------------------------ HTTP
 
-    async def _metrics(self) -> Response:
+    async def _metrics(self, request: Request) -> Response:
         body = await asyncio.to_thread(generate_latest, self.registry)
         return 200, CONTENT_TYPE_LATEST, body
-
-    async def _status(self) -> Response:
-        summary = await asyncio.to_thread(self.queue_summary)
-        return 200, "text/html; charset=utf-8", render(self.context, summary,
-                                                       list(self.errors.records))
 
 
 METRICS_STATE: StashKey[MetricsState] = StashKey()
@@ -282,6 +279,7 @@ class MetricsPlugin:
     def smtp_verdict(self, envelope: Envelope | None, verdict: Verdict) -> None:
         if self.state is None:
             return
+        self.state.console.verdict(verdict)
         if verdict.refused:
             self.state.refusals.labels(verdict.stage, verdict.plugin,
                                        str(verdict.reply.code)).inc()
@@ -317,3 +315,4 @@ class MetricsPlugin:
     def delivery_attempted(self, result: DeliveryResult, backend: str) -> None:
         if self.state is not None:
             self.state.attempts.labels(backend, result.status).inc()
+            self.state.console.attempt(result)

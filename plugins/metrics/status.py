@@ -1,4 +1,4 @@
-"""The human status page (``GET /``) and the ring of recent errors it shows."""
+"""The server part of the console (listeners, plugin order) and the ring of recent errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 
 from tampu import ServerContext
-from tampu.store import format_age
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +39,8 @@ class QueueSummary:
     oldest_age: float
 
 
-def render(context: ServerContext, queue: QueueSummary, errors: list[ErrorRecord]) -> bytes:
-    """A plain HTML page: queue, listeners, plugin order per hook, recent errors."""
+def server_sections(context: ServerContext, errors: list[ErrorRecord]) -> str:
+    """The console's server part (HTML): listeners, plugin order per hook, recent errors."""
     e = html.escape
     settings = context.config.server
     rows = []
@@ -52,20 +51,15 @@ def render(context: ServerContext, queue: QueueSummary, errors: list[ErrorRecord
                     f"<td>{e(proxy)}</td></tr>")
     order = [f"<tr><td>{e(hook)}</td><td>{e(' → '.join(names))}</td></tr>"
              for hook, names in context.plugin_order.items()]
-    errs = [f"<li>{e(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.when)))} "
-            f"<b>{e(r.logger)}</b>: {e(r.message)}</li>" for r in reversed(errors)]
-    oldest = format_age(queue.oldest_age) if queue.items else "-"
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>tampu on {e(context.hostname)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 12px;text-align:left}}
-</style></head><body>
-<h1>tampu on {e(context.hostname)}</h1>
-<h2>Queue</h2><p>{queue.items} item(s); oldest: {oldest}. <a href="/metrics">metrics</a></p>
-<h2>Listeners</h2><table><tr><th>name</th><th>kind</th><th>addresses</th><th>proxy</th></tr>
-{''.join(rows)}</table>
-<h2>Plugin order</h2><table><tr><th>hook</th><th>plugins, in call order</th></tr>
-{''.join(order)}</table>
-<h2>Recent errors</h2>{'<ul>' + ''.join(errs) + '</ul>' if errs else '<p>none</p>'}
-</body></html>
+    errs = [f"<li><time>{e(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.when)))}"
+            f"</time> <b>{e(r.logger)}</b>: {e(r.message)}</li>" for r in reversed(errors)]
+    return f"""<section id="errors"><h2>Recent errors</h2>
+{'<ul class="errors">' + ''.join(errs) + '</ul>' if errs else '<p class="quiet">none</p>'}
+</section>
+<section id="server"><h2>Listeners</h2>
+<table><thead><tr><th>name</th><th>kind</th><th>addresses</th><th>proxy</th></tr></thead>
+<tbody>{''.join(rows)}</tbody></table>
+<h2>Plugin order</h2>
+<table><thead><tr><th>hook</th><th>plugins, in call order</th></tr></thead>
+<tbody>{''.join(order)}</tbody></table></section>
 """
-    return page.encode()

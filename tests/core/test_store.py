@@ -159,6 +159,9 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     rec.wait_done(good.id)  # a corrupt neighbour is not fatal: the good item is delivered
     assert rec.attempts_for("good@example.test") == ["sent"]
     assert rec.attempts_for("b@example.test") == []
+    deadline = time.monotonic() + 10  # corrupt items are set aside as the feeder loads them
+    while len(list((queue.dir / "corrupt").iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     names = sorted(p.name for p in queue.dir.iterdir())
     assert names == [".tmp-bbbbbusy.item", "corrupt"]  # old tmp, orphan state gone
     assert sorted(p.name for p in (queue.dir / "corrupt").iterdir()) == [

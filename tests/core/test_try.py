@@ -89,3 +89,15 @@ def test_bad_address_and_bad_config(tmp_path):
     (root / "conf.d" / "50-bad.toml").write_text("[server]\nmax_errors = -1\n")
     done = run_tampu("try", "--config-dir", str(root), "--to", USER)
     assert done.returncode == 2 and "50-bad.toml" in done.stderr
+
+
+def test_remote_recipients_are_routed_to_their_mx(tmp_path, make_dns):
+    dns = make_dns({"remote.test": {"MX": ["10 mx1.remote.test.", "20 mx2.remote.test."]}})
+    root = make_config_dir(tmp_path / "conf", users={USER: "secret"}, conf={
+        "45-remote.toml": "[plugins.delivery_smtp]\nenabled = true\n"},
+        base=server_toml(extra=f'dns_servers = ["127.0.0.1:{dns.port}"]'))
+    done = run_tampu("try", "--config-dir", str(root), "--from", USER, "--auth", USER,
+                     "--to", "x@remote.test", "--json")
+    route = next(s for s in json.loads(done.stdout)["steps"] if s["stage"] == "route")
+    assert route["plugin"] == "delivery_smtp"
+    assert route["outcome"] == "SMTP to the MX of remote.test: mx1.remote.test, mx2.remote.test"

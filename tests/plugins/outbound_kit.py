@@ -10,11 +10,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from tampu.testing.dns import DNSServer, Zone, tlsa_rdata
 from tampu.testing.mx import MXHandler as Sink
+from tampu.testing.mx import closing_controller_class
 
 POLICY_PATH = "/.well-known/mta-sts.txt"
 
@@ -144,7 +144,7 @@ class AuthRelay:
 
         kwargs: dict[str, Any] = {"ssl_context": tls} if implicit else \
             {"tls_context": tls, "require_starttls": True}
-        self.controller = Controller(self.sink, hostname=host, port=port,
+        self.controller = closing_controller_class()(self.sink, hostname=host, port=port,
                                      server_hostname="relay", ready_timeout=5,
                                      authenticator=authenticator,
                                      # aiosmtpd counts only STARTTLS as TLS for AUTH (and

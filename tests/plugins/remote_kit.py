@@ -13,8 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from tampu.testing import RunningServer, server_toml
-from tampu.testing.mx import MXFarm, Received, free_port, server_tls, write_ca
+from tampu.testing.mx import (
+    MXFarm,
+    Received,
+    closing_controller_class,
+    free_port,
+    server_tls,
+    write_ca,
+)
 from tampu.testing.mx import MXHandler as Sink
+
+SinkController = closing_controller_class()
 
 __all__ = ["MXFarm", "PASSWORD", "Received", "Sink", "USER", "free_port", "remote_conf",
            "server_tls", "submit", "write_ca"]
