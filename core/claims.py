@@ -1,11 +1,13 @@
 """The claim loop: how a node takes its share of a shared queue (:class:`SharedQueueStore`).
 
 With the filesystem store the delivery runner owns every item of its queue. With a shared
-store, items belong to nobody until a node claims them: this loop claims due items (up to the
-store's ``max_in_flight`` delivering at once), hands each to the runner's ``schedule`` as if it
-had just been received, and releases the item's lease when its delivery task ends. Items this
-node receives itself are leased at ``put`` and delivered at once with their bytes in memory;
-the loop only attaches the release to their tasks.
+store, items belong to nobody until a node claims them: this loop claims due items (as many as
+the store's ``max_in_flight`` and the runner's slots allow), hands each to the runner's
+``schedule`` as if it had just been received, and releases the item's lease when its delivery
+task ends. The task ends after one round (the runner's ``hand_back``): an item's next attempt
+is due for any node, it does not wait on this one. Items this node receives itself are leased
+at ``put`` and delivered at once with their bytes in memory; the loop only attaches the
+release to their tasks.
 
 A node that dies releases nothing: its leases expire (``lease_seconds``) and the items become
 due again for every node. A duplicate delivery is possible only for an attempt that was in
@@ -48,8 +50,16 @@ class ClaimLoop:
 
     def start(self) -> None:
         self.store.lease_on_put = True
+        self.runner.hand_back = True  # rounds end the task; the next one is claimed anew
         self.intake.schedulers.append(self._adopt)  # after the runner's own scheduler
         self._task = asyncio.get_running_loop().create_task(self._run(), name="claims")
+
+    @property
+    def capacity(self) -> int:
+        """Items delivering or waiting for a delivery slot here: ``max_in_flight``, and no
+        more than the runner's slots (``[server] max_deliveries``) plus one batch, so that
+        what this node cannot start soon stays claimable by the others."""
+        return min(self.max_in_flight, self.runner.slots.limit + self.batch)
 
     async def stop(self) -> None:
         self.store.lease_on_put = False
@@ -96,7 +106,7 @@ class ClaimLoop:
 
     async def _claim_once(self) -> bool:
         """Claim and schedule one batch. True if there may be more due right now."""
-        free = self.max_in_flight - len(self.runner.tasks)
+        free = self.capacity - len(self.runner.tasks)
         if free <= 0:
             return False
         limit = min(self.batch, free)
