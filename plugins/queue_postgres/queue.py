@@ -43,11 +43,11 @@ MAX_BATCH = 200
 _INSERT = """
 WITH new AS (
     INSERT INTO tampu_queue (id, created, envelope, state, message, size, held, next_attempt,
-                             retry_at, node, lease_until, enqueued_by)
+                             retry_at, node, lease_until, lease_run, enqueued_by)
     SELECT r.id, r.created, r.envelope::jsonb, r.state::jsonb, r.message, r.size, r.held,
            CASE WHEN r.lease THEN tampu_now() + $12 ELSE r.next_attempt END, r.next_attempt,
            CASE WHEN r.lease THEN $13 END,
-           CASE WHEN r.lease THEN tampu_now() + $12 END, $13
+           CASE WHEN r.lease THEN tampu_now() + $12 END, CASE WHEN r.lease THEN $14 END, $13
     FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[], $5::bytea[], $6::int[],
                 $7::bool[], $8::float8[], $9::bool[])
          AS r(id, created, envelope, state, message, size, held, next_attempt, lease)
@@ -71,7 +71,7 @@ WITH due AS (
     ORDER BY next_attempt
     LIMIT $1
     FOR UPDATE SKIP LOCKED)
-UPDATE tampu_queue q SET node = $2, lease_until = tampu_now() + $3,
+UPDATE tampu_queue q SET node = $2, lease_until = tampu_now() + $3, lease_run = $4,
                          next_attempt = tampu_now() + $3, wake = false
 FROM due WHERE q.id = due.id
 RETURNING q.id, q.created
@@ -79,7 +79,7 @@ RETURNING q.id, q.created
 
 _RELEASE = """
 WITH gone AS (
-    UPDATE tampu_queue SET node = NULL, lease_until = NULL, wake = false,
+    UPDATE tampu_queue SET node = NULL, lease_until = NULL, lease_run = NULL, wake = false,
         next_attempt = CASE WHEN wake THEN tampu_now() ELSE retry_at END
     WHERE {which} AND node = $2
     RETURNING next_attempt),
@@ -88,8 +88,10 @@ SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM told)
 """
 
 _RELEASE_IDS = _RELEASE.format(which="id = ANY($1::text[])")
-_RELEASE_NODE = _RELEASE.format(which="cardinality($1::text[]) = 0")
-"""Every lease of this node, from a previous run (``$1`` is empty)."""
+_RELEASE_NODE = _RELEASE.format(
+    which="cardinality($1::text[]) = 0 AND lease_run IS DISTINCT FROM $4")
+"""Every lease of this node from a previous run (``$1`` empty, ``$4`` this run): not this
+run's, which may already hold leases (recovery runs in the background while mail comes in)."""
 
 _MEASURE = """
 WITH now AS (SELECT tampu_now() AS t)
@@ -205,7 +207,7 @@ class PostgresQueueStore:
             [i.held if with_state else False for i, _, _ in rows],
             [i.next_attempt if with_state else 0.0 for i, _, _ in rows],
             [lease for _, _, lease in rows], ids if must_be_new else [],
-            "tampu_queue", self.lease_seconds, self.node)
+            "tampu_queue", self.lease_seconds, self.node, self.db.instance)
         async with self._conn("cannot store the message") as conn:
             count, _notified, all_new = await conn.fetchrow(_INSERT, *args)
         if must_be_new and not all_new:
@@ -281,7 +283,8 @@ class PostgresQueueStore:
         if self.db.name_in_use:
             return []
         async with self._conn("cannot read the queue") as conn:
-            count, _ = await conn.fetchrow(_RELEASE_NODE, [], self.node, "tampu_queue")
+            count, _ = await conn.fetchrow(_RELEASE_NODE, [], self.node, "tampu_queue",
+                                           self.db.instance)
             self._estimate = int(await conn.fetchval("SELECT count(*) FROM tampu_queue"))
         if count:
             log.info("queue_postgres: released %d lease(s) of this node's previous run", count)
@@ -307,7 +310,8 @@ class PostgresQueueStore:
         if limit <= 0:
             return []
         async with self._conn("cannot claim items") as conn:
-            rows = await conn.fetch(_CLAIM, limit, self.node, self.lease_seconds)
+            rows = await conn.fetch(_CLAIM, limit, self.node, self.lease_seconds,
+                                    self.db.instance)
         rows = sorted(rows, key=lambda r: (r["created"], r["id"]))
         self.leased.update(r["id"] for r in rows)
         return [r["id"] for r in rows]

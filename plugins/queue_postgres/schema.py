@@ -41,12 +41,15 @@ CREATE TABLE tampu_queue (
     wake         boolean NOT NULL DEFAULT false,
     node         text,
     lease_until  double precision,
+    lease_run    text,
     enqueued_by  text NOT NULL
 );
 COMMENT ON COLUMN tampu_queue.next_attempt IS
     'when a node may claim the item (epoch s): the retry time, or the lease expiry while leased';
 COMMENT ON COLUMN tampu_queue.retry_at IS 'the retry time saved with the state';
 COMMENT ON COLUMN tampu_queue.wake IS 'an operator asked for a retry while the item was leased';
+COMMENT ON COLUMN tampu_queue.lease_run IS
+    'the run of the node holding the lease (tampu_nodes.instance)';
 ALTER TABLE tampu_queue ALTER COLUMN message SET STORAGE EXTERNAL;
 CREATE INDEX tampu_queue_due ON tampu_queue (next_attempt) WHERE NOT held;
 CREATE INDEX tampu_queue_node ON tampu_queue (node) WHERE node IS NOT NULL;

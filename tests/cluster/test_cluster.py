@@ -1,12 +1,14 @@
 """A real cluster: three ``tampu serve`` nodes (127.0.0.2/3/4) sharing one PostgreSQL.
 
-Mail goes to all three; the recipients are in a remote domain whose MX (127.0.0.5) is a real
-SMTP server (aiosmtpd) that takes half a second per message and refuses some recipients once
-(451), so that the first node has items in flight and items waiting for a retry when it is
-killed with SIGKILL. The test shows that every message acknowledged with 250 is delivered (the
-dead node's by the others, once its leases expire), that duplicates happen only for attempts
-that were in flight, that a security level learned on one node is enforced on another, and
-that a connection rate limit holds across nodes. Every wait is bounded.
+Mail goes to all three (node c with two reception processes, whose items any node claims);
+the recipients are in a remote domain whose MX (127.0.0.5) is a real SMTP server (aiosmtpd)
+that takes 0.3 to 1.8 s per message and refuses some recipients once (451), so that the first
+node has deliveries in flight and items due for a retry when it is killed with SIGKILL. The
+test shows that every message acknowledged with 250 is delivered (the dead node's in-flight
+items by the others once its leases expire, its retries by whichever node is free), that
+duplicates happen only for attempts that were in flight, that a security level learned on one
+node is enforced on another, and that a connection rate limit holds across nodes. Every wait
+is bounded.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def node_conf(name: str, port: int, dns_port: int, mx_port: int) -> str:
         retry_schedule = [{RETRY}]
         file_check_interval = 0
         max_queue_items = 10000
+        workers = {2 if name == "c" else 1}
 
         [server.listeners.smtp]
         kind = "smtp"

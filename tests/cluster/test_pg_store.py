@@ -393,3 +393,38 @@ def test_a_node_name_in_use_elsewhere_is_reported_and_its_leases_kept(tmp_path, 
 
     asyncio.run(run())
     assert "node name 'same' was in use" in caplog.text
+
+
+def test_a_restarted_node_gives_up_its_previous_runs_leases_not_its_own(tmp_path, dsn_env):
+    config = config_for(tmp_path / "a", "a", lease=30.0)
+    migrate(tmp_path / "a", dsn_env)
+
+    async def run() -> None:
+        old, new = await opened(config), await opened(config)
+        q_old, q_new = old.queue, new.queue
+        db_old, db_new = old.backends[0], new.backends[0]
+        try:
+            await db_old.become_node()  # type: ignore[attr-defined]
+            q_old.lease_on_put = True  # type: ignore[attr-defined]
+            before = [item(q_old.new_id()) for _ in range(3)]
+            for it in before:
+                await q_old.put(it, b"Subject: old\r\n\r\n")
+            db_old._heartbeat.cancel()  # type: ignore[attr-defined]  # the old run dies
+            q_old.leased.clear()  # type: ignore[attr-defined]
+            async with db_new.connection() as conn:  # type: ignore[attr-defined]
+                await conn.execute("UPDATE tampu_nodes SET heartbeat = heartbeat - 100")
+            db_new.instance = "restarted/2"  # type: ignore[attr-defined]
+            await db_new.become_node()  # type: ignore[attr-defined]
+            assert not db_new.name_in_use  # type: ignore[attr-defined]
+            q_new.lease_on_put = True  # type: ignore[attr-defined]
+            mine = item(q_new.new_id())
+            await q_new.put(mine, b"Subject: new\r\n\r\n")  # before recovery (background)
+            assert await q_new.recover() == []
+            holders = await q_new.holders()  # type: ignore[attr-defined]
+            assert list(holders) == [mine.id]  # the old run's three are claimable now
+            assert sorted(await q_new.claim(10)) == sorted(i.id for i in before)
+        finally:
+            await old.close()
+            await new.close()
+
+    asyncio.run(run())
