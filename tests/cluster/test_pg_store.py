@@ -422,6 +422,7 @@ def test_a_restarted_node_gives_up_its_previous_runs_leases_not_its_own(tmp_path
             assert await q_new.recover() == []
             holders = await q_new.holders()  # type: ignore[attr-defined]
             assert list(holders) == [mine.id]  # the old run's three are claimable now
+            assert isinstance(q_new, SharedQueueStore)
             assert sorted(await q_new.claim(10)) == sorted(i.id for i in before)
         finally:
             await old.close()
