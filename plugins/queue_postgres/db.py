@@ -219,6 +219,7 @@ class Database:
                       "needs its own [server] node; if that process is this node's previous "
                       "run, ignore this", self.node, row["age"], row["pid"])
         self.serving = True
+        self._last_gauges = 0.0  # measure again, now that this node counts
         await self.beat()
 
     async def beat(self) -> None:

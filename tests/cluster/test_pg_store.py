@@ -429,3 +429,22 @@ def test_a_restarted_node_gives_up_its_previous_runs_leases_not_its_own(tmp_path
             await new.close()
 
     asyncio.run(run())
+
+
+def test_a_serving_node_exports_its_lag_and_leases(tampu_server, dsn_env):
+    """An in-process server on PostgreSQL (schema made by auto_migrate) with the metrics
+    plugin: the per-node gauges of the shared queue are in /metrics."""
+    import urllib.request
+
+    srv = tampu_server(deliver=True, conf={
+        "50-pg.toml": PG_CONF.format(node="m1", lease=5) + "auto_migrate = true\n",
+        "60-metrics.toml": '[plugins.metrics]\nenabled = true\naddress = "127.0.0.1:0"\n'})
+    assert isinstance(srv.store, SharedQueueStore)
+    port = srv.server.registry.plugins["metrics"].obj.port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for gauge in ("tampu_queue_lag_seconds", "tampu_queue_due_items", "tampu_queue_leases",
+                  "tampu_store_up", "tampu_cluster_nodes"):
+        assert f'{gauge}{{node="m1"}}' in text, gauge
+    assert 'tampu_store_up{node="m1"} 1.0' in text
+    assert 'tampu_cluster_nodes{node="m1"} 1.0' in text
