@@ -20,6 +20,8 @@ D = TypeVar("D")
 
 ListenerKind = Literal["smtp", "submission", "submissions"]
 """smtp (MX, port 25), submission (587, AUTH required), submissions (465, implicit TLS)."""
+SessionKind = Literal["smtp", "submission", "submissions", "local"]
+"""A listener's kind, or ``local``: the local socket of ``tampu sendmail``."""
 
 
 class StashKey(Generic[T]):
@@ -73,7 +75,7 @@ class TlsInfo:
 @dataclass(frozen=True, slots=True)
 class ListenerInfo:
     name: str
-    kind: ListenerKind
+    kind: SessionKind
     address: str
 
 
@@ -97,6 +99,10 @@ class Session:
     """Set by a plugin (relay's ``trusted_networks``): this client may relay without AUTH, as
     Postfix's mynetworks; its messages may leave for remote domains like an authenticated
     user's. Never set by the core itself."""
+    local_user: str | None = None
+    """On the local socket (``tampu sendmail``): the login of the program's user, from the
+    socket's peer credentials. Such a session may relay; it is not ``authenticated`` (no
+    AUTH took place, and the login is not a mail address)."""
     stash: Stash = field(default_factory=Stash)
 
     @property
@@ -104,8 +110,14 @@ class Session:
         return self.auth_user is not None
 
     @property
+    def is_submission(self) -> bool:
+        """Mail from a user of this server (AUTH, or a local program on the local socket),
+        not from the internet: not checked like incoming mail (SPF, DKIM, DMARC), signed."""
+        return self.auth_user is not None or self.local_user is not None
+
+    @property
     def may_relay(self) -> bool:
-        return self.auth_user is not None or self.trusted_network
+        return self.auth_user is not None or self.trusted_network or self.local_user is not None
 
 
 @dataclass(eq=False)

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
@@ -98,3 +100,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+UNIX_PATH_MAX = 107
+"""Bytes of a UNIX socket path the kernel takes (sun_path is 108 with the NUL)."""
+
+
+@contextlib.contextmanager
+def unix_socket_path(path: Path) -> Iterator[str]:
+    """A name for the UNIX socket ``path`` that bind() and connect() accept: the path itself,
+    or, when it is too long, the same file through ``/proc/self/fd`` of its directory."""
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)

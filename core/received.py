@@ -2,7 +2,8 @@
 
 Mail from the outside shows the client's address (canonical) and its HELO name; for an
 authenticated submission only the HELO name is shown: the user's address and login stay
-private, as chasquid does.
+private, as chasquid does. Mail from a local program (``tampu sendmail``) names the local user,
+as Postfix's ``(from userid N)`` does.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import email.utils
 import re
 
-from tampu.envelope import Envelope, Session
+from tampu.authres import header_value, results
+from tampu.envelope import Envelope, Message, Session
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
@@ -25,7 +27,9 @@ def received_header(session: Session, envelope: Envelope, hostname: str,
         proto += "A"
     if envelope.smtputf8 and session.esmtp:
         proto = "UTF8" + proto
-    if session.auth_user:
+    if session.local_user is not None:
+        lines = [f"Received: from local user {_UNSAFE.sub('_', session.local_user)[:64]}"]
+    elif session.auth_user:
         lines = [f"Received: from {helo}"]
     else:
         lines = [f"Received: from [{session.peer_host}] ({helo})"]
@@ -41,3 +45,16 @@ def received_header(session: Session, envelope: Envelope, hostname: str,
     lines[-1] += ";"
     lines.append(f"\t{email.utils.formatdate(localtime=False)}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def trace_headers(session: Session, envelope: Envelope, message: Message, hostname: str,
+                  queue_id: str) -> bytes:
+    """What goes on top of an accepted message: Received, the one Authentication-Results of
+    this server, then the headers plugins added in ``smtp_data``."""
+    top = received_header(session, envelope, hostname, queue_id)
+    found = results(envelope)
+    if found:
+        top += f"Authentication-Results: {header_value(hostname, found)}\r\n".encode(
+            "utf-8", "replace")
+    return top + b"".join(f"{n}: {v}\r\n".encode("utf-8", "surrogateescape")
+                          for n, v in message.added_headers)

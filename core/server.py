@@ -25,6 +25,7 @@ from tampu.decisions import JOURNAL_DIR, Journal
 from tampu.delivery import DeliveryRunner
 from tampu.envelope import ListenerInfo
 from tampu.errors import ConfigError
+from tampu.files import unix_socket_path
 from tampu.intake import Intake
 from tampu.registry import Registry
 from tampu.runtime import Runtime, build_runtime, ensure_certificates
@@ -33,6 +34,7 @@ from tampu.smtp_wire import MemoryBudget, tune_malloc
 from tampu.state import ServerState
 from tampu.stores import make_stores
 from tampu.tls import is_handshake_noise
+from tampu.workers import current_worker
 
 log = logging.getLogger("tampu.server")
 
@@ -63,6 +65,8 @@ class Server:
         self.bound: dict[str, list[tuple[str, int]]] = {}
         self._stop = asyncio.Event()
         self._sockets: dict[str, list[socket.socket]] = {}
+        self._local: socket.socket | None = None
+        """The local socket of ``tampu sendmail`` ([server] local_socket), main process only."""
         self._implicit_tls: ssl.SSLContext | None = None
         """The listening context of implicit-TLS listeners; a reload points its SNI choice
         at the new certificates (STARTTLS takes the running ones at each handshake)."""
@@ -95,6 +99,12 @@ class Server:
         self._sockets = bind_listeners(self.config, reuse_port=reuse_port, listen=listen)
         self.bound = {name: [s.getsockname()[:2] for s in socks]
                       for name, socks in self._sockets.items()}
+        if not reuse_port or not current_worker():  # the local socket: the main process's
+            try:
+                self._local = bind_local_socket(self.config, listen)
+            except ConfigError:
+                self._close_sockets()
+                raise
 
     @property
     def stop_requested(self) -> bool:
@@ -164,6 +174,9 @@ class Server:
     def _close_sockets(self) -> None:
         for sock in [s for socks in self._sockets.values() for s in socks]:
             sock.close()
+        if self._local is not None:
+            remove_local_socket(self._local, self.config)
+            self._local = None
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -191,6 +204,14 @@ class Server:
                     factory, sock=sock, ssl=implicit,
                     ssl_handshake_timeout=self.config.server.tls_handshake_timeout
                     if implicit is not None else None))
+        if self._local is not None:
+            where = str(self.config.data_dir / self.config.server.local_socket)
+            local = ListenerInfo(name="local", kind="local", address=where)
+            self._local.listen(128)
+            self.listeners.append(await loop.create_unix_server(
+                lambda: SmtpSession(self.state, self.intake, local, None, None, self.budget),
+                sock=self._local))
+            log.info("local submissions (tampu sendmail) on %s", where)
 
     # ------------------------------------------------------------------ run / stop
 
@@ -256,6 +277,9 @@ class Server:
             await self.runner.stop()
         for srv in self.listeners:
             await srv.wait_closed()
+        if self._local is not None:
+            remove_local_socket(self._local, self.config)
+            self._local = None
         if self.state.tasks:
             await asyncio.wait(list(self.state.tasks), timeout=5)
         await self.runtime.hooks.tampu_shutdown(self.runtime.context)
@@ -398,3 +422,46 @@ def _bind(host: str, port: int, reuse_port: bool = False,
             break  # an ephemeral port cannot be shared between families
     return socks
 
+
+def bind_local_socket(config: Config, listen: bool = True) -> socket.socket | None:
+    """The UNIX socket of ``tampu sendmail`` (``[server] local_socket`` in the data
+    directory; None when that is empty), open to every local user (0666, as Postfix lets
+    every user submit). A socket file left by a crash is replaced; one a running server
+    answers on is a ConfigError."""
+    name = config.server.local_socket
+    if not name:
+        return None
+    path = config.data_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with unix_socket_path(path) as name_now:
+                probe.connect(name_now)
+        except OSError:
+            path.unlink(missing_ok=True)  # nobody answers: left by a crash
+        else:
+            raise ConfigError([f"server.local_socket: {path} is in use by a running server"])
+        finally:
+            probe.close()
+    elif path.exists():
+        raise ConfigError([f"server.local_socket: {path} exists and is not a socket"])
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with unix_socket_path(path) as name_now:
+            sock.bind(name_now)
+        path.chmod(0o666)
+        if listen:
+            sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError([f"server.local_socket: cannot listen on {path}: "
+                           f"{exc.strerror or exc}"]) from exc
+    return sock
+
+
+def remove_local_socket(sock: socket.socket, config: Config) -> None:
+    sock.close()
+    if config.server.local_socket:
+        (config.data_dir / config.server.local_socket).unlink(missing_ok=True)

@@ -34,14 +34,12 @@ def _value(value: Any) -> str:  # noqa: ANN401 - any setting
 
 
 def run(args: argparse.Namespace) -> int:
-    from tampu.cli import load, print_problems
+    from tampu.cli import loaded, print_problems
     from tampu.errors import ConfigError
     from tampu.registry import available_entry_points, settings_class, validate_plugin_settings
 
-    try:
-        config = load(args)
-    except ConfigError as exc:
-        print_problems(exc)
+    config = loaded(args)
+    if config is None:
         return 2
     root = str(config.config_dir)
 

@@ -62,10 +62,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tampu.cli import load, print_problems
+    from tampu.cli import loaded, print_problems
 
+    config = loaded(args)
+    if config is None:
+        return 2
     try:
-        config = load(args)
         stores = make_stores(config)
     except ConfigError as exc:
         print_problems(exc)

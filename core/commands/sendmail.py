@@ -32,7 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import SMTP as SMTP_POLICY
+from pathlib import Path
 from typing import Any
+
+from tampu.files import unix_socket_path
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE = 0, 64, 65, 67, 69
 EX_OSERR, EX_IOERR, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 71, 74, 75, 77, 78
@@ -204,7 +207,7 @@ class UnixSMTP(smtplib.SMTP):
     """smtplib over a UNIX socket (the server's local socket)."""
 
     def __init__(self, path: str, timeout: float) -> None:
-        self.path = path
+        self.path = Path(path)
         super().__init__(timeout=timeout)
         self.connect("localhost")
 
@@ -212,7 +215,8 @@ class UnixSMTP(smtplib.SMTP):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(self.path)
+            with unix_socket_path(self.path) as name:
+                sock.connect(name)
         except OSError:
             sock.close()
             raise

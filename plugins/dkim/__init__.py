@@ -44,8 +44,9 @@ from tampu.plugins.dkim.verify import SignatureResult, Verifier
 
 __all__ = ["DkimPlugin", "DkimSettings", "SignatureResult"]
 
-SIGNED_ORIGINS = ("dsn", "forward")
-"""Mail the server makes itself: signed like mail from authenticated users."""
+SIGNED_ORIGINS = ("dsn", "forward", "local")
+"""Mail the server makes itself, and mail from local programs (``tampu sendmail``): signed
+like mail from authenticated users."""
 
 
 class DkimSettings(PluginSettings):
@@ -140,7 +141,7 @@ class DkimPlugin:
     @hookimpl
     async def smtp_data(self, session: Session, envelope: Envelope,
                         message: Message) -> Reply | None:
-        if not self.ctx.settings.verify or session.authenticated:
+        if not self.ctx.settings.verify or session.is_submission:
             return None
         results = await self.verifier.verify(message.data)
         if not results:

@@ -122,7 +122,7 @@ class DmarcPlugin:
     @hookimpl
     async def smtp_data(self, session: Session, envelope: Envelope,
                         message: Message) -> Reply | None:
-        if session.authenticated:
+        if session.is_submission:
             return None
         outcome = await self.evaluate(envelope, message)
         envelope.stash[DMARC_OUTCOME] = outcome

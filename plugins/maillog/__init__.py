@@ -226,8 +226,8 @@ class MailLogPlugin:
         if self.log is None:
             return
         to = ", ".join(f"<{r}>" for r in envelope.rcpt_to)
-        state = (f"tls={session.tls.version if session.tls else 'no'} "
-                 f"auth={session.auth_user or '-'}")
+        who = session.auth_user or (f"local:{session.local_user}" if session.local_user else "-")
+        state = f"tls={session.tls.version if session.tls else 'no'} auth={who}"
         fields = {**_session_fields(session), "qid": queue_id, "from": envelope.mail_from,
                   "to": list(envelope.rcpt_to), "reply": _reply(reply)}
         if queue_id is not None:

@@ -80,7 +80,7 @@ class SpfPlugin:
     @hookimpl
     async def smtp_mail_from(self, session: Session, envelope: Envelope, address: str,
                              params: dict[str, str | bool]) -> Reply | None:
-        if session.authenticated:
+        if session.is_submission:
             return None  # authenticated users are trusted, as in chasquid
         helo = session.helo or ""
         if not address and (not self.ctx.settings.check_null_sender or not helo):
@@ -102,7 +102,7 @@ class SpfPlugin:
     @hookimpl
     def smtp_data(self, session: Session, envelope: Envelope, message: Message) -> Reply | None:
         evaluation = envelope.stash.get(_EVALUATION, None)
-        if evaluation is None or session.authenticated or not self.ctx.settings.add_headers:
+        if evaluation is None or session.is_submission or not self.ctx.settings.add_headers:
             return None
         message.add_header("Received-SPF", evaluation.received_spf)
         return None
