@@ -161,10 +161,10 @@ def check(config: Config) -> Runtime:
     """Exactly the validation ``serve`` runs (``build_runtime``), without starting anything:
     the runtime ``serve`` would run (for commands that look at it). Raises ConfigError."""
     from tampu.runtime import build_runtime
-    from tampu.store_files import FilesystemStore
+    from tampu.stores import make_stores
 
-    return build_runtime(config, FilesystemStore(config.data_dir / "queue",
-                                                 config.server.max_queue_items))
+    stores = make_stores(config)  # not opened: nothing connects
+    return build_runtime(config, stores.queue, state=stores.state)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

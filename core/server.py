@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from tampu.claims import ClaimLoop, start_claims
 from tampu.config import Config, load_config
 from tampu.decisions import JOURNAL_DIR, Journal
 from tampu.delivery import DeliveryRunner
@@ -31,7 +32,7 @@ from tampu.runtime import Runtime, build_runtime, ensure_certificates
 from tampu.smtp import SmtpSession
 from tampu.smtp_wire import MemoryBudget, tune_malloc
 from tampu.state import ServerState
-from tampu.store_files import FilesystemStore
+from tampu.stores import make_stores
 from tampu.tls import is_handshake_noise
 
 log = logging.getLogger("tampu.server")
@@ -49,14 +50,16 @@ class Server:
                  *, deliver: bool = True) -> None:
         self.extra_plugins = list(extra_plugins)
         ensure_certificates(config)
-        store = FilesystemStore(config.data_dir / "queue", config.server.max_queue_items)
+        self.stores = make_stores(config)  # [server] queue_store / state_store
         self.journal = Journal(config.data_dir / JOURNAL_DIR, config.server.journal_max_size,
-                               config.server.journal_max_age, config.server.hostname)
-        self.state = ServerState(build_runtime(config, store, extra_plugins=self.extra_plugins,
-                                               journal=self.journal))
+                               config.server.journal_max_age, config.node)
+        self.state = ServerState(build_runtime(config, self.stores.queue,
+                                               extra_plugins=self.extra_plugins,
+                                               journal=self.journal, state=self.stores.state))
         self.intake = Intake(self.state)
         self.deliver = deliver
         self.runner: DeliveryRunner | None = None
+        self.claims: ClaimLoop | None = None
         self.listeners: list[asyncio.Server] = []
         self.bound: dict[str, list[tuple[str, int]]] = {}
         self._stop = asyncio.Event()
@@ -131,19 +134,23 @@ class Server:
             self._close_sockets()
             return False
         try:
+            await self.stores.open()  # the queue and state stores connect (PostgreSQL)
             await self.runtime.hooks.tampu_startup(self.runtime.context)
         except BaseException:  # tampu does not serve: give the addresses back
             self._close_sockets()
+            await self.stores.close()
             raise
         if not await self._may_serve(gate):
             self._close_sockets()
             await self.runtime.hooks.tampu_shutdown(self.runtime.context)
             self.runtime.context.dns.close()
+            await self.stores.close()
             log.info("tampu stopped before serving")
             return False
         if self.deliver:
             self.runner = DeliveryRunner(self.state, self.intake)
             await self.runner.start()
+            self.claims = start_claims(self.state, self.runner, self.intake)  # shared queue
         await self._listen()
         log.info("tampu ready: %s", ", ".join(
             f"{n}={'/'.join(f'{h}:{p}' for h, p in a)}" for n, a in self.bound.items()))
@@ -265,6 +272,8 @@ class Server:
         for conn in list(self.state.connections):
             log.warning("closing a session still in a transaction at shutdown")
             conn.abort()
+        if self.claims is not None:
+            await self.claims.stop()
         if self.runner is not None:
             await self.runner.stop()
         for srv in self.listeners:
@@ -277,6 +286,7 @@ class Server:
         await self.runtime.hooks.tampu_shutdown(self.runtime.context)
         self.runtime.context.dns.close()
         await asyncio.to_thread(self.journal.close)
+        await self.stores.close()
         for callback in self.on_shutdown:
             callback()
         log.info("tampu stopped")
@@ -301,13 +311,16 @@ class Server:
             runtime = await asyncio.to_thread(
                 build_runtime, config, old.store, stash=old.context.stash,
                 dns=old.context.dns if same_dns else None, extra_plugins=self.extra_plugins,
-                journal=self.journal)
+                journal=self.journal, state=old.context.state)
         except (ConfigError, OSError) as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
             for problem in problems:
                 log.error("reload refused, keeping the running configuration: %s", problem)
             self._reload_result(False, problems)
             return False
+        if (config.server.queue_store, config.server.state_store) != \
+                (old.config.server.queue_store, old.config.server.state_store):
+            log.warning("reload: queue_store and state_store change at the next restart")
         if config.server.listeners != old.config.server.listeners:
             log.warning("reload: listener addresses and kinds change at the next restart "
                         "(PROXY settings apply to new connections now)")

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name} = {_value(getattr(config.server, name))}    # {where or '(default)'}")
     eps = available_entry_points()
     for name, table in config.plugins.items():
-        secret_keys = {k for k, v in table.values.items() if isinstance(v, dict)}
+        secret_keys = {k for k, v in table.values.items() if isinstance(v, dict) or (
+            isinstance(v, str) and v.startswith(("$env:", "$file:")))}
         try:
             obj = eps[name].load() if name in eps else None
             settings = validate_plugin_settings(config, name, obj) if obj is not None else None
