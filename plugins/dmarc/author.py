@@ -11,16 +11,13 @@ a spoofed address cannot hide behind a syntax error. No From domain at all gives
 
 from __future__ import annotations
 
-import email.errors
-import email.policy
 import re
 from dataclasses import dataclass
 from typing import Final
 
+from tampu.address_header import parse_address_header
 from tampu.plugins.dmarc.orgdomain import canonical
 
-MAX_HEADER: Final = 4096
-"""Longer From values are not given to the email parser (its cost grows with the input)."""
 MAX_DOMAINS: Final = 10
 """At most this many distinct author domains are evaluated (DNS work per message)."""
 
@@ -67,14 +64,6 @@ def author_domains(from_values: list[str]) -> Authors:
 
 def _parse(value: str) -> tuple[list[str], bool]:
     """The domains of the addresses in one header value, and whether it parsed cleanly."""
-    if len(value) > MAX_HEADER:
-        return [], False
-    try:
-        header = email.policy.default.header_factory("from", value)
-        addresses = getattr(header, "addresses", ())
-        defects = getattr(header, "defects", ())
-    except (email.errors.HeaderParseError, ValueError, IndexError, TypeError):
-        return [], False
-    domains = [str(a.domain) for a in addresses]
-    clean = not any(isinstance(d, email.errors.InvalidHeaderDefect) for d in defects)
-    return ([d for d in domains if d], clean and all(domains) and bool(domains))
+    header = parse_address_header("from", value)
+    domains = [m.domain for m in header.addresses]
+    return ([d for d in domains if d], header.clean and all(domains) and bool(domains))

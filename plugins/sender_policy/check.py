@@ -17,19 +17,16 @@ enabled, only the user's own addresses count.
 
 from __future__ import annotations
 
-import email.errors
-import email.policy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from tampu.address_header import parse_address_header
 from tampu.addresses import AddressError, lookup_key, normalize_domain, split_address
 
 if TYPE_CHECKING:
     from tampu import ServerContext
     from tampu.plugins.aliases.resolver import Resolver
 
-MAX_HEADER: Final = 4096
-"""Longer From: values are not given to the email parser (its cost grows with the input)."""
 MAX_FROM_ADDRESSES: Final = 20
 
 Key = tuple[str, str]
@@ -115,22 +112,17 @@ def from_addresses(values: list[str]) -> tuple[list[str], str]:
     """
     found: list[str] = []
     for value in values:
-        if len(value) > MAX_HEADER:
+        header = parse_address_header("from", value)
+        if header.too_long:
             return [], "the From: header is too long"
-        try:
-            header = email.policy.default.header_factory("from", value)
-            addresses = list(getattr(header, "addresses", ()))
-            defects = list(getattr(header, "defects", ()))
-        except (email.errors.HeaderParseError, ValueError, IndexError, TypeError):
+        if not header.clean:
             return [], "malformed From: header"
-        if any(isinstance(d, email.errors.InvalidHeaderDefect) for d in defects):
-            return [], "malformed From: header"
-        if not addresses:
+        if not header.addresses:
             return [], "no address in From:"
-        for addr in addresses:
-            if not addr.username or not addr.domain:
-                return [], f"{str(addr.addr_spec)[:60]!r} is not user@domain"
-            found.append(str(addr.addr_spec))
+        for mailbox in header.addresses:
+            if not mailbox.local or not mailbox.domain:
+                return [], f"{mailbox.addr_spec[:60]!r} is not user@domain"
+            found.append(mailbox.addr_spec)
     if len(found) > MAX_FROM_ADDRESSES:
         return [], f"more than {MAX_FROM_ADDRESSES} addresses in From:"
     return list(dict.fromkeys(found)), ""
