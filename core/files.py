@@ -193,8 +193,8 @@ def boot_time() -> float:
 
 
 def process_start(pid: int) -> int | None:
-    """The start time of process ``pid`` (clock ticks since boot), None if it does not exist.
-    With :func:`boot_id` it names a process for good (PIDs are reused)."""
+    """The start time of process ``pid`` (clock ticks since boot), None if it does not exist
+    (or is a zombie). With :func:`boot_id` it names a process for good (PIDs are reused)."""
     text = _read_text(f"/proc/{pid}/stat")
     if not text:
         if not os.path.isdir("/proc/self"):  # no procfs: a signal 0 says whether it exists
@@ -207,7 +207,10 @@ def process_start(pid: int) -> int | None:
             return 0
         return None
     try:
-        return int(text[text.rindex(")") + 2:].split()[19])
+        fields = text[text.rindex(")") + 2:].split()
+        if fields[0] in ("Z", "X"):
+            return None  # a zombie: dead, not reaped yet
+        return int(fields[19])
     except (ValueError, IndexError):
         return None
 
