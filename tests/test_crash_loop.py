@@ -18,7 +18,6 @@ import re
 import signal
 import smtplib
 import subprocess
-import sys
 import textwrap
 import threading
 import time
