@@ -8,6 +8,9 @@
   loopback: MX -> 127.0.0.2) and relays them with ``delivery_smtp`` to Postfix's ``smtp-sink``
   listening on 127.0.0.2.
 
+example.test has a DKIM key (made with ``tampu dkim keygen``), so relayed mail is signed as a
+real server's would be.
+
 For each path it prints the accept rate (until the last "250") and the end-to-end rate (until
 the last message is delivered: in the Maildir, or counted by smtp-sink with the queue empty).
 

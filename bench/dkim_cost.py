@@ -57,7 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for alg in ("rsa2048", "rsa3072", "ed25519"):
             path = key_path(Path(tmp), alg)
-            write_key_file(path, generate_key(alg))  # type: ignore[arg-type]
+            write_key_file(path, generate_key(alg))
             key = load_key(path, "example.test")
             n = max(10, args.n // 4) if alg.startswith("rsa") else args.n
             t_sign = best(lambda: sign(msg, [key]), n)

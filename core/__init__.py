@@ -21,9 +21,10 @@ from tampu.envelope import (
     TlsInfo,
     Verdict,
 )
-from tampu.errors import ConfigError, PluginError, TampuError
+from tampu.errors import ConfigError, PluginError, StateError, TampuError
 from tampu.item import DeliveryResult, QueueItem, Recipient, RecipientStatus, Route
 from tampu.reply import Reply
+from tampu.state_store import StateStore
 
 __version__ = "0.2.0"
 
@@ -48,6 +49,8 @@ __all__ = [
     "Session",
     "Stash",
     "StashKey",
+    "StateError",
+    "StateStore",
     "TampuError",
     "TlsInfo",
     "Verdict",

@@ -33,6 +33,7 @@ from tampu.reply import Reply
 if TYPE_CHECKING:
     import argparse
 
+    from tampu.backends import RegisterBackend
     from tampu.context import HookObserver, ServerContext
     from tampu.envelope import Envelope, Message, Session, Verdict
     from tampu.item import QueueItem, Recipient
@@ -360,6 +361,9 @@ class Hooks:
 
     def tampu_register_cli(self, subparsers: argparse._SubParsersAction[Any]) -> None:
         self.caller.call_sync("tampu_register_cli", subparsers=subparsers)
+
+    def tampu_register_stores(self, register: RegisterBackend) -> None:
+        self.caller.call_sync("tampu_register_stores", register=register)
 
     # reception
     async def smtp_connect(self, session: Session) -> tuple[Reply | None, str | None]:

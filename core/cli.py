@@ -15,9 +15,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tampu.config import Config, load_config
 from tampu.errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    from tampu.runtime import Runtime
 
 PIDFILE = "tampu.pid"
 DEFAULT_CONFIG_DIR = "/etc/tampu"
@@ -53,6 +57,16 @@ def load(args: argparse.Namespace) -> Config:
     return load_config(args.config_dir)
 
 
+def loaded(args: argparse.Namespace) -> Config | None:
+    """The configuration of ``--config-dir``, or None after printing its problems (the
+    command then exits with status 2)."""
+    try:
+        return load(args)
+    except ConfigError as exc:
+        print_problems(exc)
+        return None
+
+
 def signal_server(config: Config, sig: signal.Signals) -> bool:
     try:
         pid = int((config.data_dir / PIDFILE).read_text().strip())
@@ -63,10 +77,8 @@ def signal_server(config: Config, sig: signal.Signals) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        config = load(args)
-    except ConfigError as exc:
-        print_problems(exc)
+    config = loaded(args)
+    if config is None:
         return 2
     setup_logging(config.server.log_level)
     # A log line must never fail (an address or HELO name the terminal cannot encode):
@@ -145,14 +157,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         team.stop()
 
 
-def check(config: Config) -> None:
-    """Exactly the validation ``serve`` runs (``build_runtime``), without starting anything.
-    Raises ConfigError."""
+def check(config: Config) -> Runtime:
+    """Exactly the validation ``serve`` runs (``build_runtime``), without starting anything:
+    the runtime ``serve`` would run (for commands that look at it). Raises ConfigError."""
     from tampu.runtime import build_runtime
-    from tampu.store_files import FilesystemStore
+    from tampu.stores import make_stores
 
-    build_runtime(config, FilesystemStore(config.data_dir / "queue",
-                                          config.server.max_queue_items))
+    stores = make_stores(config)  # not opened: nothing connects
+    return build_runtime(config, stores.queue, state=stores.state)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -169,12 +181,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from tampu.runtime import build_runtime
-    from tampu.store_files import FilesystemStore
-
     try:
-        config = load(args)
-        runtime = build_runtime(config, FilesystemStore(config.data_dir / "queue", 1))
+        runtime = check(load(args))
     except ConfigError as exc:
         print_problems(exc)
         return 2

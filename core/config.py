@@ -110,6 +110,17 @@ class ServerSettings(_Strict):
 
     hostname: str = Field(default="localhost", description="Name in the greeting, in "
                           "Received headers and in the HELO of outgoing mail.")
+    node: str = Field(default="", description="This node's name in records shared with "
+                      "other nodes (queue leases, decision records); unique per node. Empty: "
+                      "the hostname.")
+    queue_store: str = Field(
+        default="filesystem", description="Where the queue lives: filesystem (<data_dir>/"
+        "queue, the embedded default) or postgres (shared by several nodes; configure "
+        "[plugins.queue_postgres]). Changes apply at the next start.")
+    state_store: str = Field(
+        default="", description="Where shared state lives (domaininfo levels, rate-limit and "
+        "AUTH-failure counters, greylisting): files (files and memory of this node) or "
+        "postgres. Empty: postgres when queue_store is postgres, else files.")
     data_dir: str = Field(default="data", description="Queue and state; relative paths are "
                           "relative to the configuration directory.")
     local_domains: list[str] = Field(
@@ -294,6 +305,11 @@ class Config:
         return (self.config_dir / self.server.data_dir).resolve()
 
     @property
+    def node(self) -> str:
+        """This node's name: ``[server] node``, else the hostname."""
+        return self.server.node or self.server.hostname
+
+    @property
     def certs_dir(self) -> Path:
         return (self.config_dir / self.server.certs_dir).resolve()
 
@@ -349,9 +365,13 @@ def format_validation_error(err: ValidationError, prefix: tuple[str, ...],
 
 
 def resolve_secrets(values: dict[str, Any], config_dir: Path) -> dict[str, Any]:
-    """Replace ``{"$env": "NAME"}`` and ``{"$file": "path"}`` values by what they point at."""
+    """Replace ``{"$env": "NAME"}`` and ``{"$file": "path"}`` values (or the strings
+    ``"$env:NAME"``, ``"$file:path"``) by what they point at."""
     out: dict[str, Any] = {}
     for key, value in values.items():
+        if isinstance(value, str) and value.startswith(("$env:", "$file:")):
+            kind, _, ref = value.partition(":")  # the string forms: "$env:NAME", "$file:path"
+            value = {kind: ref}
         if isinstance(value, dict) and set(value) == {"$env"}:
             env = value["$env"]
             if env not in os.environ:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -21,6 +21,7 @@ from tampu.dns import Resolver
 from tampu.envelope import Stash
 from tampu.files import FileStamp
 from tampu.item import Recipient
+from tampu.state_store import LocalStateStore, StateStore
 from tampu.store import QueueStore
 from tampu.users import Domains, UserDirectory
 
@@ -40,6 +41,10 @@ class ServerContext:
     dns: Resolver
     stash: Stash = field(default_factory=Stash)
     """Server-wide plugin state; survives reloads (plugins hand state over through it)."""
+    state_store: InitVar[StateStore | None] = None
+    state: StateStore = field(init=False)
+    """Policy state shared by this server's processes and, with PostgreSQL, by every node
+    (``[server] state_store``): security levels, counters, triplets. Survives reloads."""
     domains: Domains = field(init=False)
     users: UserDirectory = field(init=False)
     node: str = ""
@@ -49,13 +54,15 @@ class ServerContext:
     plugin_order: dict[str, list[str]] = field(default_factory=dict)
     """The enabled plugins on each hook, in call order (filled once the plugins are loaded)."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, state_store: StateStore | None) -> None:
         server = self.config.server
+        self.state = state_store if state_store is not None else LocalStateStore(
+            self.config.data_dir)
         self.domains = Domains(self.config.domains_dir, server.local_domains,
                                server.file_check_interval)
         self.users = UserDirectory(self.domains, server.suffix_separators,
                                    server.drop_characters, server.file_check_interval)
-        self.node = self.node or server.hostname
+        self.node = self.node or self.config.node
 
     @property
     def settings(self) -> ServerSettings:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,10 @@ from tampu.item import DeliveryResult, QueueItem, Recipient
 log = logging.getLogger("tampu.decisions")
 
 JOURNAL_DIR: Final = "journal"
+FLUSH_INTERVAL: Final = 0.1
+"""Seconds between the journal writer's rounds: how late ``tampu why`` may see a record."""
+FLUSH_RECORDS: Final = 256
+"""Records that make the writer go at once (and the most it encodes per write)."""
 MAX_DECISIONS: Final = 200
 """Decisions kept per transaction (a client sending thousands of RCPTs gets a summary)."""
 
@@ -47,14 +50,21 @@ def _reply(verdict: Verdict) -> str:
 
 
 class Journal:
-    """The bounded on-disk journal of one process."""
+    """The bounded on-disk journal of one process.
+
+    :meth:`write` only appends the record to a list; a writer thread takes the list every
+    :data:`FLUSH_INTERVAL` (or sooner when it grows), encodes and writes it in one go. Waking
+    a thread per record cost more than the records themselves (its GIL hand-off)."""
 
     def __init__(self, directory: Path, max_bytes: int, max_age: float, node: str) -> None:
         self.dir = directory
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.node = node
-        self.queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._pending: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
         self.thread: threading.Thread | None = None
         self.failing = False
         self.files = 0
@@ -67,52 +77,72 @@ class Journal:
             self.thread.start()
         record.setdefault("t", round(time.time(), 3))
         record["node"] = self.node
-        self.queue.put(record)
+        with self._lock:
+            self._pending.append(record)
+            many = len(self._pending) >= FLUSH_RECORDS
+        if many:
+            self._wake.set()
 
     def close(self) -> None:
         if self.thread is not None:
-            self.queue.put(None)
+            self._closing = True
+            self._wake.set()
             self.thread.join(10)
             self.thread = None
+            self._closing = False
+
+    def _take(self) -> list[dict[str, Any]]:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        return batch
 
     def _run(self) -> None:
         handle = None
         written = 0
         try:
             while True:
-                record = self.queue.get()
-                if record is None:
-                    return
+                self._wake.wait(FLUSH_INTERVAL)
+                self._wake.clear()
+                closing = self._closing
+                batch = self._take()
                 file_limit = max(1024, self.max_bytes // 10)
-                data = self._line(record)
-                while len(data) < file_limit // 4:  # what else is waiting: one write
-                    try:
-                        more = self.queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        self.queue.put(None)
-                        break
-                    data += self._line(more)
-                try:
-                    if handle is None or written + len(data) > file_limit:
-                        if handle is not None:
-                            handle.close()
-                        handle, written = self._open()
-                        self._prune()
-                    handle.write(data)
-                    handle.flush()
-                    written += len(data)
-                    self.failing = False
-                except OSError as exc:
-                    if not self.failing:
-                        log.error("decision journal: cannot write to %s: %s; records are "
-                                  "lost until it works again", self.dir, exc.strerror or exc)
-                    self.failing = True
-                    handle = None
+                chunk: list[bytes] = []
+                size = 0
+                for record in batch:  # one write per file: a file never passes its limit
+                    line = self._line(record)
+                    if chunk and written + size + len(line) > file_limit:
+                        handle, written = self._put(handle, written, chunk, file_limit)
+                        chunk, size = [], 0
+                    chunk.append(line)
+                    size += len(line)
+                if chunk:
+                    handle, written = self._put(handle, written, chunk, file_limit)
+                if closing:
+                    return
         finally:
             if handle is not None:
                 handle.close()
+
+    def _put(self, handle: Any, written: int, chunk: list[bytes],  # noqa: ANN401 - a file
+             file_limit: int) -> tuple[Any, int]:
+        """Write ``chunk`` to the current file, or to a new one when it would not fit."""
+        data = b"".join(chunk)
+        try:
+            if handle is None or written + len(data) > file_limit:
+                if handle is not None:
+                    handle.close()
+                handle, written = self._open()
+                self._prune()
+            handle.write(data)
+            handle.flush()
+            self.failing = False
+            return handle, written + len(data)
+        except OSError as exc:
+            if not self.failing:
+                log.error("decision journal: cannot write to %s: %s; records are lost until "
+                          "it works again", self.dir, exc.strerror or exc)
+            self.failing = True
+            return None, 0
 
     @staticmethod
     def _line(record: dict[str, Any]) -> bytes:

@@ -201,6 +201,10 @@ class DeliveryRunner:
         self._tickets: set[str] = set()
         self._feeder: asyncio.Task[None] | None = None
         self._stopping = False
+        self.hand_back = False
+        """Set by the claim loop of a shared queue (:mod:`tampu.claims`): a round that leaves
+        recipients pending ends the item's task, the item due again for any node at its next
+        attempt; items of other processes come through claims, not rescans or workers."""
         intake.schedulers.append(self.schedule)
 
     @property
@@ -288,6 +292,8 @@ class DeliveryRunner:
     async def schedule_id(self, qid: str, *, wait: bool = False) -> None:
         """Schedule an item another process (a reception worker) wrote; ``wait``: its next
         round when its state says (one handed over after a round)."""
+        if self.hand_back:  # a shared queue: the claim loop takes it, under a lease
+            return
         if qid and qid not in self.tasks:
             try:
                 item = await self.store.load(qid)
@@ -362,6 +368,8 @@ class DeliveryRunner:
     async def rescan(self) -> int:
         """Pick up items written by other processes (workers, ``tampu queue``): they join
         the feeder's backlog (held ones are skipped when loaded)."""
+        if self.hand_back:  # a shared queue: items are claimed, never taken unleased
+            return 0
         before = len(self._backlog)
         self._enqueue([qid for qid in await self.store.ids()
                        if qid not in self.tasks and not self.owned_elsewhere(qid)])
@@ -431,6 +439,8 @@ class DeliveryRunner:
             delay = await self._delay(item)
             item.next_attempt = time.time() + delay
             await self.store.save_state(item)
+            if self.hand_back:  # a shared queue: due again at next_attempt, for any node
+                return
             if self.hand_over is not None and item.id not in self.retry_soon and \
                     self.hand_over(item):
                 return  # the main process waits and makes the next rounds

@@ -31,3 +31,7 @@ class QueueError(TampuError):
 
 class QueueFull(QueueError):
     """The queue holds as many items as it may (``[server] max_queue_items``)."""
+
+
+class StateError(TampuError):
+    """The state store (``context.state``) could not be read or written."""

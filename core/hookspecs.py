@@ -59,6 +59,7 @@ from tampu._markers import hookspec
 if TYPE_CHECKING:
     import argparse
 
+    from tampu.backends import RegisterBackend
     from tampu.context import ServerContext
     from tampu.envelope import AuthResult, Envelope, Message, Session, Verdict
     from tampu.item import DeliveryResult, QueueItem, Recipient
@@ -120,6 +121,28 @@ def tampu_register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     **Async:** no: a plain function.
 
     **Since:** 0.2 (before: a ``register_cli`` function found by name).
+    """
+
+
+@hookspec
+def tampu_register_stores(register: RegisterBackend) -> None:
+    """Add a store backend that ``[server] queue_store`` or ``state_store`` can name
+    (``queue_postgres`` adds ``postgres``).
+
+    **Fires:** when a process makes its stores (``tampu serve``, ``tampu check``, ``tampu
+    queue`` ...) and the configuration names a backend that is not the core's own
+    (``filesystem``/``files``), for every available plugin (enabled or not), on the plugin's
+    **module**: implement it as a module-level function.
+
+    :param register: ``register(name, factory)``; ``factory(config)`` returns a
+        :class:`tampu.backends.StoreBackend` (it validates the backend's own settings and
+        raises ConfigError; it connects nothing before ``open``).
+
+    **Result:** none; the first registration of a name wins.
+
+    **Async:** no: a plain function.
+
+    **Since:** 0.3
     """
 
 

@@ -26,6 +26,7 @@ from tampu.dns import Resolver
 from tampu.envelope import Stash
 from tampu.errors import ConfigError
 from tampu.registry import Registry, build_registry
+from tampu.state_store import StateStore
 from tampu.store import QueueStore
 from tampu.tls import ensure_self_signed, load_certificates, server_context
 
@@ -100,13 +101,15 @@ def check_environment(config: Config) -> list[str]:
 
 def build_runtime(config: Config, store: QueueStore, *, stash: Stash | None = None,
                   dns: Resolver | None = None, extra_plugins: list[Any] | None = None,
-                  journal: Journal | None = None) -> Runtime:
+                  journal: Journal | None = None, state: StateStore | None = None) -> Runtime:
     """Validate ``config`` completely and load its plugins. Raises ConfigError (all problems).
 
-    ``journal``: where the core's decision recorder writes (a serving process has one)."""
+    ``journal``: where the core's decision recorder writes (a serving process has one).
+    ``state``: the state store (:func:`tampu.stores.make_stores`; default: local files)."""
     problems = check_environment(config)
     context = ServerContext(config, store, dns or Resolver.from_settings(
-        config.server.dns_servers, config.server.dns_timeout), stash or Stash())
+        config.server.dns_servers, config.server.dns_timeout), stash or Stash(),
+        state_store=state)
     problems.extend(context.users.problems())
     extra = list(extra_plugins or [])
     if journal is not None and config.server.journal_max_size:

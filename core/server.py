@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from tampu.claims import ClaimLoop, start_claims
 from tampu.config import Config, load_config
 from tampu.decisions import JOURNAL_DIR, Journal
 from tampu.delivery import DeliveryRunner
@@ -32,9 +33,8 @@ from tampu.runtime import Runtime, build_runtime, ensure_certificates
 from tampu.smtp import SmtpSession
 from tampu.smtp_wire import MemoryBudget, tune_malloc
 from tampu.state import ServerState
-from tampu.store_files import FilesystemStore
+from tampu.stores import make_stores
 from tampu.tls import is_handshake_noise
-from tampu.workers import current_worker
 
 log = logging.getLogger("tampu.server")
 
@@ -51,11 +51,12 @@ class Server:
                  *, deliver: bool = True, resume: bool = True) -> None:
         self.extra_plugins = list(extra_plugins)
         ensure_certificates(config)
-        store = FilesystemStore(config.data_dir / "queue", config.server.max_queue_items)
+        self.stores = make_stores(config)  # [server] queue_store / state_store
         self.journal = Journal(config.data_dir / JOURNAL_DIR, config.server.journal_max_size,
-                               config.server.journal_max_age, config.server.hostname)
-        self.state = ServerState(build_runtime(config, store, extra_plugins=self.extra_plugins,
-                                               journal=self.journal))
+                               config.server.journal_max_age, config.node)
+        self.state = ServerState(build_runtime(config, self.stores.queue,
+                                               extra_plugins=self.extra_plugins,
+                                               journal=self.journal, state=self.stores.state))
         self.intake = Intake(self.state)
         self.deliver = deliver
         self.resume = resume
@@ -64,6 +65,7 @@ class Server:
         self.owned_elsewhere: Callable[[str], bool] | None = None
         """For the delivery runner (set by the worker manager, :mod:`tampu.workers`)."""
         self.runner: DeliveryRunner | None = None
+        self.claims: ClaimLoop | None = None
         self.listeners: list[asyncio.Server] = []
         self.bound: dict[str, list[tuple[str, int]]] = {}
         self._stop = asyncio.Event()
@@ -94,15 +96,17 @@ class Server:
 
     # ------------------------------------------------------------------ start
 
-    def bind(self, *, reuse_port: bool = False, listen: bool = True) -> None:
+    def bind(self, *, reuse_port: bool = False, listen: bool = True,
+             local_socket: bool = True) -> None:
         """Open the listening sockets (before start-up hooks). ``reuse_port``: SO_REUSEPORT,
         so that worker processes can bind the same addresses; ``listen=False``: bound only,
         so that no connection waits for this process before it serves (listen() comes when
-        it starts serving)."""
+        it starts serving); ``local_socket=False``: not the local socket (a reception worker:
+        the main process serves it)."""
         self._sockets = bind_listeners(self.config, reuse_port=reuse_port, listen=listen)
         self.bound = {name: [s.getsockname()[:2] for s in socks]
                       for name, socks in self._sockets.items()}
-        if not reuse_port or not current_worker():  # the local socket: the main process's
+        if local_socket:
             try:
                 self._local = bind_local_socket(self.config, listen)
             except ConfigError:
@@ -136,14 +140,17 @@ class Server:
             self._close_sockets()
             return False
         try:
+            await self.stores.open()  # the queue and state stores connect (PostgreSQL)
             await self.runtime.hooks.tampu_startup(self.runtime.context)
         except BaseException:  # tampu does not serve: give the addresses back
             self._close_sockets()
+            await self.stores.close()
             raise
         if not await self._may_serve(gate):
             self._close_sockets()
             await self.runtime.hooks.tampu_shutdown(self.runtime.context)
             self.runtime.context.dns.close()
+            await self.stores.close()
             log.info("tampu stopped before serving")
             return False
         if self.deliver:
@@ -151,6 +158,7 @@ class Server:
                                          hand_over=self.hand_over,
                                          owned_elsewhere=self.owned_elsewhere)
             await self.runner.start()
+            self.claims = start_claims(self.state, self.runner, self.intake)  # shared queue
         await self._listen()
         log.info("tampu ready: %s", ", ".join(
             f"{n}={'/'.join(f'{h}:{p}' for h, p in a)}" for n, a in self.bound.items()))
@@ -272,6 +280,8 @@ class Server:
         for conn in list(self.state.connections):
             log.warning("closing a session still in a transaction at shutdown")
             conn.abort()
+        if self.claims is not None:
+            await self.claims.stop()
         if self.runner is not None:
             await self.runner.stop()
         for srv in self.listeners:
@@ -290,6 +300,7 @@ class Server:
             except OSError as exc:
                 log.error("closing the queue: %s", exc)
         await asyncio.to_thread(self.journal.close)
+        await self.stores.close()
         for callback in self.on_shutdown:
             callback()
         log.info("tampu stopped")
@@ -314,13 +325,16 @@ class Server:
             runtime = await asyncio.to_thread(
                 build_runtime, config, old.store, stash=old.context.stash,
                 dns=old.context.dns if same_dns else None, extra_plugins=self.extra_plugins,
-                journal=self.journal)
+                journal=self.journal, state=old.context.state)
         except (ConfigError, OSError) as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
             for problem in problems:
                 log.error("reload refused, keeping the running configuration: %s", problem)
             self._reload_result(False, problems)
             return False
+        if (config.server.queue_store, config.server.state_store) != \
+                (old.config.server.queue_store, old.config.server.state_store):
+            log.warning("reload: queue_store and state_store change at the next restart")
         if config.server.listeners != old.config.server.listeners:
             log.warning("reload: listener addresses and kinds change at the next restart "
                         "(PROXY settings apply to new connections now)")

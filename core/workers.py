@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tampu.backends import SharedQueueStore
 from tampu.config import Config
 from tampu.item import QueueItem
 from tampu.store import ID_PREFIX_BYTES, id_prefix, set_id_prefix
@@ -276,7 +277,9 @@ def _worker_main(config: Config, wfd: int, go_fd: int, index: int) -> int:
     async def run() -> int:
         try:
             server = Server(config, resume=False)
-            server.bind(reuse_port=True, listen=False)
+            server.bind(reuse_port=True, listen=False, local_socket=False)
+            if isinstance(server.state.runtime.store, SharedQueueStore):
+                server.deliver = False  # the main process claims for the node, under leases
         except Exception as exc:
             log.error("reception worker %d: %s", index, exc)
             _report(wfd, _FAILED + f"{index} {exc}".encode("utf-8", "backslashreplace"))

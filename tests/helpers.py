@@ -29,8 +29,9 @@ class RawClient:
 
     def __init__(self, port: int, *, host: str = "127.0.0.1", timeout: float = 10,
                  tls: ssl.SSLContext | None = None,
-                 server_hostname: str | None = "localhost") -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
+                 server_hostname: str | None = "localhost", source: str | None = None) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout,
+                                        source_address=(source, 0) if source else None)
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname=server_hostname)
         self.sock: socket.socket = sock

@@ -34,14 +34,12 @@ def _value(value: Any) -> str:  # noqa: ANN401 - any setting
 
 
 def run(args: argparse.Namespace) -> int:
-    from tampu.cli import load, print_problems
+    from tampu.cli import loaded, print_problems
     from tampu.errors import ConfigError
     from tampu.registry import available_entry_points, settings_class, validate_plugin_settings
 
-    try:
-        config = load(args)
-    except ConfigError as exc:
-        print_problems(exc)
+    config = loaded(args)
+    if config is None:
         return 2
     root = str(config.config_dir)
 
@@ -58,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name} = {_value(getattr(config.server, name))}    # {where or '(default)'}")
     eps = available_entry_points()
     for name, table in config.plugins.items():
-        secret_keys = {k for k, v in table.values.items() if isinstance(v, dict)}
+        secret_keys = {k for k, v in table.values.items() if isinstance(v, dict) or (
+            isinstance(v, str) and v.startswith(("$env:", "$file:")))}
         try:
             obj = eps[name].load() if name in eps else None
             settings = validate_plugin_settings(config, name, obj) if obj is not None else None

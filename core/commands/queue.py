@@ -1,9 +1,11 @@
 """``tampu queue``: the queue at Postfix's level (postqueue -p/-j/-f/-s, postsuper -d/-h/-H/-r,
 postcat).
 
-Reading works on a running or a stopped server. Changes go to the running server as requests
-(the store keeps them, SIGUSR1 wakes the server), so they never race a delivery; with no
-server running they are applied to the store directly.
+Reading works on a running or a stopped server, on the store ``[server] queue_store`` names.
+With the filesystem store, changes go to the running server as requests (the store keeps them,
+SIGUSR1 wakes the server), so they never race a delivery; with no server running they are
+applied to the store directly. A shared store (PostgreSQL) applies them at once, and every
+node sees them: a held item is claimed by no node, a retried one by the next node that looks.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from datetime import datetime
 from typing import Any
 
 from tampu.addresses import domain_of
+from tampu.backends import SharedQueueStore
 from tampu.config import Config
-from tampu.errors import ConfigError, QueueError
+from tampu.errors import ConfigError, QueueError, TampuError
 from tampu.item import QueueItem
 from tampu.store import QueueStore, format_age, valid_id
 from tampu.store_files import FilesystemStore
+from tampu.stores import Stores, make_stores
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -58,15 +62,29 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tampu.cli import load, print_problems
+    from tampu.cli import loaded, print_problems
 
+    config = loaded(args)
+    if config is None:
+        return 2
     try:
-        config = load(args)
+        stores = make_stores(config)
     except ConfigError as exc:
         print_problems(exc)
         return 2
-    store = FilesystemStore(config.data_dir / "queue", config.server.max_queue_items)
-    return asyncio.run(_run(args, config, store))
+    try:
+        return asyncio.run(_opened(args, config, stores))
+    except TampuError as exc:
+        print(f"tampu: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _opened(args: argparse.Namespace, config: Config, stores: Stores) -> int:
+    await stores.open()
+    try:
+        return await _run(args, config, stores.queue)
+    finally:
+        await stores.close()
 
 
 async def _items(store: QueueStore) -> list[QueueItem | tuple[str, str]]:
@@ -136,7 +154,7 @@ async def queue_rows(store: QueueStore, limit: int | None = None) -> tuple[list[
     return rows, len(ids)
 
 
-async def _run(args: argparse.Namespace, config: Config, store: FilesystemStore) -> int:
+async def _run(args: argparse.Namespace, config: Config, store: QueueStore) -> int:
     command = args.queue_command
     if command == "list":
         return await list_queue(store, as_json=args.json)
@@ -163,7 +181,7 @@ async def _run(args: argparse.Namespace, config: Config, store: FilesystemStore)
     return await request(config, store, action, list(args.ids), all_items=not args.ids)
 
 
-async def request(config: Config, store: FilesystemStore, action: str, ids: list[str],
+async def request(config: Config, store: QueueStore, action: str, ids: list[str],
                   *, all_items: bool = False) -> int:
     from tampu.cli import signal_server
 
@@ -174,8 +192,12 @@ async def request(config: Config, store: FilesystemStore, action: str, ids: list
     if not ids and not all_items:
         print("queue is empty")
         return 0
-    await store.request(action, [] if all_items else ids)
     what = "every item" if all_items else " ".join(ids)
+    if isinstance(store, SharedQueueStore):  # applied now, for every node
+        count = await store.apply(action, [] if all_items else ids)
+        print(f"{action} applied to {count} item(s) of the shared queue ({what})")
+        return 0
+    await store.request(action, [] if all_items else ids)
     if signal_server(config, signal.SIGUSR1):
         print(f"asked the server to {action} {what}")
         return 0
@@ -188,7 +210,7 @@ async def request(config: Config, store: FilesystemStore, action: str, ids: list
     return 0
 
 
-async def _apply_stopped(store: FilesystemStore) -> int:
+async def _apply_stopped(store: QueueStore) -> int:
     n = 0
     for action, qid in await store.take_requests():
         targets = await store.ids() if qid == "all" else [qid]
@@ -210,14 +232,16 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "now"
 
 
-async def list_queue(store: FilesystemStore, *, as_json: bool) -> int:
+async def list_queue(store: QueueStore, *, as_json: bool) -> int:
     now = time.time()
     rows, _ = await queue_rows(store)
+    holders = await store.holders() if isinstance(store, SharedQueueStore) else {}
     total = 0
     for row in rows:
         item = row.item
         if as_json:
-            print(json.dumps(row.to_json()))
+            print(json.dumps({**row.to_json(), "node": holders[row.id][0]} if row.id in holders
+                             else row.to_json()))
             if item is not None:
                 total += item.size
             continue
@@ -228,20 +252,23 @@ async def list_queue(store: FilesystemStore, *, as_json: bool) -> int:
         flag = "!" if item.held else " "
         print(f"{item.id}{flag} {item.size:>9}  {_when(item.created)}  "
               f"age={row.age(now)}  <{item.mail_from}>")
-        print(f"    attempts={item.attempts}  {row.next_attempt}  origin={item.origin}")
+        state = row.next_attempt
+        if item.id in holders:
+            state += f"  being delivered by {holders[item.id][0]}"
+        print(f"    attempts={item.attempts}  {state}  origin={item.origin}")
         for r in item.recipients:
             err = f"  ({r.last_error})" if r.last_error else ""
             print(f"    <{r.address}>  {r.status.value}{err}")
     if not as_json:
         n = sum(row.item is not None for row in rows)
         print(f"-- {total // 1024} KiB in {n} item(s)" if n else "queue is empty")
-        corrupt = store.corrupt_count()
-        if corrupt:
+        corrupt = store.corrupt_count() if isinstance(store, FilesystemStore) else 0
+        if corrupt and isinstance(store, FilesystemStore):
             print(f"{corrupt} unreadable item(s) set aside in {store.dir / 'corrupt'}")
     return 0
 
 
-async def show(store: FilesystemStore, qid: str, args: argparse.Namespace) -> int:
+async def show(store: QueueStore, qid: str, args: argparse.Namespace) -> int:
     try:
         item = await store.load(qid)
         message = await store.read_message(item.id)

@@ -195,14 +195,11 @@ def show(steps: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tampu.cli import load, print_problems
+    from tampu.cli import check, load, print_problems
     from tampu.errors import ConfigError
-    from tampu.runtime import build_runtime
-    from tampu.store_files import FilesystemStore
 
     try:
-        config = load(args)
-        runtime = build_runtime(config, FilesystemStore(config.data_dir / "queue", 1))
+        runtime = check(load(args))
     except ConfigError as exc:
         print_problems(exc)
         return 2

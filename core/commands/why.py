@@ -25,6 +25,7 @@ from tampu.addresses import normalize_address
 from tampu.decisions import JOURNAL_DIR, read_journal
 
 if TYPE_CHECKING:
+    from tampu.config import Config
     from tampu.item import QueueItem
 
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -222,10 +223,27 @@ def text(story: list[Line]) -> str:
     return "\n".join(map(str, story))
 
 
+async def _live_item(config: Config, qid: str) -> QueueItem | None:
+    """The item if it is still queued, in whichever store ``[server] queue_store`` names."""
+    from tampu.errors import TampuError
+    from tampu.stores import make_stores
+
+    try:
+        stores = make_stores(config)
+        await stores.open()
+    except (TampuError, OSError):
+        return None
+    try:
+        return await stores.queue.load(qid)
+    except (TampuError, OSError):
+        return None
+    finally:
+        await stores.close()
+
+
 def run(args: argparse.Namespace) -> int:
     from tampu.cli import load, print_problems
-    from tampu.errors import ConfigError, QueueError
-    from tampu.store_files import FilesystemStore
+    from tampu.errors import ConfigError
 
     try:
         config = load(args)
@@ -242,11 +260,7 @@ def run(args: argparse.Namespace) -> int:
     records = list(read_journal(config.data_dir / JOURNAL_DIR, since))
     live = None
     if args.qid:
-        store = FilesystemStore(config.data_dir / "queue", 1)
-        try:
-            live = asyncio.run(store.load(args.qid))
-        except QueueError:
-            live = None
+        live = asyncio.run(_live_item(config, args.qid))
         if args.json:
             found = [r for r in records if r.get("qid") == args.qid]
             for r in found:

@@ -308,7 +308,7 @@ class DeliverySmtpPlugin:
             return None
 
         async def check(level: SecLevel) -> bool:
-            return await asyncio.to_thread(store.check_outgoing, key, level)
+            return await store.check_outgoing(key, level)
 
         return check
 

@@ -66,9 +66,8 @@ class DkimKey:
     path: Path
     algorithm: SignatureAlgorithm
     bits: int
-    private: bytes = b""
-    """The private key as dkimpy's ``sign`` takes it: a PKCS#1 PEM for RSA, the base64 seed
-    for Ed25519."""
+    signer: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | None = None
+    """The private key (``cryptography``: the signature itself is OpenSSL's)."""
     public: str = ""
     """The base64 ``p=`` value: SubjectPublicKeyInfo (RSA) or the raw 32 bytes (Ed25519)."""
 
@@ -151,19 +150,14 @@ def parse_key(data: bytes, path: Path, domain: str, selector: str) -> DkimKey:
         if key.key_size < MIN_RSA_BITS:
             raise KeyFileError(path, f"RSA key of {key.key_size} bits is too small: DKIM "
                                f"keys need at least {MIN_RSA_BITS} bits (RFC 8301)")
-        private = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.TraditionalOpenSSL,
-                                    serialization.NoEncryption())
         public = key.public_key().public_bytes(serialization.Encoding.DER,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-        return DkimKey(domain, selector, path, "rsa-sha256", key.key_size, private,
+        return DkimKey(domain, selector, path, "rsa-sha256", key.key_size, key,
                        base64.b64encode(public).decode("ascii"))
     if isinstance(key, ed25519.Ed25519PrivateKey):
-        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                 serialization.NoEncryption())
         raw = key.public_key().public_bytes(serialization.Encoding.Raw,
                                             serialization.PublicFormat.Raw)
-        return DkimKey(domain, selector, path, "ed25519-sha256", 256, base64.b64encode(seed),
+        return DkimKey(domain, selector, path, "ed25519-sha256", 256, key,
                        base64.b64encode(raw).decode("ascii"))
     raise KeyFileError(path, f"unsupported key type {type(key).__name__}: DKIM keys are RSA "
                        "or Ed25519")

@@ -11,8 +11,10 @@ Once a domain has shown it can do better, tampu refuses to do worse with it:
   refusal lets a legitimate sender that lost TLS keep its mail until an operator forgets the
   domain).
 
-Levels live in ``<data_dir>/domaininfo/<domain>.json`` (see ``store.py``); delete a file to
-forget a domain.
+Levels live in the server's state store (see ``store.py``): by default
+``<data_dir>/domaininfo/<domain>.json`` (delete a file to forget a domain), with ``[server]
+state_store = "postgres"`` a table every node shares. ``tampu domaininfo show|remove`` work on
+either.
 """
 
 from __future__ import annotations
@@ -36,7 +38,15 @@ from tampu import (
     hookimpl,
 )
 from tampu.authres import results
-from tampu.plugins.domaininfo.store import DOMAININFO_STORE, DomainInfoStore, SecLevel
+from tampu.errors import StateError
+from tampu.plugins.domaininfo.store import (
+    DOMAININFO_STORE,
+    NAMESPACE,
+    DomainInfoStore,
+    SecLevel,
+    domain_key,
+)
+from tampu.state_store import LocalStateStore
 
 SECURITY_DOWNGRADE = Reply(451, "4.7.3", "Security level check failed: this domain used TLS "
                                          "before; try again over TLS")
@@ -57,8 +67,10 @@ class DomainInfoPlugin:
 
     def __init__(self, ctx: PluginContext[DomainInfoSettings]) -> None:
         self.ctx = ctx
-        directory = ctx.server.data_dir / ctx.settings.directory
-        self.store = DomainInfoStore(directory, incoming=ctx.settings.incoming,
+        state = ctx.server.state
+        if isinstance(state, LocalStateStore):  # files: where the directory setting says
+            state.set_directory(NAMESPACE, ctx.server.data_dir / ctx.settings.directory)
+        self.store = DomainInfoStore(state, incoming=ctx.settings.incoming,
                                      outgoing=ctx.settings.outgoing,
                                      check_interval=ctx.server.settings.file_check_interval)
 
@@ -82,7 +94,12 @@ class DomainInfoPlugin:
         level = SecLevel.PLAIN if session.tls is None else SecLevel.TLS_UNVERIFIED
         if level == self.store.cached_level(domain, "incoming"):
             return None  # the usual case: as secure as before, nothing to record
-        ok = await asyncio.to_thread(self.store.check_incoming, domain, level)
+        try:
+            ok = await self.store.check_incoming(domain, level)
+        except StateError as exc:  # fail open: the level is a hardening, SPF passed
+            self.ctx.log.error("session %s: security level of %s not checked: %s", session.id,
+                               domain, exc)
+            return None
         if ok:
             return None
         self.ctx.log.warning("session %s: refused <%s> from %s: incoming security level %s is "
@@ -119,31 +136,51 @@ def tampu_register_cli(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     from tampu.cli import load, print_problems
-    from tampu.errors import ConfigError
+    from tampu.errors import ConfigError, TampuError
     from tampu.registry import validate_plugin_settings
+    from tampu.stores import make_stores
 
     try:
         config = load(args)
         settings = validate_plugin_settings(config, "domaininfo", DomainInfoPlugin) \
             if "domaininfo" in config.plugins else DomainInfoSettings()
+        stores = make_stores(config)
     except ConfigError as exc:
         print_problems(exc)
         return 2
     assert isinstance(settings, DomainInfoSettings)
-    store = DomainInfoStore(config.data_dir / settings.directory)
+    if isinstance(stores.state, LocalStateStore):
+        stores.state.set_directory(NAMESPACE, config.data_dir / settings.directory)
+
+    async def run() -> int:
+        await stores.open()
+        try:
+            return await _cli_run(args, DomainInfoStore(stores.state))
+        finally:
+            await stores.close()
+
+    try:
+        return asyncio.run(run())
+    except TampuError as exc:
+        print(f"tampu: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _cli_run(args: argparse.Namespace, store: DomainInfoStore) -> int:
     if args.domaininfo_command == "remove":
-        if store.forget(args.domain):
+        if await store.forget(args.domain):
             print(f"forgot {args.domain}: the next connections set its levels again")
             return 0
         print(f"tampu: nothing is known of {args.domain}", file=sys.stderr)
         return 1
-    domains = [args.domain] if args.domain else store.domains()
+    domains = [args.domain] if args.domain else await store.domains()
     if not domains:
         print("no domain known yet")
     for domain in domains:
-        if store.path(domain) is None:
+        if domain_key(domain) is None:
             print(f"tampu: {domain!r} is not a domain name", file=sys.stderr)
             return 2
-        print(f"{domain}  incoming={store.incoming(domain).label}  "
-              f"outgoing={store.outgoing(domain).label}")
+        record = await store.record(domain)
+        print(f"{domain}  incoming={SecLevel.from_label(record.get('incoming', 'plain')).label}"
+              f"  outgoing={SecLevel.from_label(record.get('outgoing', 'plain')).label}")
     return 0

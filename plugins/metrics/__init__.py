@@ -37,6 +37,7 @@ from tampu import (
     hookimpl,
 )
 from tampu.authres import results
+from tampu.backends import SharedQueueStore
 from tampu.config import split_hostport
 from tampu.envelope import Verdict
 from tampu.plugins.metrics.console import Console
@@ -80,6 +81,13 @@ class _QueueCollector(Collector):
         yield GaugeMetricFamily("tampu_queue_oldest_age_seconds",
                                 "Age of the oldest queue item (0 when empty).",
                                 value=summary.oldest_age)
+        store = self.state.context.store
+        if isinstance(store, SharedQueueStore):  # a shared queue: this node's health and lag
+            for name, (text, value) in store.gauges().items():
+                if name not in ("tampu_queue_items", "tampu_queue_oldest_age_seconds"):
+                    family = GaugeMetricFamily(name, text, labels=["node"])
+                    family.add_metric([store.node], value)
+                    yield family
 
 
 class MetricsState:
@@ -193,6 +201,10 @@ class MetricsState:
 
     def queue_summary(self) -> QueueSummary:
         store = self.context.store
+        if isinstance(store, SharedQueueStore):  # as its heartbeat last measured it
+            gauges = store.gauges()
+            return QueueSummary(int(gauges.get("tampu_queue_items", ("", 0.0))[1]),
+                                gauges.get("tampu_queue_oldest_age_seconds", ("", 0.0))[1])
         now, oldest, n = time.time(), None, 0
         directory = getattr(store, "dir", None)
         if directory is None:

@@ -1,6 +1,13 @@
 """``ratelimit``: per-address connection rate and concurrency, AUTH failure throttling and
 lockout, recipients per hour per authenticated user.
 
+The counters live in the server's state store (``context.state``): this node's memory by
+default, a table every node shares with ``[server] state_store = "postgres"``, so that a client
+cannot multiply its budget by the number of nodes. Counting windows are fixed: they start at
+the first event and last their length (a minute, ``auth_window``, an hour). Concurrent
+connections are counted per node. When the state store cannot be reached the limits are not
+applied (logged as errors): a database outage does not stop mail.
+
 It runs early (priority 10) and answers only when a limit is hit; within the limits it has no
 opinion and the next plugins decide. IPv6 clients are counted per /64 (``ipv6_prefix``).
 
@@ -33,6 +40,7 @@ from tampu import (
     Reply,
     Session,
     StashKey,
+    StateError,
     hookimpl,
 )
 
@@ -42,8 +50,6 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your addre
                                            "again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.7.1", "Too many recipients this hour, try again later")
 LOCKED_OUT = "locked out"
-MAX_KEYS = 100_000
-"""Addresses and users tracked per table; the least recently seen are forgotten beyond."""
 
 
 class RateLimitSettings(PluginSettings):
@@ -83,60 +89,17 @@ class RateLimitSettings(PluginSettings):
         return value
 
 
-class Window:
-    """Event times per key within a sliding window, for a bounded number of keys."""
+class Concurrent:
+    """Open connections per address on this node (memory: a count that a node's crash would
+    leave behind cannot be shared). Kept in the server stash so that reloads keep it."""
 
     def __init__(self) -> None:
-        self.events: collections.OrderedDict[str, collections.deque[tuple[float, int]]] = \
-            collections.OrderedDict()
-
-    def count(self, key: str, window: float, now: float) -> int:
-        events = self.events.get(key)
-        if events is None:
-            return 0
-        while events and events[0][0] <= now - window:
-            events.popleft()
-        if not events:
-            del self.events[key]
-            return 0
-        return sum(n for _, n in events)
-
-    def add(self, key: str, now: float, n: int = 1) -> None:
-        events = self.events.setdefault(key, collections.deque())
-        events.append((now, n))
-        self.events.move_to_end(key)
-        while len(self.events) > MAX_KEYS:
-            self.events.popitem(last=False)
+        self.open: collections.Counter[str] = collections.Counter()
 
 
-class Limits:
-    """The counters of one server; kept in the server stash so that reloads keep them."""
-
-    def __init__(self) -> None:
-        self.connects = Window()
-        self.concurrent: collections.Counter[str] = collections.Counter()
-        self.auth_ip = Window()
-        self.auth_user = Window()
-        self.locked: dict[str, float] = {}
-        self.recipients = Window()
-
-    def locked_until(self, key: str, now: float) -> float:
-        until = self.locked.get(key, 0.0)
-        if until and until <= now:
-            del self.locked[key]
-            return 0.0
-        return until
-
-    def lock(self, key: str, until: float) -> None:
-        self.locked[key] = until
-        if len(self.locked) > MAX_KEYS:
-            now = time.monotonic()
-            for k in [k for k, t in self.locked.items() if t <= now]:
-                del self.locked[k]
-
-
-LIMITS: StashKey[Limits] = StashKey()
+CONCURRENT: StashKey[Concurrent] = StashKey()
 _CONN_KEY: StashKey[str] = StashKey()
+NAMESPACE = "ratelimit"
 
 
 class RateLimitPlugin:
@@ -146,8 +109,9 @@ class RateLimitPlugin:
         self.ctx = ctx
         self.settings = ctx.settings
         self.exempt = [ipaddress.ip_network(n, strict=False) for n in ctx.settings.exempt]
-        # The server stash outlives reloads: the counters carry over to the new instance.
-        self.limits = ctx.server.stash.setdefault(LIMITS, Limits())
+        self.state = ctx.server.state
+        # The server stash outlives reloads: the open connections carry over.
+        self.concurrent = ctx.server.stash.setdefault(CONCURRENT, Concurrent()).open
 
     def address_key(self, host: str) -> str | None:
         """The counting key of a client address; None when exempt."""
@@ -162,26 +126,41 @@ class RateLimitPlugin:
             return f"ip:{net}"
         return f"ip:{addr}"
 
+    async def _count(self, key: str, by: int, window: float) -> int:
+        """Add to a counter of the state store; 0 (no limit applied) if it is unreachable."""
+        try:
+            return await self.state.incr(NAMESPACE, key, by, ttl=window)
+        except StateError as exc:
+            log.error("ratelimit: counter %s not updated: %s", key, exc)
+            return 0
+
+    async def _locked_until(self, key: str) -> float:
+        try:
+            until = await self.state.get(NAMESPACE, f"lock:{key}")
+        except StateError as exc:
+            log.error("ratelimit: lockout of %s not checked: %s", key, exc)
+            return 0.0
+        return float(until) if isinstance(until, int | float) and until > time.time() else 0.0
+
     # ---------------------------------------------------------------- connections
 
     @hookimpl
-    def smtp_connect(self, session: Session) -> Reply | None:
+    async def smtp_connect(self, session: Session) -> Reply | None:
         key = self.address_key(session.peer_host)
         if key is None:
             return None
-        s, now = self.settings, time.monotonic()
-        if s.max_concurrent and self.limits.concurrent[key] >= s.max_concurrent:
+        s = self.settings
+        if s.max_concurrent and self.concurrent[key] >= s.max_concurrent:
             log.warning("ratelimit: %s has %d connections open; refused session %s",
-                        session.peer_host, self.limits.concurrent[key], session.id)
+                        session.peer_host, self.concurrent[key], session.id)
             return TOO_MANY_CONNECTIONS
-        if s.max_connections_per_minute and \
-                self.limits.connects.count(key, 60.0, now) >= s.max_connections_per_minute:
-            log.warning("ratelimit: %s made %d connections in the last minute; refused "
+        if s.max_connections_per_minute and await self._count(
+                f"conn:{key}", 1, 60.0) > s.max_connections_per_minute:
+            log.warning("ratelimit: %s made more than %d connections this minute; refused "
                         "session %s", session.peer_host, s.max_connections_per_minute,
                         session.id)
             return TOO_MANY_CONNECTIONS
-        self.limits.connects.add(key, now)
-        self.limits.concurrent[key] += 1
+        self.concurrent[key] += 1
         session.stash[_CONN_KEY] = key
         return None
 
@@ -189,9 +168,9 @@ class RateLimitPlugin:
     def smtp_disconnect(self, session: Session) -> None:
         key = session.stash.get(_CONN_KEY, None)
         if key is not None:
-            self.limits.concurrent[key] -= 1
-            if self.limits.concurrent[key] <= 0:
-                del self.limits.concurrent[key]
+            self.concurrent[key] -= 1
+            if self.concurrent[key] <= 0:
+                del self.concurrent[key]
 
     # ---------------------------------------------------------------- AUTH
 
@@ -201,14 +180,13 @@ class RateLimitPlugin:
         return [ip, *keys] if ip is not None else keys
 
     @hookimpl
-    def smtp_auth(self, session: Session, login: str) -> AuthResult | None:
-        now = time.monotonic()
+    async def smtp_auth(self, session: Session, login: str) -> AuthResult | None:
         for key in self._auth_keys(session, login):
-            until = self.limits.locked_until(key, now)
+            until = await self._locked_until(key)
             if until:
                 log.warning("ratelimit: session %s: AUTH for %r from %s refused: %s locked out "
                             "for %.0fs more", session.id, login, session.peer_host, key,
-                            until - now)
+                            until - time.time())
                 return AuthResult(success=False, reason=LOCKED_OUT)
         return None
 
@@ -217,18 +195,16 @@ class RateLimitPlugin:
                                reason: str) -> None:
         if success or reason == "plugin error":
             return
-        s, now = self.settings, time.monotonic()
+        s = self.settings
         ip = self.address_key(session.peer_host)
         user = f"user:{login.lower()}"
         recent = 0
         if reason != LOCKED_OUT:
             if ip is not None:
-                self.limits.auth_ip.add(ip, now)
-                recent = self.limits.auth_ip.count(ip, s.auth_window, now)
-                self._maybe_lock(ip, recent, s.auth_max_failures, now)
-            self.limits.auth_user.add(user, now)
-            self._maybe_lock(user, self.limits.auth_user.count(user, s.auth_window, now),
-                             s.auth_max_failures_per_user, now)
+                recent = await self._count(f"authfail:{ip}", 1, s.auth_window)
+                await self._maybe_lock(ip, recent, s.auth_max_failures)
+            failures = await self._count(f"authfail:{user}", 1, s.auth_window)
+            await self._maybe_lock(user, failures, s.auth_max_failures_per_user)
         else:
             recent = s.auth_max_failures or 1
         timeout = s.hook_timeout or self.ctx.server.config.server.plugin_timeout
@@ -236,34 +212,46 @@ class RateLimitPlugin:
         if delay > 0 and ip is not None:
             await asyncio.sleep(delay)
 
-    def _maybe_lock(self, key: str, failures: int, limit: int, now: float) -> None:
-        if limit and failures >= limit and not self.limits.locked_until(key, now):
-            self.limits.lock(key, now + self.settings.auth_lockout)
+    async def _maybe_lock(self, key: str, failures: int, limit: int) -> None:
+        if not limit or failures < limit or not self.settings.auth_lockout:
+            return
+        until = time.time() + self.settings.auth_lockout
+        try:
+            locked = await self.state.compare_and_set(NAMESPACE, f"lock:{key}", None, until,
+                                                      ttl=self.settings.auth_lockout)
+        except StateError as exc:
+            log.error("ratelimit: %s not locked out: %s", key, exc)
+            return
+        if locked:
             log.warning("ratelimit: %s locked out for %.0fs after %d AUTH failures", key,
                         self.settings.auth_lockout, failures)
 
     # ---------------------------------------------------------------- recipients
 
     @hookimpl
-    def smtp_rcpt_to(self, session: Session, envelope: Envelope) -> Reply | None:
+    async def smtp_rcpt_to(self, session: Session, envelope: Envelope) -> Reply | None:
         limit = self.settings.recipients_per_hour
         if not limit or session.auth_user is None:
             return None
-        key = f"user:{session.auth_user.lower()}"
-        sent = self.limits.recipients.count(key, 3600.0, time.monotonic())
-        if sent + len(envelope.rcpt_to) >= limit:
+        key = f"rcpt:user:{session.auth_user.lower()}"
+        try:
+            sent = await self.state.get(NAMESPACE, key)
+        except StateError as exc:
+            log.error("ratelimit: recipients of %s not checked: %s", session.auth_user, exc)
+            return None
+        if int(sent or 0) + len(envelope.rcpt_to) >= limit:
             log.warning("ratelimit: session %s: %s reached %d recipients per hour", session.id,
                         session.auth_user, limit)
             return TOO_MANY_RECIPIENTS
         return None
 
     @hookimpl
-    def smtp_transaction_done(self, session: Session, envelope: Envelope,
-                              queue_id: str | None) -> None:
+    async def smtp_transaction_done(self, session: Session, envelope: Envelope,
+                                    queue_id: str | None) -> None:
         if queue_id is not None and session.auth_user is not None and \
                 self.settings.recipients_per_hour:
-            self.limits.recipients.add(f"user:{session.auth_user.lower()}", time.monotonic(),
-                                       len(envelope.rcpt_to))
+            await self._count(f"rcpt:user:{session.auth_user.lower()}", len(envelope.rcpt_to),
+                              3600.0)
 
 
 def _in(addr: ipaddress.IPv4Address | ipaddress.IPv6Address,

@@ -6,6 +6,7 @@ the format against chasquid itself, not against our reading of it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import subprocess
@@ -542,10 +543,10 @@ def test_domaininfo_store(tmp_path):
     from tampu.plugins.domaininfo.store import DomainInfoStore, SecLevel
 
     store = DomainInfoStore(folder)  # the plugin reads the converted files
-    assert store.outgoing("example.org") == SecLevel.TLS_VERIFIED
-    assert store.incoming("example.org") == SecLevel.TLS_UNVERIFIED
-    assert store.outgoing("exämple.net") == SecLevel.TLS_UNVERIFIED
-    assert not store.check_outgoing("example.org", SecLevel.PLAIN)
+    assert asyncio.run(store.outgoing("example.org")) == SecLevel.TLS_VERIFIED
+    assert asyncio.run(store.incoming("example.org")) == SecLevel.TLS_UNVERIFIED
+    assert asyncio.run(store.outgoing("exämple.net")) == SecLevel.TLS_UNVERIFIED
+    assert not asyncio.run(store.check_outgoing("example.org", SecLevel.PLAIN))
 
 
 def test_domaininfo_file_names_are_chasquids(tmp_path):

@@ -3,6 +3,7 @@ configuration)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import signal
@@ -191,7 +192,7 @@ def test_domaininfo_show_and_remove(tmp_path):
 
     root = make_config_dir(tmp_path / "conf")
     store = DomainInfoStore(root / "data" / "domaininfo")
-    store.check_outgoing("Example.ORG", SecLevel.TLS_VERIFIED)
+    asyncio.run(store.check_outgoing("Example.ORG", SecLevel.TLS_VERIFIED))
     shown = run_tampu("domaininfo", "show", "--config-dir", str(root))
     assert "example.org  incoming=plain  outgoing=tls_verified" in shown.stdout
     assert run_tampu("domaininfo", "remove", "example.org", "--config-dir",

@@ -14,6 +14,7 @@ import smtplib
 import subprocess
 import textwrap
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def _send_many(port: int, count: int, tag: str) -> list[str]:
         return list(pool.map(send, range(count)))
 
 
-def _wait(predicate, seconds: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait(predicate: Callable[[], object], seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

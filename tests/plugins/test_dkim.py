@@ -197,6 +197,29 @@ def test_signature_verifies_with_opendkim(tmp_path, algorithm):
     assert not passed
 
 
+_FIELD_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e),
+                     max_size=60)
+
+
+@settings(max_examples=40, deadline=None)
+@given(subject=_FIELD_TEXT, fold_at=st.integers(0, 60), spaces=st.text(" \t", max_size=3),
+       body=st.lists(_FIELD_TEXT, max_size=8), blank_tail=st.integers(0, 3))
+def test_any_message_tampu_signs_verifies_with_dkimpy(tmp_path_factory, subject, fold_at,
+                                                     spaces, body, blank_tail):
+    key = _PROPERTY_KEYS.get("k") or _PROPERTY_KEYS.setdefault(
+        "k", make_key(tmp_path_factory.mktemp("k") / DOMAIN, "p1", "rsa2048"))
+    folded = subject[:fold_at] + "\r\n " + subject[fold_at:] if fold_at < len(subject) \
+        else subject
+    message = (f"From: a <user@example.test>\r\nSubject:{spaces}{folded}{spaces}\r\n"
+               f"To: b@example.org\r\n\r\n" + "".join(f"{line}{spaces}\r\n" for line in body)
+               + "\r\n" * blank_tail).encode()
+    assert dkimpy_verifies(signed(message, [key]),
+                           {f"p1._domainkey.{DOMAIN}": key.txt_record()}) == [True]
+
+
+_PROPERTY_KEYS: dict[str, DkimKey] = {}
+
+
 def test_two_selectors_verify_with_opendkim(tmp_path):
     rsa_key = make_key(tmp_path / DOMAIN, "a", "rsa2048")
     ed_key = make_key(tmp_path / DOMAIN, "b", "ed25519")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 
@@ -35,39 +36,47 @@ def level_file(srv, domain: str):
 
 def test_store_keeps_the_highest_level_per_direction(tmp_path):
     store = DomainInfoStore(tmp_path / "di")
-    assert store.outgoing("a.test") is SecLevel.PLAIN  # nothing known: plain
-    assert store.check_outgoing("A.test", SecLevel.TLS_UNVERIFIED)
-    assert store.check_outgoing("a.test", SecLevel.TLS_VERIFIED)
-    assert not store.check_outgoing("a.test", SecLevel.TLS_UNVERIFIED)
-    assert not store.check_outgoing("a.test", SecLevel.PLAIN)
-    assert store.check_incoming("a.test", SecLevel.PLAIN)  # the directions are separate
+
+    async def run() -> None:
+        assert await store.outgoing("a.test") is SecLevel.PLAIN  # nothing known: plain
+        assert await store.check_outgoing("A.test", SecLevel.TLS_UNVERIFIED)
+        assert await store.check_outgoing("a.test", SecLevel.TLS_VERIFIED)
+        assert not await store.check_outgoing("a.test", SecLevel.TLS_UNVERIFIED)
+        assert not await store.check_outgoing("a.test", SecLevel.PLAIN)
+        assert await store.check_incoming("a.test", SecLevel.PLAIN)  # separate directions
+
+    asyncio.run(run())
     data = json.loads((tmp_path / "di" / "a.test.json").read_text())
     assert data == {"domain": "a.test", "outgoing": "tls_verified"}
     assert sorted(p.name for p in (tmp_path / "di").iterdir()) == [".lock", "a.test.json"]
-    assert store.forget("a.test")
-    assert store.check_outgoing("a.test", SecLevel.PLAIN)
+    assert asyncio.run(store.forget("a.test"))
+    assert asyncio.run(store.check_outgoing("a.test", SecLevel.PLAIN))
 
 
 def test_store_names_cannot_escape_its_folder(tmp_path):
     store = DomainInfoStore(tmp_path / "di")
-    assert store.check_incoming("../../evil", SecLevel.TLS_UNVERIFIED)
-    assert store.check_incoming("a/b", SecLevel.TLS_UNVERIFIED)
+    assert asyncio.run(store.check_incoming("../../evil", SecLevel.TLS_UNVERIFIED))
+    assert asyncio.run(store.check_incoming("a/b", SecLevel.TLS_UNVERIFIED))
     assert store.path("..") is None and store.path("a/b") is None  # not domain names
     assert list((tmp_path / "di").glob("*.json")) == []
     assert not list(tmp_path.glob("*.json"))
-    assert not list(tmp_path.glob("*.json"))
 
 
-def test_store_is_safe_across_threads(tmp_path):
-    store = DomainInfoStore(tmp_path / "di")
+def test_store_is_safe_across_threads_and_processes_sharing_the_files(tmp_path):
+    """Concurrent raises from separate stores on the same folder (as reception workers are):
+    compare-and-set under the flock keeps the highest."""
     levels = [SecLevel.TLS_VERIFIED, SecLevel.PLAIN, SecLevel.TLS_UNVERIFIED] * 10
-    threads = [threading.Thread(target=store.check_outgoing, args=("b.test", lvl))
-               for lvl in levels]
+
+    def one(level: SecLevel) -> None:
+        asyncio.run(DomainInfoStore(tmp_path / "di").check_outgoing("b.test", level))
+
+    threads = [threading.Thread(target=one, args=(lvl,)) for lvl in levels]
     for t in threads:
         t.start()
     for t in threads:
         t.join(10)
-    assert store.outgoing("b.test") is SecLevel.TLS_VERIFIED
+    assert asyncio.run(DomainInfoStore(tmp_path / "di").outgoing("b.test")) \
+        is SecLevel.TLS_VERIFIED
 
 
 # ---------------------------------------------------------------------------- outgoing
@@ -113,8 +122,8 @@ def test_disabled_domaininfo_checks_nothing(tampu_server, make_dns, farm):
     mx = farm.start("127.0.0.2")
     conf = remote_conf(dns.port, farm.port, domaininfo=False)
     srv = tampu_server(**conf)
-    DomainInfoStore(srv.server.config.data_dir / "domaininfo").check_outgoing(
-        "secure.test", SecLevel.TLS_VERIFIED)
+    asyncio.run(DomainInfoStore(srv.server.config.data_dir / "domaininfo").check_outgoing(
+        "secure.test", SecLevel.TLS_VERIFIED))
     submit(srv, ["four@secure.test"])
     got = wait_for(lambda: mx.received, what="plain delivery")
     assert not got[0].tls
