@@ -3,10 +3,11 @@
 pluggy is the registry (specs, markers, validation, entry points, blocking); this module calls
 the implementations itself so that ``async def`` implementations, ``@blocking`` ones, per-call
 timeouts and the first-verdict rule all work in one place. A plain function runs inline, with
-no timer and no coroutine (the fast path); only awaitables get a timeout, and ``@blocking``
-functions run in a thread under one. Timing is sampled (the first call of a hook, every
-:data:`SAMPLE_EVERY` th after it, and every failure), unless ``TAMPU_TRACE_HOOKS=1`` asks for
-all of them.
+no timer and no coroutine of the caller's (the fast path). An awaitable is stepped at once:
+one that finishes without suspending (a cache hit) needs no timer either; one that suspends
+goes on under the hook's timeout. ``@blocking`` functions run in a thread under one. Timing is
+sampled (the first call of a hook, every :data:`SAMPLE_EVERY` th after it, and every
+failure), unless ``TAMPU_TRACE_HOOKS=1`` asks for all of them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+import types
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -150,6 +152,7 @@ class HookCaller:
                                                                                self.timeout)
 
     async def _run(self, name: str, impl: _Impl, kwargs: Mapping[str, Any], timed: bool) -> Any:
+        """One implementation, timed (sampled calls and @blocking ones)."""
         args = [kwargs[a] for a in impl.argnames]
         start = time.perf_counter() if timed else 0.0
         outcome = "ok"
@@ -158,30 +161,59 @@ class HookCaller:
                 async with asyncio.timeout(self._timeout(name, impl)):
                     return await asyncio.to_thread(impl.function, *args)
             res = impl.function(*args)
-            if inspect.isawaitable(res):
-                async with asyncio.timeout(self._timeout(name, impl)):
-                    res = await res
+            if res is not None and inspect.isawaitable(res):
+                res = await self._settle(name, impl, res)
             return res
         except TimeoutError:
             outcome, timed = "timeout", True
-            limit = self._timeout(name, impl)
-            log.error("plugin %s timed out in %s after %gs", impl.plugin, name, limit)
-            raise PluginError(impl.plugin, name, f"timed out after {limit:g}s") from None
+            raise self._timed_out(name, impl) from None
         except PluginError:
             outcome, timed = "error", True
             raise
         except Exception as exc:
             outcome, timed = "error", True
-            log.exception("plugin %s failed in %s: %s", impl.plugin, name, exc)
-            raise PluginError(impl.plugin, name, f"{type(exc).__name__}: {exc}") from exc
+            raise self._failed(name, impl, exc) from exc
         finally:
             if timed:
-                elapsed = time.perf_counter() - start if start else 0.0
-                if self.trace:
-                    log.info("trace hook=%s plugin=%s outcome=%s %.1fms", name, impl.plugin,
-                             outcome, elapsed * 1000)
-                for observer in self.observers:
-                    observer(name, impl.plugin, elapsed, outcome)
+                self._observe(name, impl, time.perf_counter() - start if start else 0.0,
+                              outcome)
+
+    def _observe(self, name: str, impl: _Impl, elapsed: float, outcome: str) -> None:
+        if self.trace:
+            log.info("trace hook=%s plugin=%s outcome=%s %.1fms", name, impl.plugin, outcome,
+                     elapsed * 1000)
+        for observer in self.observers:
+            observer(name, impl.plugin, elapsed, outcome)
+
+    def _timed_out(self, name: str, impl: _Impl) -> PluginError:
+        limit = self._timeout(name, impl)
+        log.error("plugin %s timed out in %s after %gs", impl.plugin, name, limit)
+        return PluginError(impl.plugin, name, f"timed out after {limit:g}s")
+
+    def _failed(self, name: str, impl: _Impl, exc: Exception) -> PluginError:
+        log.exception("plugin %s failed in %s: %s", impl.plugin, name, exc)
+        return PluginError(impl.plugin, name, f"{type(exc).__name__}: {exc}")
+
+    async def _settle(self, name: str, impl: _Impl, res: Any) -> Any:  # noqa: ANN401
+        """Await ``res`` (a plugin's awaitable): its first step now, with no timer (a cache
+        hit finishes there), the rest, if it suspends, under the hook's timeout."""
+        step = res.__await__()
+        try:
+            yielded = step.send(None)
+        except StopIteration as done:
+            return done.value
+        async with asyncio.timeout(self._timeout(name, impl)):
+            return await _resume(step, yielded)
+
+    def _untimed_failure(self, name: str, impl: _Impl, exc: Exception) -> PluginError:
+        """What an untimed call that raised becomes (observers hear of every failure)."""
+        if isinstance(exc, TimeoutError):
+            self._observe(name, impl, 0.0, "timeout")
+            return self._timed_out(name, impl)
+        self._observe(name, impl, 0.0, "error")
+        if isinstance(exc, PluginError):
+            return exc
+        return self._failed(name, impl, exc)
 
     def _sampled(self, hook: _Hook) -> bool:
         hook.calls += 1
@@ -207,7 +239,18 @@ class HookCaller:
         hook = self._hook(name)
         timed = self._sampled(hook)
         for impl in hook.impls if impls is None else impls:
-            res = await self._run(name, impl, kwargs, timed)
+            if timed or impl.blocking:
+                res = await self._run(name, impl, kwargs, timed)
+            else:  # the fast path: no coroutine of ours, no timer
+                try:
+                    res = impl.function(*[kwargs[a] for a in impl.argnames])
+                    if res is not None and inspect.isawaitable(res):
+                        res = await self._settle(name, impl, res)
+                except Exception as exc:
+                    failure = self._untimed_failure(name, impl, exc)
+                    if failure is exc:
+                        raise
+                    raise failure from (None if isinstance(exc, TimeoutError) else exc)
             if res is not None:
                 if self.trace:
                     log.info("trace hook=%s verdict by %s: %r", name, impl.plugin, res)
@@ -226,7 +269,18 @@ class HookCaller:
         out = []
         for impl in hook.impls:
             try:
-                res = await self._run(name, impl, kwargs, timed)
+                if timed or impl.blocking:
+                    res = await self._run(name, impl, kwargs, timed)
+                else:  # the fast path: no coroutine of ours, no timer
+                    try:
+                        res = impl.function(*[kwargs[a] for a in impl.argnames])
+                        if res is not None and inspect.isawaitable(res):
+                            res = await self._settle(name, impl, res)
+                    except Exception as exc:
+                        failure = self._untimed_failure(name, impl, exc)
+                        if failure is exc:
+                            raise
+                        raise failure from (None if isinstance(exc, TimeoutError) else exc)
             except PluginError:
                 if strict:
                     raise
@@ -239,6 +293,28 @@ class HookCaller:
         """Run a hook's plain implementations synchronously (CLI registration only)."""
         return [impl.function(*[kwargs[a] for a in impl.argnames])
                 for impl in self._hook(name).impls]
+
+
+@types.coroutine
+def _resume(step: Generator[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:  # noqa: ANN401
+    """Go on with an awaitable whose first step yielded ``yielded`` (``yield from`` after the
+    first step): what it waits for goes up to the task, cancellation goes down to it."""
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            step.close()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the task's cancellation, handed down
+            try:
+                yielded = step.throw(exc)
+            except StopIteration as done:
+                return done.value
+            continue
+        try:
+            yielded = step.send(sent)
+        except StopIteration as done:
+            return done.value
 
 
 def _typed(name: str, found: tuple[Any, str | None], kind: type) -> tuple[Any, str | None]:

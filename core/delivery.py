@@ -20,6 +20,12 @@ first, only as fast as slots free up (at most :data:`ADMIT_AHEAD` times ``max_de
 loaded items wait for a slot), so that a queue of thousands neither delays the greeting nor
 starves reception.
 
+With ``[server] workers = N`` every process runs a runner for the items it queued: a reception
+worker's runner makes the first rounds of its own items and hands an item that must wait for
+a retry to the main process (``hand_over``), whose runner owns every waiting item, resumes the
+queue at start (except the items of live workers: ``owned_elsewhere``), serves operator
+requests, and takes over the items of a worker that died (:meth:`DeliveryRunner.take_over`).
+
 Retry schedule (chasquid's): 1 min, then 5, 10, 20 min, then every 20 min, each with ±10%
 jitter. Operator requests (``tampu queue retry|delete|hold|release``) arrive through the
 store and SIGUSR1; :meth:`DeliveryRunner.handle_requests` serves them. A retry request
@@ -96,6 +102,10 @@ def destination_key(item: QueueItem) -> str:
     return ""
 
 
+def _nobody(_qid: str) -> bool:
+    return False
+
+
 class DeliverySlots:
     """At most ``limit`` rounds deliver at once. Rounds that wait queue by destination key;
     each freed slot goes to the next key in turn (round robin), first come first served
@@ -163,9 +173,18 @@ class DeliverySlots:
 
 
 class DeliveryRunner:
-    def __init__(self, state: ServerState, intake: Intake) -> None:
+    def __init__(self, state: ServerState, intake: Intake, *, resume: bool = True,
+                 hand_over: Callable[[QueueItem], bool] | None = None,
+                 owned_elsewhere: Callable[[str], bool] | None = None) -> None:
         self.state = state
         self.intake = intake
+        self.resume = resume
+        """Resume the queue at start (the main process; not a reception worker)."""
+        self.hand_over = hand_over
+        """Called with an item that must wait for its next round (its state saved): True
+        when another process took it (a reception worker gives it to the main process)."""
+        self.owned_elsewhere = owned_elsewhere or _nobody
+        """Whether another live process delivers this item (a reception worker's)."""
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.wakeups: dict[str, asyncio.Event] = {}
         """Items waiting for their next round (the event wakes them)."""
@@ -197,11 +216,12 @@ class DeliveryRunner:
         any item is read; the items are loaded as delivery slots free up."""
         self._feeder = asyncio.get_running_loop().create_task(self._feed(),
                                                               name="delivery-feeder")
-        self.state.spawn(self._recover())
+        if self.resume:
+            self.state.spawn(self._recover())
 
     async def _recover(self) -> None:
         started = time.monotonic()
-        ids = await self.store.recover()
+        ids = [qid for qid in await self.store.recover() if not self.owned_elsewhere(qid)]
         if ids:
             log.info("resuming %d queued item(s) (listed in %.2fs)", len(ids),
                      time.monotonic() - started)
@@ -251,11 +271,13 @@ class DeliveryRunner:
             self._tickets.discard(qid)
             self._room.release()
 
-    def schedule(self, item: QueueItem, message: bytes | None = None) -> bool:
-        """Start the item's task (unless it has one). True if a task was started."""
+    def schedule(self, item: QueueItem, message: bytes | None = None, *,
+                 not_before: float = 0.0) -> bool:
+        """Start the item's task (unless it has one); its first round not before
+        ``not_before`` (a time). True if a task was started."""
         if self._stopping or item.id in self.tasks:
             return False
-        task = asyncio.get_running_loop().create_task(self._run(item, message),
+        task = asyncio.get_running_loop().create_task(self._run(item, message, not_before),
                                                       name=f"qid={item.id}")
         self.tasks[item.id] = task
         task.add_done_callback(functools.partial(self._forget, item.id))
@@ -267,15 +289,26 @@ class DeliveryRunner:
         self.retry_soon.discard(qid)
         self._release_ticket(qid)
 
-    async def schedule_id(self, qid: str) -> None:
-        """Schedule an item another process (a reception worker) wrote."""
+    async def schedule_id(self, qid: str, *, wait: bool = False) -> None:
+        """Schedule an item another process (a reception worker) wrote; ``wait``: its next
+        round when its state says (one handed over after a round)."""
         if self.hand_back:  # a shared queue: the claim loop takes it, under a lease
             return
         if qid and qid not in self.tasks:
             try:
-                self.schedule(await self.store.load(qid))
+                item = await self.store.load(qid)
             except QueueError as exc:
                 log.error("qid=%s: cannot load item from a worker: %s", qid, exc)
+                return
+            if not item.held:
+                self.schedule(item, not_before=item.next_attempt if wait else 0.0)
+
+    async def take_over(self, owned: Callable[[str], bool]) -> int:
+        """Deliver the items for which ``owned`` is true (those of a reception worker that
+        died); they join the backlog, oldest first. The number taken."""
+        ids = [qid for qid in await self.store.ids() if owned(qid) and qid not in self.tasks]
+        self._enqueue(ids)
+        return len(ids)
 
     async def handle_requests(self) -> None:
         """Serve ``tampu queue`` (SIGUSR1): new items, retries, deletions, holds."""
@@ -338,7 +371,8 @@ class DeliveryRunner:
         if self.hand_back:  # a shared queue: items are claimed, never taken unleased
             return 0
         before = len(self._backlog)
-        self._enqueue([qid for qid in await self.store.ids() if qid not in self.tasks])
+        self._enqueue([qid for qid in await self.store.ids()
+                       if qid not in self.tasks and not self.owned_elsewhere(qid)])
         return len(self._backlog) - before
 
     async def stop(self) -> None:
@@ -354,8 +388,11 @@ class DeliveryRunner:
 
     # ------------------------------------------------------------------ one item
 
-    async def _run(self, item: QueueItem, message: bytes | None) -> None:
+    async def _run(self, item: QueueItem, message: bytes | None, not_before: float = 0.0
+                   ) -> None:
         failures = 0
+        if not_before > time.time():
+            await self._wait(item, not_before - time.time())
         while not self._stopping:
             try:
                 await self._deliver_item(item, message)
@@ -404,6 +441,9 @@ class DeliveryRunner:
             await self.store.save_state(item)
             if self.hand_back:  # a shared queue: due again at next_attempt, for any node
                 return
+            if self.hand_over is not None and item.id not in self.retry_soon and \
+                    self.hand_over(item):
+                return  # the main process waits and makes the next rounds
             message = None  # read again for the next round: a waiting item holds no bytes
             await self._wait(item, delay)
 
@@ -558,8 +598,10 @@ class DeliveryRunner:
             await self._notify(item, [r for r in failed if wants(r, "FAILURE")], message,
                                "failed")
         await self.store.remove(item)
-        log.info("qid=%s done: %d sent, %d failed", item.id,
-                 sum(r.status is RecipientStatus.SENT for r in item.recipients), len(failed))
+        if log.isEnabledFor(logging.DEBUG):  # at info, one line per delivery says it all
+            log.debug("qid=%s done: %d sent, %d failed", item.id,
+                      sum(r.status is RecipientStatus.SENT for r in item.recipients),
+                      len(failed))
         await runtime.hooks.queue_done(item)
 
     async def _notify(self, item: QueueItem, rcpts: list[Recipient], message: bytes,

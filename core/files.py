@@ -1,16 +1,33 @@
-"""Cheap change detection for files the server re-reads when they change (users, aliases...).
+"""Files: cheap change detection, durable writes, and batched blocking I/O.
 
-``os.stat`` on every SMTP command adds up; a FileStamp stats its path at most once per
-``[server] file_check_interval`` (1 s by default), so a change is seen within that time.
+* :class:`FileStamp`: ``os.stat`` on every SMTP command adds up; a FileStamp stats its path at
+  most once per ``[server] file_check_interval`` (1 s by default), so a change is seen within
+  that time.
+* :func:`write_durably` (temporary file, fsync, rename, directory fsync), :func:`fsync_dir`,
+  :func:`syncfs` (one flush of a whole filesystem).
+* :class:`BatchThread`: one thread that runs the blocking jobs the event loop hands it in
+  batches (one wake-up of the thread per loop iteration, one wake-up of the loop per batch),
+  with an optional step after each batch (the queue's one ``fdatasync``): the group commit.
+* :func:`boot_id`, :func:`boot_time`, :func:`process_start`: what tells a process crash (the
+  page cache survived) from a power loss, and a live process from a dead one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
+import logging
 import os
+import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger("tampu.files")
+_T = TypeVar("_T")
 
 TMP_PREFIX = ".tmp-"
 
@@ -118,3 +135,237 @@ def unix_socket_path(path: Path) -> Iterator[str]:
         yield f"/proc/self/fd/{fd}/{path.name}"
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------- syncfs, boot
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int]
+    func.restype = ctypes.c_int
+    return func  # type: ignore[no-any-return,unused-ignore]
+
+
+_SYNCFS = _load_syncfs()
+HAVE_SYNCFS = _SYNCFS is not None
+"""Linux's syncfs(2): every dirty page and the metadata of one filesystem, in one call."""
+
+
+def syncfs(path: Path) -> None:
+    """Make everything written to the filesystem holding ``path`` durable (syncfs(2); since
+    Linux 5.8 it also reports writeback errors). Raises OSError (also when not available)."""
+    if _SYNCFS is None:
+        raise OSError("syncfs is not available on this system")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def boot_id() -> str:
+    """This boot's identifier (Linux; "" elsewhere): a file written by a process that died
+    in the same boot is still whole in the page cache, one from an earlier boot may not be."""
+    return _read_text("/proc/sys/kernel/random/boot_id").strip().replace("-", "")
+
+
+def boot_time() -> float:
+    """When this boot started (seconds since the epoch; 0.0 when unknown)."""
+    for line in _read_text("/proc/stat").splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot), None if it does not exist
+    (or is a zombie). With :func:`boot_id` it names a process for good (PIDs are reused)."""
+    text = _read_text(f"/proc/{pid}/stat")
+    if not text:
+        if not os.path.isdir("/proc/self"):  # no procfs: a signal 0 says whether it exists
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass
+            return 0
+        return None
+    try:
+        fields = text[text.rindex(")") + 2:].split()
+        if fields[0] in ("Z", "X"):
+            return None  # a zombie: dead, not reaped yet
+        return int(fields[19])
+    except (ValueError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------------------- BatchThread
+
+
+class Job(Generic[_T]):
+    """One call handed to a :class:`BatchThread`: its result or error once it ran."""
+
+    __slots__ = ("func", "args", "tag", "value", "error", "future", "loop")
+
+    def __init__(self, func: Callable[..., _T], args: tuple[Any, ...], tag: str,
+                 future: asyncio.Future[_T], loop: asyncio.AbstractEventLoop) -> None:
+        self.func = func
+        self.args = args
+        self.tag = tag
+        self.value: _T | None = None
+        self.error: BaseException | None = None
+        self.future = future
+        self.loop = loop
+
+
+class BatchThread:
+    """One thread that runs blocking jobs in batches, in the order they were submitted.
+
+    The event loop hands over every job submitted during one loop iteration at once (one
+    wake-up of the thread); jobs that arrive while the thread works form the next batch. After
+    each batch ``after(batch)`` runs (it may set ``job.error``: the queue's one fdatasync for
+    every message of the batch), then the loop is woken once to resolve the batch's futures.
+    A job whose awaiting task was cancelled still runs (its outcome is dropped).
+    """
+
+    def __init__(self, name: str, after: Callable[[list[Job[Any]]], None] | None = None,
+                 *, idle: Callable[[], None] | None = None, idle_every: float = 1.0) -> None:
+        self.name = name
+        self.after = after
+        self.idle = idle
+        """Called in the thread when it had nothing to do for ``idle_every`` seconds."""
+        self.idle_every = idle_every
+        self._pending: list[Job[Any]] = []
+        self._scheduled = False
+        self._queue: queue.SimpleQueue[list[Job[Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = -1
+        self.batches = 0
+        """Batches run so far (tests and the benchmark read it)."""
+        self.jobs = 0
+
+    def submit(self, func: Callable[..., _T], *args: Any, tag: str = "") -> asyncio.Future[_T]:  # noqa: ANN401
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._pending.append(Job(func, args, tag, future, loop))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self.hand_over)
+        return future
+
+    def hand_over(self) -> None:
+        """Give the jobs submitted so far to the thread (on the loop; submit arranges it)."""
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        if batch:
+            self._start()
+            self._queue.put(batch)
+
+    def _start(self) -> None:
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._queue = queue.SimpleQueue()  # a forked copy's queue may hold a lock
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def run_now(self, func: Callable[..., _T], *args: Any) -> _T:  # noqa: ANN401
+        """Run ``func`` in the calling thread as a batch of one (``after`` included): for
+        callers without an event loop (commands, tests)."""
+        job: Job[_T] = Job(func, args, "", None, None)  # type: ignore[arg-type]
+        self._run_batch([job])
+        if job.error is not None:
+            raise job.error
+        return job.value  # type: ignore[return-value]
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = self._queue.get(timeout=self.idle_every) if self.idle else \
+                    self._queue.get()
+            except queue.Empty:
+                try:
+                    if self.idle is not None:
+                        self.idle()
+                except Exception:
+                    log.exception("%s: idle step failed", self.name)
+                continue
+            if batch is None:
+                return
+            stop = False
+            while True:  # what else is waiting joins this batch
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.extend(more)
+            self._run_batch(batch)
+            self._resolve(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[Job[Any]]) -> None:
+        self.batches += 1
+        self.jobs += len(batch)
+        for job in batch:
+            try:
+                job.value = job.func(*job.args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                job.error = exc
+        if self.after is not None:
+            try:
+                self.after(batch)
+            except BaseException as exc:  # noqa: BLE001
+                log.exception("%s: the step after a batch failed", self.name)
+                for job in batch:
+                    if job.error is None:
+                        job.error = exc
+
+    @staticmethod
+    def _resolve(batch: list[Job[Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[Job[Any]]] = {}
+        for job in batch:
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, jobs)
+            except RuntimeError:  # that loop is closed: nobody waits any more
+                pass
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Run what was handed over (:meth:`hand_over` first, on the loop), then end the
+        thread (blocking)."""
+        thread = self._thread
+        if thread is not None and thread.is_alive() and self._pid == os.getpid():
+            self._queue.put(None)
+            thread.join(timeout)
+        self._thread = None
+
+
+def _settle(jobs: list[Job[Any]]) -> None:
+    for job in jobs:
+        future = job.future
+        if future.cancelled():
+            continue
+        if job.error is not None:
+            future.set_exception(job.error)
+        else:
+            future.set_result(job.value)

@@ -27,6 +27,7 @@ from tampu.envelope import ListenerInfo
 from tampu.errors import ConfigError
 from tampu.files import unix_socket_path
 from tampu.intake import Intake
+from tampu.item import QueueItem
 from tampu.registry import Registry
 from tampu.runtime import Runtime, build_runtime, ensure_certificates
 from tampu.smtp import SmtpSession
@@ -47,7 +48,7 @@ class Server:
     """
 
     def __init__(self, config: Config, extra_plugins: Iterable[Any] = (),
-                 *, deliver: bool = True) -> None:
+                 *, deliver: bool = True, resume: bool = True) -> None:
         self.extra_plugins = list(extra_plugins)
         ensure_certificates(config)
         self.stores = make_stores(config)  # [server] queue_store / state_store
@@ -58,6 +59,11 @@ class Server:
                                                journal=self.journal, state=self.stores.state))
         self.intake = Intake(self.state)
         self.deliver = deliver
+        self.resume = resume
+        """Resume the queue at start (False in a reception worker: the main process does)."""
+        self.hand_over: Callable[[QueueItem], bool] | None = None
+        self.owned_elsewhere: Callable[[str], bool] | None = None
+        """For the delivery runner (set by the worker manager, :mod:`tampu.workers`)."""
         self.runner: DeliveryRunner | None = None
         self.claims: ClaimLoop | None = None
         self.listeners: list[asyncio.Server] = []
@@ -148,7 +154,9 @@ class Server:
             log.info("tampu stopped before serving")
             return False
         if self.deliver:
-            self.runner = DeliveryRunner(self.state, self.intake)
+            self.runner = DeliveryRunner(self.state, self.intake, resume=self.resume,
+                                         hand_over=self.hand_over,
+                                         owned_elsewhere=self.owned_elsewhere)
             await self.runner.start()
             self.claims = start_claims(self.state, self.runner, self.intake)  # shared queue
         await self._listen()
@@ -285,6 +293,12 @@ class Server:
             await asyncio.wait(list(self.state.tasks), timeout=5)
         await self.runtime.hooks.tampu_shutdown(self.runtime.context)
         self.runtime.context.dns.close()
+        close_store = getattr(self.runtime.store, "close", None)
+        if close_store is not None:  # the filesystem store retires its log segments
+            try:
+                await close_store()
+            except OSError as exc:
+                log.error("closing the queue: %s", exc)
         await asyncio.to_thread(self.journal.close)
         await self.stores.close()
         for callback in self.on_shutdown:

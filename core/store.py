@@ -106,11 +106,14 @@ class _QueueIds:
         self.prefix = b""
         self.counter = itertools.count()
 
+    def set_prefix(self, prefix: bytes) -> None:
+        self.pid = os.getpid()
+        self.prefix = prefix
+        self.counter = itertools.count(secrets.randbelow(1 << 16))
+
     def next(self) -> str:
         if self.pid != os.getpid():  # first use, or a forked reception worker
-            self.pid = os.getpid()
-            self.prefix = secrets.token_bytes(3)
-            self.counter = itertools.count(secrets.randbelow(1 << 16))
+            self.set_prefix(secrets.token_bytes(3))
         raw = (int(time.time() * 1000).to_bytes(6, "big") + self.prefix
                + (next(self.counter) & 0xFFFF).to_bytes(2, "big"))
         return base64.b32encode(raw).decode().lower().rstrip("=")
@@ -122,3 +125,25 @@ _ids = _QueueIds()
 def new_queue_id() -> str:
     """Sortable by time (ms), 18 characters of lower-case base32."""
     return _ids.next()
+
+
+ID_PREFIX_BYTES = 3
+
+
+def set_id_prefix(prefix: bytes) -> None:
+    """The 3 bytes this process puts in the queue IDs it makes (the worker manager gives each
+    process its own, so that an item's ID says which process queued it)."""
+    if len(prefix) != ID_PREFIX_BYTES:
+        raise ValueError("a queue ID prefix is 3 bytes")
+    _ids.set_prefix(prefix)
+
+
+def id_prefix(item_id: str) -> bytes | None:
+    """The process prefix in a queue ID made by :func:`new_queue_id` (None for other IDs)."""
+    if len(item_id) != 18:
+        return None
+    try:
+        raw = base64.b32decode(item_id.upper() + "======")
+    except ValueError:
+        return None
+    return raw[6:9] if len(raw) == 11 else None

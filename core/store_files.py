@@ -1,47 +1,76 @@
-"""The filesystem queue store (the embedded default): one file per message, one per state.
+"""The filesystem queue store (the embedded default): one file per item, one per state, and a
+log that makes new items durable in batches.
 
 Layout of ``<data_dir>/queue/``:
 
 * ``<id>.item`` — one line of JSON (the envelope and recipients as enqueued, and ``size``, the
-  length of the message), ``\\n``, then the message bytes. Written once: to ``.tmp-<id>``,
-  fsync, rename, fsync of the directory. Only then does the client get ``250``.
+  length of the message), ``\\n``, then the message bytes. Written once (to ``.tmp-<id>.item``,
+  then renamed), without fsync of its own: the same bytes go to the queue log
+  (:mod:`tampu.queue_log`), and one ``fdatasync`` of the log makes every item of a batch
+  durable — only then do their clients get ``250``. The log's segments are retired by a
+  checkpoint (one ``syncfs``) every few seconds.
 * ``<id>.state`` — JSON with per-recipient results, hold flag and the item's ``extra``,
-  replaced atomically (same dance) after each delivery attempt.
+  replaced atomically (temporary file, fsync, rename, fsync of the directory) after a
+  delivery attempt that leaves recipients pending.
+* ``<id>.done.<boot>`` — an item that finished after its log record was retired, whose
+  deliveries were written without fsync (:meth:`FilesystemStore.defer_sync`): it is unlinked
+  after the next checkpoint's sync; after a crash it is removed (same boot: the deliveries
+  are in the page cache) or delivered again (an earlier boot: they may be lost).
+* ``log/`` — the log segments (``*.seg``) of the running processes, ``log/roots`` the other
+  filesystems where deliveries are written without fsync.
 * ``.tmp-*`` — half-written files: a write that fails (disk full) removes its own at once;
   those a crash left before rename are removed at start (those older than this process:
   reception workers may be writing newer ones).
-
-Reception's writes (``put``) run in the event loop's default thread pool; the delivery side's
-(states, reads, removals, loads, recovery) in a small pool of their own (:data:`QUEUE_THREADS`),
-so that a busy delivery loop never makes a client's ``DATA`` wait for a thread.
 * ``corrupt/`` — items that cannot be read are moved here with a log line.
 * ``requests/`` — operator requests (``<action>.<id>`` or ``<action>.all``, empty files) from
   ``tampu queue``, served by the running server on SIGUSR1.
+
+New items and removals go to one I/O thread per process in batches (:class:`BatchThread`: one
+hand-over per event-loop iteration, one ``fdatasync`` per batch, one wake-up of the loop per
+batch); states, reads, loads and recovery run in a small pool of their own
+(:data:`QUEUE_THREADS`), so that a busy delivery loop never makes a client's ``DATA`` wait for
+a thread. Without ``syncfs`` (not Linux) or with ``fsync=False`` there is no log: each item
+file is written durably on its own (fsync, rename, directory fsync).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tampu.errors import QueueError
-from tampu.files import TMP_PREFIX, write_durably
+from tampu.files import (
+    HAVE_SYNCFS,
+    TMP_PREFIX,
+    BatchThread,
+    Job,
+    boot_id,
+    fsync_dir,
+    write_durably,
+)
 from tampu.item import QueueItem
+from tampu.queue_log import QueueLog, SegmentName, read_roots, read_segment, write_all
 from tampu.store import new_queue_id, valid_id
 
 log = logging.getLogger("tampu.queue")
 
 ITEM_SUFFIX = ".item"
 STATE_SUFFIX = ".state"
+DONE_INFIX = ".done."
+CHECKPOINT_POLL = 1.0
+"""Seconds between the checkpoint thread's looks at the log when nothing pokes it."""
 REQUESTS_DIR = "requests"
 CORRUPT_DIR = "corrupt"
+LOG_DIR = "log"
 ACTIONS = ("retry", "delete", "hold", "release")
 _PROCESS_START = time.time()
 """Before any reception worker forks: older ``.tmp-*`` files are leftovers of a crash."""
@@ -49,6 +78,7 @@ QUEUE_THREADS = 8
 """Threads of the delivery side's queue I/O (one pool per process, made at first use)."""
 _T = TypeVar("_T")
 _pool: tuple[int, ThreadPoolExecutor] | None = None
+_NO_NAME = SegmentName("", 0, 0, 0)
 
 
 async def _in_queue_thread(func: Callable[..., _T], *args: object) -> _T:
@@ -69,6 +99,21 @@ class FilesystemStore:
         self._ready = False
         self._estimate = 0
         self._counted_at = -1.0
+        self.logged = fsync and HAVE_SYNCFS
+        """New items are made durable by the queue log (else each by its own fsyncs)."""
+        self._log: QueueLog | None = None
+        self._io: BatchThread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._poke = threading.Event()
+        self._closing = False
+        self._lock = threading.Lock()
+        self._lazy: set[str] = set()
+        """Items with deliveries written without fsync (:meth:`defer_sync`)."""
+        self._done: list[str] = []
+        """Finished items renamed to ``.done``, unlinked after the next checkpoint's sync."""
+        self._adopt = False
+        """Retire the log segments of dead processes (the main process, after recover)."""
+        self._boot = ""
 
     new_id = staticmethod(new_queue_id)
 
@@ -76,6 +121,9 @@ class FilesystemStore:
         """Make the queue directories (at start and before the first write)."""
         if not self._ready:
             (self.dir / CORRUPT_DIR).mkdir(parents=True, exist_ok=True)
+            if self.logged and not (self.dir / LOG_DIR).is_dir():
+                (self.dir / LOG_DIR).mkdir(exist_ok=True)
+                fsync_dir(self.dir)  # before a segment in it protects anything
             self._ready = True
 
     def item_path(self, item_id: str) -> Path:
@@ -116,24 +164,136 @@ class FilesystemStore:
 
     # ------------------------------------------------------------------ writing
 
+    def _thread(self) -> BatchThread:
+        """The I/O thread of this store (made at first use, again in a forked process)."""
+        io = self._io
+        if io is None:
+            self.prepare()
+            self._log = QueueLog(self.dir / LOG_DIR)
+            self._boot = self._log.boot
+            io = self._io = BatchThread("tampu-queue-io", after=self._commit,
+                                        idle=self._idle, idle_every=CHECKPOINT_POLL)
+            self._checkpointer = threading.Thread(target=self._checkpoints, daemon=True,
+                                                  name="tampu-queue-checkpoint")
+            self._checkpointer.start()
+        return io
+
     async def put(self, item: QueueItem, message: bytes) -> None:
         self.prepare()
         item.size = len(message)
         header = json.dumps({**item.header_json(), "size": len(message)},
                             separators=(",", ":")).encode()
-        await asyncio.to_thread(write_durably, self.item_path(item.id),
-                                [header, b"\n", message], self.fsync)
+        if self.logged:
+            await self._thread().submit(self._put_logged, item.id, header, message, tag="put")
+        else:
+            await asyncio.to_thread(write_durably, self.item_path(item.id),
+                                    [header, b"\n", message], self.fsync)
         self._estimate += 1
+
+    def _put_logged(self, item_id: str, header: bytes, message: bytes) -> None:
+        """In the I/O thread: the item file (no fsync), then its log record."""
+        assert self._log is not None
+        chunks = [header, b"\n", message]
+        path = self.item_path(item_id)
+        tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                write_all(fd, chunks)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._log.add_put(item_id, chunks)
+
+    def _commit(self, batch: list[Job[Any]]) -> None:
+        """After each batch of the I/O thread: one write and one fdatasync of the log. When
+        that fails, the batch's new items fail too (their files go: no 250, no delivery)."""
+        assert self._log is not None
+        try:
+            self._log.commit()
+        except OSError as exc:
+            log.error("queue log: cannot write %s: %s", self.dir, exc.strerror or exc)
+            for job in batch:
+                if job.tag == "put" and job.error is None:
+                    job.error = exc
+                    self.item_path(job.args[0]).unlink(missing_ok=True)
+            return
+        if self._log.due():
+            self._poke.set()
+
+    def _idle(self) -> None:
+        """The I/O thread had nothing to do for a while: retire an idle segment."""
+        if self._log is not None and self._log.rotate():
+            self._poke.set()
+
+    def defer_sync(self, item_id: str, path: Path) -> bool:
+        """For delivery backends writing files (any thread): True when this store takes
+        care of making what is written under ``path`` for ``item_id`` durable — before the
+        item leaves the queue for good, and before a state that says it was delivered is
+        written — so that the backend need not fsync. False: sync yourself."""
+        if not self.logged:
+            return False
+        self._thread()
+        assert self._log is not None
+        try:
+            self._log.add_root(path)
+        except OSError as exc:
+            log.warning("queue log: cannot note %s (%s); deliveries there are synced one "
+                        "by one", path, exc.strerror or exc)
+            return False
+        with self._lock:
+            self._lazy.add(item_id)
+        return True
 
     async def save_state(self, item: QueueItem) -> None:
         if not self.item_path(item.id).exists():
             return  # deleted by an operator
         body = json.dumps(item.state_json(), separators=(",", ":")).encode()
-        await _in_queue_thread(write_durably, self.state_path(item.id), [body], self.fsync)
+        await _in_queue_thread(self._save_state_now, item.id, body)
+
+    def _save_state_now(self, item_id: str, body: bytes) -> None:
+        with self._lock:
+            lazy = item_id in self._lazy
+        if lazy and self._log is not None:  # what the state says was delivered is on disk
+            self._log.sync_roots(set(self._log.roots.values()))
+            with self._lock:
+                self._lazy.discard(item_id)
+        write_durably(self.state_path(item_id), [body], self.fsync)
 
     async def remove(self, item: QueueItem) -> None:
-        await _in_queue_thread(self.remove_now, item.id)
+        if self.logged:
+            await self._thread().submit(self._remove_logged, item.id, tag="remove")
+        else:
+            await _in_queue_thread(self.remove_now, item.id)
         self._estimate = max(0, self._estimate - 1)
+
+    def _remove_logged(self, item_id: str) -> None:
+        """In the I/O thread. An item whose log record is still to be retired goes at once
+        (that retirement's sync covers what was delivered for it); one delivered lazily
+        after its record was retired waits as ``.done`` for the next checkpoint."""
+        assert self._log is not None
+        with self._lock:
+            lazy = item_id in self._lazy
+            self._lazy.discard(item_id)
+        fresh = self._log.forget(item_id)
+        if lazy and not fresh:
+            try:
+                os.rename(self.item_path(item_id), self.done_path(item_id))
+            except FileNotFoundError:
+                return
+            with self._lock:
+                self._done.append(item_id)
+            self._poke.set()
+            return
+        if not lazy:
+            self._log.add_done(item_id)
+        self.remove_now(item_id)
+
+    def done_path(self, item_id: str, boot: str = "") -> Path:
+        return self.dir / f"{item_id}{DONE_INFIX}{boot or self._boot or boot_id()[:16]}"
 
     def remove_now(self, item_id: str) -> bool:
         """Remove an item's files (no directory fsync: an item that reappears after a crash
@@ -146,6 +306,77 @@ class FilesystemStore:
             except FileNotFoundError:
                 pass
         return found
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoints(self) -> None:
+        """The checkpoint thread: retire sealed log segments (and the segments of dead
+        processes, in the main process); unlink ``.done`` items after the sync."""
+        while True:
+            self._poke.wait(CHECKPOINT_POLL)
+            self._poke.clear()
+            if self.closing():
+                return
+            try:
+                self.checkpoint()
+            except Exception:
+                log.exception("queue log: checkpoint failed")
+
+    def checkpoint(self) -> None:
+        log_ = self._log
+        if log_ is None:
+            return
+        with self._lock:
+            done, self._done = self._done, []
+        adopt = self._adopt
+        others = self._foreign_done() if adopt and log_.dead_segments() else []
+        if not log_.checkpoint(adopt=adopt, force=bool(done or others)):
+            with self._lock:
+                self._done[:0] = done
+            return
+        for item_id in done:
+            self.state_path(item_id).unlink(missing_ok=True)
+            self.done_path(item_id).unlink(missing_ok=True)
+        for path in others:
+            path.unlink(missing_ok=True)
+            self.state_path(path.name.split(".", 1)[0]).unlink(missing_ok=True)
+
+    def _foreign_done(self) -> list[Path]:
+        """``.done`` items of this boot (a dead worker's): safe to unlink after a sync."""
+        suffix = f"{DONE_INFIX}{self._boot}"
+        try:
+            return [self.dir / n for n in os.listdir(self.dir) if n.endswith(suffix)]
+        except FileNotFoundError:
+            return []
+
+    def closing(self) -> bool:
+        return self._closing
+
+    async def close(self) -> None:
+        """At shutdown: finish the pending writes, retire every log segment of this process
+        (so that nothing is repeated after a later power loss), stop the threads."""
+        io = self._io
+        if io is None:
+            return
+        io.hand_over()
+        await asyncio.to_thread(self._close_now)
+
+    def _close_now(self) -> None:
+        io = self._io
+        if io is None:
+            return
+        io.close()
+        self._closing = True
+        self._poke.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(30)
+        if self._log is not None:
+            self._log.seal()
+            self.checkpoint()
+            self._log.close()
+        self._io = None
+        self._log = None
+        self._closing = False
 
     # ------------------------------------------------------------------ reading
 
@@ -198,9 +429,15 @@ class FilesystemStore:
         return await _in_queue_thread(self._recover)
 
     def _recover(self) -> list[str]:
-        """Remove old ``.tmp-*`` files and orphan states; the IDs, oldest first. Items are
-        not read here: the delivery loop loads them as it gets to them."""
+        """After a crash: the log segments and ``.done`` items of processes that are gone
+        (replayed when from an earlier boot), old ``.tmp-*`` files and orphan states; the
+        IDs, oldest first. Items are not read here: the delivery loop loads them as it gets
+        to them. From now on this store also retires the segments of dead processes."""
         self.prepare()
+        if self.logged:
+            self._thread()
+            self._recover_log()
+            self._adopt = True
         for entry in list(self.dir.iterdir()):
             if entry.name.startswith(TMP_PREFIX):
                 try:
@@ -211,11 +448,80 @@ class FilesystemStore:
                 log.warning("removing half-written queue file %s", entry.name)
                 entry.unlink(missing_ok=True)
             elif entry.name.endswith(STATE_SUFFIX) and not self.item_path(
-                    entry.name[: -len(STATE_SUFFIX)]).exists():
+                    entry.name[: -len(STATE_SUFFIX)]).exists() and not any(
+                    self.dir.glob(f"{entry.name[: -len(STATE_SUFFIX)]}{DONE_INFIX}*")):
                 entry.unlink(missing_ok=True)  # its item is gone (a state is written after)
         ids = self.ids_now()  # queue IDs sort by time: oldest first
         self._estimate = len(ids)
         return ids
+
+    def _recover_log(self) -> None:
+        assert self._log is not None
+        boot = self._log.boot
+        dead = self._log.dead_segments()
+        done_now: list[Path] = []
+        for entry in list(os.scandir(self.dir)):
+            item_id, infix, when = entry.name.partition(DONE_INFIX)
+            if not infix or not valid_id(item_id):
+                continue
+            if when == boot:
+                done_now.append(Path(entry.path))  # its deliveries are in the page cache
+            else:  # from an earlier boot: the deliveries may be lost; deliver again
+                log.warning("qid=%s: finished before a restart of the machine; delivered "
+                            "again (its deliveries may not have reached the disk)", item_id)
+                os.replace(entry.path, self.item_path(item_id))
+        earlier = [p for p in dead if (SegmentName.parse(p.name) or _NO_NAME).boot != boot]
+        if earlier:
+            self._replay(earlier)
+        if not (dead or done_now):
+            return
+        try:
+            self._log.sync_roots(set(read_roots(self._log.dir)))
+        except OSError as exc:
+            log.error("queue log: cannot sync the queue's filesystem (%s); the log segments "
+                      "of the last run are kept", exc.strerror or exc)
+            return
+        for path in done_now:
+            path.unlink(missing_ok=True)
+            self.state_path(path.name.split(".", 1)[0]).unlink(missing_ok=True)
+        for path in dead:
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            fsync_dir(self._log.dir)
+        if dead:
+            log.info("queue log: %d segment(s) of the last run retired", len(dead))
+
+    def _replay(self, segments: list[Path]) -> None:
+        """Segments written before this boot: every item put and not reported done durably
+        is written back (durably) where its file is missing or not whole."""
+        puts: dict[str, bytes] = {}
+        done: set[str] = set()
+        for path in segments:
+            try:
+                contents = read_segment(path)
+            except OSError as exc:
+                log.error("queue log: cannot read %s: %s", path, exc.strerror or exc)
+                continue
+            puts.update(contents.puts)
+            done |= contents.done
+        restored = 0
+        for item_id in done:  # delivered durably: a file that is back lost its unlink
+            if valid_id(item_id):
+                self.remove_now(item_id)
+        for item_id, data in puts.items():
+            if item_id in done or not valid_id(item_id):
+                continue
+            path = self.item_path(item_id)
+            try:
+                if path.read_bytes() == data:
+                    continue
+            except FileNotFoundError:
+                pass
+            write_durably(path, [data])
+            restored += 1
+        log.warning("queue log: the machine restarted since the last run: %d item(s) of %d "
+                    "logged restored from the log (delivered again if they were already)",
+                    restored, len(puts))
 
     async def quarantine(self, item_id: str, reason: str) -> None:
         await _in_queue_thread(self.quarantine_now, item_id, reason)

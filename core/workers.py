@@ -1,9 +1,16 @@
-"""Several reception processes on the same listeners (``[server] workers = N``).
+"""Several processes on the same listeners (``[server] workers = N``).
 
-The main process runs a full server (reception and the delivery runner); N-1 forked workers run
-reception only. Every process binds its own listening sockets with SO_REUSEPORT, so the kernel
-spreads connections over them. A worker tells the main process about each new queue item over
-a pipe (the item is already durable when it does), and the main process schedules its delivery.
+The main process and N-1 forked workers each run a full server: reception and a delivery
+runner. Every process binds its own listening sockets with SO_REUSEPORT, so the kernel spreads
+connections over them, and each process delivers what it queued — its first rounds, with the
+message bytes still in memory: no hand-over per message. Who queued an item is in its queue ID
+(each process gets its own 3-byte prefix before the fork, :func:`tampu.store.set_id_prefix`).
+An item that must wait for a retry is handed to the main process over a pipe (its state is
+already durable), which then owns it: the main process makes every later round, resumes the
+queue at start (without the items of live workers) and serves operator requests. When a
+worker dies, the main process learns it at once (a pidfd per worker) and takes over the items
+whose IDs carry that worker's prefix; the filesystem store of the main process retires the
+dead worker's log segments at its next checkpoint (:mod:`tampu.queue_log`).
 SIGTERM/SIGINT/SIGHUP given to the main process are passed on to the workers.
 
 Start-up is all or nothing: every process builds its configuration and runs its start-up
@@ -26,8 +33,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tampu.backends import SharedQueueStore
 from tampu.config import Config
 from tampu.item import QueueItem
+from tampu.store import ID_PREFIX_BYTES, id_prefix, set_id_prefix
 
 if TYPE_CHECKING:
     from tampu.server import Server
@@ -36,6 +45,7 @@ log = logging.getLogger("tampu.workers")
 
 _READY = b"!ready "
 _FAILED = b"!failed "
+_HAND = b"!hand "
 _GO = b"g"
 _INDEX = 0
 
@@ -65,6 +75,13 @@ class Workers:
     """PID -> wait status of workers that ended (and were reaped)."""
     failure: str = ""
     """Why start-up was abandoned ("" when it was not)."""
+    prefixes: dict[int, bytes] = field(default_factory=dict)
+    """PID -> the queue-ID prefix of that worker."""
+    live: set[bytes] = field(default_factory=set)
+    """The prefixes of the workers running now: their items are theirs to deliver."""
+
+    def owned_by_a_worker(self, item_id: str) -> bool:
+        return bool(self.live) and id_prefix(item_id) in self.live
 
     @property
     def count(self) -> int:
@@ -80,6 +97,7 @@ class Workers:
                 done, status = pid, 0
             if done:
                 self.exited[pid] = status
+                self.live.discard(self.prefixes.get(pid, b""))
 
     async def all_ready(self, within: float) -> bool:
         """Wait until every worker reported ready; False (``failure`` says why) when one
@@ -169,6 +187,11 @@ def fork_workers(config: Config, count: int) -> Workers:
         return Workers([], None)
     rfd, wfd = os.pipe()
     workers = Workers([], rfd)
+    prefixes: list[bytes] = []
+    while len(prefixes) < count + 1:  # one per process, all different
+        candidate = os.urandom(ID_PREFIX_BYTES)
+        if candidate not in prefixes:
+            prefixes.append(candidate)
     for index in range(1, count + 1):
         go_r, go_w = os.pipe()
         pid = os.fork()
@@ -185,6 +208,7 @@ def fork_workers(config: Config, count: int) -> Workers:
                 os.close(go_w)
                 for other in workers.go.values():  # the start pipes of the other workers
                     os.close(other)
+                set_id_prefix(prefixes[index])
                 code = _worker_main(config, wfd, go_r, index)
             except BaseException:
                 log.exception("reception worker %d failed", index)
@@ -193,7 +217,10 @@ def fork_workers(config: Config, count: int) -> Workers:
         os.close(go_r)
         workers.pids.append(pid)
         workers.go[index] = go_w
+        workers.prefixes[pid] = prefixes[index]
+        workers.live.add(prefixes[index])
     os.close(wfd)
+    set_id_prefix(prefixes[0])
     return workers
 
 
@@ -249,18 +276,23 @@ def _worker_main(config: Config, wfd: int, go_fd: int, index: int) -> int:
 
     async def run() -> int:
         try:
-            server = Server(config, deliver=False)
+            server = Server(config, resume=False)
             server.bind(reuse_port=True, listen=False, local_socket=False)
+            if isinstance(server.state.runtime.store, SharedQueueStore):
+                server.deliver = False  # the main process claims for the node, under leases
         except Exception as exc:
             log.error("reception worker %d: %s", index, exc)
             _report(wfd, _FAILED + f"{index} {exc}".encode("utf-8", "backslashreplace"))
             return 1
 
-        def notify(item: QueueItem, _message: bytes) -> None:
-            if not _report(wfd, item.id.encode()):
-                # the main process is gone: the item waits for its next start
-                log.error("reception worker %d: the main process is gone; stopping", index)
-                server.request_stop()
+        def hand_over(item: QueueItem) -> bool:
+            """An item that waits for a retry goes to the main process."""
+            if _report(wfd, _HAND + item.id.encode()):
+                return True
+            # the main process is gone: the item waits for its next start
+            log.error("reception worker %d: the main process is gone; stopping", index)
+            server.request_stop()
+            return False
 
         async def gate() -> bool:
             if not _report(wfd, _READY + str(index).encode()):
@@ -270,7 +302,7 @@ def _worker_main(config: Config, wfd: int, go_fd: int, index: int) -> int:
             log.info("reception worker %d: start-up abandoned by the main process", index)
             return False
 
-        server.intake.schedulers.append(notify)
+        server.hand_over = hand_over
         try:
             started = await server.serve(gate=gate)
         except Exception as exc:
@@ -286,13 +318,14 @@ def _worker_main(config: Config, wfd: int, go_fd: int, index: int) -> int:
 
 
 def attach_main(server: Server, workers: Workers) -> None:
-    """In the main process: follow the workers' start-up reports, schedule the items they
-    queued, pass signals on to them."""
+    """In the main process: follow the workers' start-up reports, take the items they hand
+    over, take over the items of a worker that dies, pass signals on to them."""
     if workers.rfd is None:
         return
     rfd = workers.rfd
     loop = asyncio.get_running_loop()
     buffer = bytearray()
+    server.owned_elsewhere = workers.owned_by_a_worker
 
     def readable() -> None:
         try:
@@ -311,17 +344,63 @@ def attach_main(server: Server, workers: Workers) -> None:
             elif line.startswith(_FAILED):
                 index, _, why = line[len(_FAILED):].partition(b" ")
                 workers.failed[int(index or 0)] = why.decode("utf-8", "replace")
-            elif line and server.runner is not None:
-                server.state.spawn(server.runner.schedule_id(line.decode()))
+            elif line.startswith(_HAND) and server.runner is not None:
+                server.state.spawn(server.runner.schedule_id(
+                    line[len(_HAND):].decode("ascii", "replace"), wait=True))
 
     os.set_blocking(rfd, False)
     loop.add_reader(rfd, readable)
+    watchers = _watch_exits(server, workers, loop)
     server.on_stop.append(lambda: workers.signal_all(signal.SIGTERM))
     server.on_reload.append(lambda: workers.signal_all(signal.SIGHUP))
     def forget() -> None:
         loop.remove_reader(rfd)
+        for fd in watchers:
+            loop.remove_reader(fd)
+            os.close(fd)
+        watchers.clear()
 
     server.on_shutdown.append(forget)
+
+
+def _watch_exits(server: Server, workers: Workers, loop: asyncio.AbstractEventLoop
+                 ) -> list[int]:
+    """A pidfd per worker, readable when it ends (polling once a second without pidfds).
+    The descriptors watched."""
+    fds: list[int] = []
+
+    def ended(pid: int, fd: int | None) -> None:
+        if fd is not None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            fds.remove(fd)
+        before = set(workers.exited)
+        workers._check_exits()
+        if pid not in workers.exited or pid in before or server.state.stopping:
+            return
+        prefix = workers.prefixes.get(pid, b"")
+        log.error("reception worker (pid %d) ended (%s); the main process delivers its "
+                  "items", pid, _describe(workers.exited[pid]))
+        if server.runner is not None:
+            server.state.spawn(server.runner.take_over(lambda qid: id_prefix(qid) == prefix))
+
+    pidfd_open = getattr(os, "pidfd_open", None)
+    for pid in workers.pids:
+        try:
+            if pidfd_open is None:
+                raise OSError("no pidfd")
+            fd = pidfd_open(pid)
+        except OSError:
+            def poll(pid: int = pid) -> None:
+                ended(pid, None)
+                if pid not in workers.exited and not server.state.stopping:
+                    loop.call_later(1.0, poll)
+
+            loop.call_later(1.0, poll)
+            continue
+        fds.append(fd)
+        loop.add_reader(fd, ended, pid, fd)
+    return fds
 
 
 def main_gate(server: Server, workers: Workers) -> Callable[[], Awaitable[bool]] | None:

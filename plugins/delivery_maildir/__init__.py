@@ -7,9 +7,16 @@ normalised like the rest of tampu (``User.Name+tag`` -> ``username``), so every 
 variant of a user lands in one Maildir.
 
 Delivery follows the Maildir specification: the message is written to ``tmp/`` under a unique
-name (``time.M<usec>P<pid>Q<n>.<host>,S=<size>``), fsync'd, hard-linked into ``new/`` and the
-directory fsync'd before the delivery counts as done. ``Return-Path:`` and ``Delivered-To:`` are
+name (``time.M<usec>P<pid>Q<n>.<host>,S=<size>``) and hard-linked into ``new/``. It is durable
+before the queue forgets the item: with the filesystem store's log, the store makes it so
+(:meth:`tampu.store_files.FilesystemStore.defer_sync`: one ``syncfs`` at its next checkpoint
+covers every delivery since the last one, and until then the item's log record stays, so a
+power loss repeats the delivery rather than losing it); with any other store the file is
+fsync'd before the link and the directory after it. ``Return-Path:`` and ``Delivered-To:`` are
 added on top; line endings are stored as plain LF, as Maildir readers expect.
+
+All recipients of one item are written in one job (``deliver_batch``), and the jobs of all
+items go to one writer thread in batches (one hand-over per event-loop iteration).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -30,10 +38,9 @@ from tampu import (
     PluginSettings,
     QueueItem,
     Recipient,
-    blocking,
     hookimpl,
 )
-from tampu.files import fsync_dir
+from tampu.files import BatchThread, fsync_dir
 from tampu.placeholders import check_placeholders, expand_placeholders
 
 PLACEHOLDERS = frozenset({"user", "domain"})
@@ -81,6 +88,8 @@ class MaildirWriter:
         self._count = itertools.count(1)
         self._lock = threading.Lock()
         self._host = _unique_host()
+        self._ready: set[Path] = set()
+        """Maildirs known to exist (checked again when a write there fails)."""
 
     def unique_name(self, size: int) -> str:
         with self._lock:
@@ -90,9 +99,10 @@ class MaildirWriter:
         usec = int((now - sec) * 1_000_000)
         return f"{sec}.M{usec}P{os.getpid()}Q{n}.{self._host},S={size}"
 
-    @staticmethod
-    def ensure(maildir: Path) -> None:
+    def ensure(self, maildir: Path) -> None:
         """Create the Maildir (and missing parents) with mode 0700."""
+        if maildir in self._ready:
+            return
         missing = []
         for folder in (maildir, *maildir.parents):
             if folder.is_dir():
@@ -108,19 +118,41 @@ class MaildirWriter:
                 (maildir / sub).mkdir(mode=0o700)
             except FileExistsError:
                 pass
+        with self._lock:
+            if len(self._ready) > 10_000:
+                self._ready.clear()
+            self._ready.add(maildir)
 
-    def deliver(self, maildir: Path, data: bytes) -> Path:
-        """Write ``data`` into ``maildir/new``; returns the new file. Raises OSError."""
+    def deliver(self, maildir: Path, data: bytes | list[bytes], sync: bool = True) -> Path:
+        """Write ``data`` (bytes, or chunks written one after the other) into
+        ``maildir/new``; returns the new file. ``sync``: fsync the file before the link and
+        the directory after it (False: the caller makes it durable). Raises OSError."""
+        chunks = [data] if isinstance(data, bytes) else data
+        try:
+            return self._deliver(maildir, chunks, sync)
+        except FileNotFoundError:  # the Maildir went away since it was checked: once more
+            with self._lock:
+                self._ready.discard(maildir)
+            return self._deliver(maildir, chunks, sync)
+
+    def _deliver(self, maildir: Path, chunks: list[bytes], sync: bool) -> Path:
         self.ensure(maildir)
-        name = self.unique_name(len(data))
+        name = self.unique_name(sum(len(c) for c in chunks))
         tmp = maildir / "tmp" / name
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
+                pending = [memoryview(c) for c in chunks if c]
+                while pending:
+                    n = os.writev(fd, pending)
+                    while n and pending:
+                        if n >= len(pending[0]):
+                            n -= len(pending[0])
+                            pending.pop(0)
+                        else:
+                            pending[0], n = pending[0][n:], 0
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             final = maildir / "new" / name
@@ -132,21 +164,35 @@ class MaildirWriter:
                 if final.exists():  # no hard links here: rename, never over another message
                     raise FileExistsError(errno.EEXIST, "Maildir name clash", str(final)) from exc
                 os.rename(tmp, final)
-            fsync_dir(final.parent)
+            if sync:
+                fsync_dir(final.parent)
         finally:
             tmp.unlink(missing_ok=True)
         return final
+
+
+_WRITER_THREAD = BatchThread("tampu-maildir")
+"""One writer thread per process, for every configuration's Maildir plugin."""
 
 
 def _header_value(value: str) -> str:
     return value.replace("\r", "").replace("\n", "")
 
 
+def maildir_top(item: QueueItem, recipient: Recipient) -> bytes:
+    """What goes on top of the message in the Maildir: Return-Path and Delivered-To."""
+    return (f"Return-Path: <{_header_value(item.mail_from)}>\n"
+            f"Delivered-To: {_header_value(recipient.address)}\n").encode(
+                "utf-8", "surrogateescape")
+
+
 def maildir_bytes(item: QueueItem, recipient: Recipient, message: bytes) -> bytes:
     """The message as stored: Return-Path and Delivered-To on top, LF line endings."""
-    top = (f"Return-Path: <{_header_value(item.mail_from)}>\n"
-           f"Delivered-To: {_header_value(recipient.address)}\n")
-    return top.encode("utf-8", "surrogateescape") + message.replace(b"\r\n", b"\n")
+    return maildir_top(item, recipient) + message.replace(b"\r\n", b"\n")
+
+
+Write = tuple[Recipient, Path | None, bytes]
+"""One recipient's delivery: its Maildir (None: no usable name) and the top lines."""
 
 
 class MaildirPlugin:
@@ -155,6 +201,7 @@ class MaildirPlugin:
     def __init__(self, ctx: PluginContext[MaildirSettings]) -> None:
         self.ctx = ctx
         self.writer = MaildirWriter()
+        self.data_dir = ctx.server.data_dir  # resolved once (it resolves the path each time)
 
     def maildir_for(self, address: str) -> Path | None:
         """The Maildir of a local ``address``, or None when its user part is unusable."""
@@ -162,7 +209,7 @@ class MaildirPlugin:
         if not (safe_component(user) and safe_component(domain)):
             return None
         relative = expand_placeholders(self.ctx.settings.path, {"user": user, "domain": domain})
-        return self.ctx.server.data_dir / relative
+        return self.data_dir / relative
 
     def claims(self, recipient: Recipient) -> bool:
         return self.ctx.server.is_local_mailbox(recipient, self.ctx.settings.domains)
@@ -175,22 +222,38 @@ class MaildirPlugin:
         return f"Maildir {maildir}" if maildir else "no usable mailbox name: a failure"
 
     @hookimpl
-    @blocking
-    def deliver(self, item: QueueItem, recipient: Recipient,
-                message: bytes) -> DeliveryResult | None:
-        if not self.claims(recipient):
+    async def deliver_batch(self, item: QueueItem, recipients: list[Recipient],
+                            message: bytes) -> list[tuple[Recipient, DeliveryResult]] | None:
+        writes: list[Write] = [(r, self.maildir_for(r.address), maildir_top(item, r))
+                               for r in recipients if self.claims(r)]
+        if not writes:
             return None
-        maildir = self.maildir_for(recipient.address)
-        if maildir is None:
-            return DeliveryResult.permanent(
-                f"no usable mailbox name for <{recipient.address}>", remote="maildir")
-        try:
-            path = self.writer.deliver(maildir, maildir_bytes(item, recipient, message))
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            self.ctx.log.error("qid=%s to=<%s>: cannot write to %s: %s", item.id,
-                               recipient.address, maildir, reason)
-            return DeliveryResult.temporary(f"cannot write to the mailbox: {reason}",
-                                            remote="maildir")
-        self.ctx.log.debug("qid=%s to=<%s> stored as %s", item.id, recipient.address, path)
-        return DeliveryResult.sent("delivered to Maildir", remote="maildir")
+        defer = getattr(self.ctx.server.store, "defer_sync", None)
+        return await _WRITER_THREAD.submit(self._write, item, writes, message, defer)
+
+    def _write(self, item: QueueItem, writes: list[Write], message: bytes,
+               defer: Callable[[str, Path], bool] | None
+               ) -> list[tuple[Recipient, DeliveryResult]]:
+        """In the writer thread: every recipient's file; one result each."""
+        body = message.replace(b"\r\n", b"\n")
+        out = []
+        for rcpt, maildir, top in writes:
+            if maildir is None:
+                out.append((rcpt, DeliveryResult.permanent(
+                    f"no usable mailbox name for <{rcpt.address}>", remote="maildir")))
+                continue
+            try:
+                self.writer.ensure(maildir)
+                lazy = defer is not None and defer(item.id, maildir)
+                path = self.writer.deliver(maildir, [top, body], sync=not lazy)
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+                self.ctx.log.error("qid=%s to=<%s>: cannot write to %s: %s", item.id,
+                                   rcpt.address, maildir, reason)
+                out.append((rcpt, DeliveryResult.temporary(
+                    f"cannot write to the mailbox: {reason}", remote="maildir")))
+                continue
+            if self.ctx.log.isEnabledFor(10):
+                self.ctx.log.debug("qid=%s to=<%s> stored as %s", item.id, rcpt.address, path)
+            out.append((rcpt, DeliveryResult.sent("delivered to Maildir", remote="maildir")))
+        return out

@@ -15,6 +15,7 @@ Also provides ``tampu dkim keygen`` and ``tampu dkim dns``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 from pydantic import Field, field_validator
 
@@ -28,7 +29,6 @@ from tampu import (
     Reply,
     ServerContext,
     Session,
-    blocking,
     hookimpl,
 )
 from tampu.authres import add_result
@@ -132,9 +132,13 @@ class DkimPlugin:
         return fields
 
     @hookimpl
-    @blocking  # RSA-2048 signing with dkimpy takes about 10 ms of CPU (docs/plugins/dkim.md)
-    def queue_add_headers(self, item: QueueItem, message: bytes) -> list[tuple[str, str]] | None:
-        return self.signatures(item, message) or None
+    async def queue_add_headers(self, item: QueueItem,
+                                message: bytes) -> list[tuple[str, str]] | None:
+        if not self.ctx.settings.sign or (item.auth_user is None
+                                          and item.origin not in SIGNED_ORIGINS):
+            return None  # not ours to sign: no thread hop for the message
+        # RSA-2048 signing with dkimpy takes about 10 ms of CPU (docs/plugins/dkim.md)
+        return await asyncio.to_thread(self.signatures, item, message) or None
 
     # ------------------------------------------------------------------ verification
 

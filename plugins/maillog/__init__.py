@@ -6,12 +6,14 @@ Each line has the queue ID where there is one, the sender, the recipients, the c
 its TLS and AUTH state and the reply. Passwords and message bodies are never logged.
 
 Lines go to a file (``path``, relative to the data directory; reopened when logrotate moves it)
-or to syslog (facility mail), as ``text`` or ``json``. Writing happens in a thread.
+or to syslog (facility mail), as ``text`` or ``json``. Writing happens in a thread: the lines of
+one event-loop iteration are handed over at once, and a file gets them in one write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -71,12 +73,15 @@ def _client(session: Session) -> str:
 
 class MailLog:
     """The output: lines handed to a writer thread, which writes them (file or syslog) in
-    batches. The event loop only formats a line and queues it."""
+    batches. The event loop only formats a line and queues it; the lines of one loop
+    iteration go to the thread at once (one wake-up)."""
 
     def __init__(self, settings: MailLogSettings, data_dir: Path) -> None:
         self.settings = settings
         self.path = data_dir / settings.path
-        self.queue: queue.SimpleQueue[tuple[float, str] | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[list[tuple[float, str]] | None] = queue.SimpleQueue()
+        self._pending: list[tuple[float, str]] = []
+        self._scheduled = False
         self.handler: logging.Handler | None = None
         self.thread: threading.Thread | None = None
         self.failing = False
@@ -116,17 +121,50 @@ class MailLog:
     def _write_lines(self) -> None:
         assert self.handler is not None
         while True:
-            entry = self.queue.get()
-            if entry is None:
+            batch = self.queue.get()
+            if batch is None:
                 return
-            created, line = entry
-            record = logging.LogRecord("tampu.maillog", logging.INFO, "", 0, line, None, None)
-            record.created, record.msecs = created, (created % 1) * 1000
+            stop = False
+            while True:  # whatever else is waiting goes in the same write
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.extend(more)
+            records = []
+            for created, line in batch:
+                record = logging.LogRecord("tampu.maillog", logging.INFO, "", 0, line, None,
+                                           None)
+                record.created, record.msecs = created, (created % 1) * 1000
+                records.append(record)
             was_failing = self.failing
-            self.handler.handle(record)
-            if was_failing and self.failing and self._wrote(record):
+            self._write(records)
+            if was_failing and self.failing and self._wrote(records[-1]):
                 self.failing = False
                 log.warning("maillog: writing to %s again", self.path)
+            if stop:
+                return
+
+    def _write(self, records: list[logging.LogRecord]) -> None:
+        """A file gets the batch in one write; syslog one datagram per line."""
+        handler = self.handler
+        assert handler is not None
+        if not isinstance(handler, logging.handlers.WatchedFileHandler):
+            for record in records:
+                handler.handle(record)
+            return
+        with handler.lock or contextlib.nullcontext():
+            try:
+                handler.reopenIfNeeded()  # one stat per batch, not per line
+                if handler.stream is None:
+                    handler.stream = handler._open()
+                handler.stream.write("".join(handler.format(r) + "\n" for r in records))
+                handler.stream.flush()
+            except Exception:  # noqa: BLE001 - reported once by _failed
+                handler.handleError(records[0])
 
     def _wrote(self, record: logging.LogRecord) -> bool:
         """After a failure: whether the stream takes lines again (flushes it)."""
@@ -140,6 +178,7 @@ class MailLog:
 
     def close(self) -> None:
         """Write what is pending and close (blocking: run in a thread)."""
+        self.hand_over()
         if self.thread is not None:
             self.queue.put(None)
             self.thread.join(10)
@@ -157,7 +196,22 @@ class MailLog:
         else:
             line = _clean(text)
         # whatever came from the network, the line can be encoded
-        self.queue.put((now, line.encode("utf-8", "backslashreplace").decode("utf-8")))
+        self._pending.append((now, line.encode("utf-8", "backslashreplace").decode("utf-8")))
+        if not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on the event loop: at once
+                self.hand_over()
+                return
+            self._scheduled = True
+            loop.call_soon(self.hand_over)
+
+    def hand_over(self) -> None:
+        """Give the lines formatted so far to the writer thread."""
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        if batch:
+            self.queue.put(batch)
 
 
 MAILLOG: StashKey[MailLog] = StashKey()

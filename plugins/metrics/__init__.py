@@ -68,6 +68,7 @@ class MetricsSettings(PluginSettings):
 
 
 _COUNTED: StashKey[bool] = StashKey()
+_REPLY_CLASS = {n: f"{n}xx" for n in range(10)}
 
 
 class _QueueCollector(Collector):
@@ -123,6 +124,8 @@ class MetricsState:
                                       "plugin's hook implementations.", ["hook", "plugin"],
                                       buckets=HOOK_BUCKETS, registry=r)
         self._hook_children: dict[tuple[str, str], Any] = {}
+        self._bound: dict[tuple[object, tuple[str, ...]], Any] = {}
+        """(metric, label values) -> its child: ``labels()`` once per combination."""
         self.hook_failures = Counter("tampu_hook_failures", "Hook implementations that "
                                      "raised or timed out.", ["hook", "plugin", "outcome"],
                                      registry=r)
@@ -168,6 +171,15 @@ class MetricsState:
 
     # ------------------------------------------------------------------ observations
 
+    def child(self, metric: Any, *labels: str) -> Any:  # noqa: ANN401 - prometheus types
+        """``metric.labels(*labels)``, looked up once (label values are few: listeners,
+        plugins, reply classes, results)."""
+        key = (metric, labels)
+        found = self._bound.get(key)
+        if found is None:
+            found = self._bound[key] = metric.labels(*labels)
+        return found
+
     def observe(self, hook: str, plugin: str, seconds: float, outcome: str) -> None:
         # Called for every hook call of every plugin: look each histogram child up once.
         child = self._hook_children.get((hook, plugin))
@@ -175,7 +187,7 @@ class MetricsState:
             child = self._hook_children[(hook, plugin)] = self.hook_seconds.labels(hook, plugin)
         child.observe(seconds)
         if outcome != "ok":
-            self.hook_failures.labels(hook, plugin, outcome).inc()
+            self.child(self.hook_failures, hook, plugin, outcome).inc()
 
     def count_results(self, envelope: Envelope, stage: str) -> None:
         """Count authentication results: SPF's when MAIL FROM is decided (refused or not),
@@ -183,9 +195,9 @@ class MetricsState:
         for found in results(envelope):
             if (found.method == "spf") != (stage == "mail"):
                 continue
-            self.authres.labels(found.method, found.result).inc()
+            self.child(self.authres, found.method, found.result).inc()
             if found.method == "spf":
-                self.spf.labels(found.result).inc()
+                self.child(self.spf, found.result).inc()
 
     def queue_summary(self) -> QueueSummary:
         store = self.context.store
@@ -272,8 +284,9 @@ class MetricsPlugin:
     def smtp_connect(self, session: Session) -> None:
         if self.state is not None:
             session.stash[_COUNTED] = True
-            self.state.connections.labels(session.listener.name).inc()
-            self.state.open.labels(session.listener.name).inc()
+            state = self.state
+            state.child(state.connections, session.listener.name).inc()
+            state.child(state.open, session.listener.name).inc()
 
     @hookimpl
     def smtp_verdict(self, envelope: Envelope | None, verdict: Verdict) -> None:
@@ -281,38 +294,39 @@ class MetricsPlugin:
             return
         self.state.console.verdict(verdict)
         if verdict.refused:
-            self.state.refusals.labels(verdict.stage, verdict.plugin,
-                                       str(verdict.reply.code)).inc()
+            self.state.child(self.state.refusals, verdict.stage, verdict.plugin,
+                             str(verdict.reply.code)).inc()
         if envelope is not None and verdict.stage in ("mail", "data"):
             self.state.count_results(envelope, verdict.stage)
 
     @hookimpl
     def smtp_auth_result(self, success: bool) -> None:
         if self.state is not None:
-            self.state.auth.labels("success" if success else "failure").inc()
+            self.state.child(self.state.auth, "success" if success else "failure").inc()
 
     @hookimpl
     def smtp_transaction_done(self, session: Session, envelope: Envelope, reply: Reply) -> None:
         if self.state is not None:
-            self.state.transactions.labels(session.listener.name, f"{reply.code // 100}xx").inc()
+            self.state.child(self.state.transactions, session.listener.name,
+                             _REPLY_CLASS[reply.code // 100]).inc()
 
     @hookimpl
     def smtp_disconnect(self, session: Session) -> None:
         if self.state is not None:
             if session.stash.get(_COUNTED, False):
-                self.state.open.labels(session.listener.name).dec()
+                self.state.child(self.state.open, session.listener.name).dec()
 
     # ---------------------------------------------------------------- queue
 
     @hookimpl
     def queue_enqueued(self, item: QueueItem) -> None:
         if self.state is not None:
-            self.state.queued.labels(item.origin).inc()
+            self.state.child(self.state.queued, item.origin).inc()
             if item.origin == "dsn":
                 self.state.dsns.inc()
 
     @hookimpl
     def delivery_attempted(self, result: DeliveryResult, backend: str) -> None:
         if self.state is not None:
-            self.state.attempts.labels(backend, result.status).inc()
+            self.state.child(self.state.attempts, backend, result.status).inc()
             self.state.console.attempt(result)

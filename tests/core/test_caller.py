@@ -341,3 +341,63 @@ def test_async_implementation_marked_blocking_is_awaited():
             return NO
 
     assert asyncio.run(Hooks(caller(("confused", Confused()))).smtp_helo(SESSION, "x"))[0] == NO
+
+
+class Cached:
+    """An async implementation that only sometimes waits (a cache: hits return at once)."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self.cancelled = False
+        self.timers: list[int] = []
+
+    @hookimpl
+    async def smtp_helo(self, session, hostname):
+        loop = asyncio.get_running_loop()
+        self.timers.append(len(getattr(loop, "_scheduled", ())))
+        if not self.wait:
+            return Reply(250, "2.0.0", "hit")
+        try:
+            await asyncio.sleep(self.wait)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        return Reply(250, "2.0.0", "miss")
+
+
+def test_an_awaitable_that_does_not_suspend_gets_no_timer():
+    hit = Cached(0.0)
+
+    async def run() -> tuple[object, int]:
+        loop = asyncio.get_running_loop()
+        answer = await Hooks(caller(("hit", hit))).smtp_helo(SESSION, "x")
+        return answer, len(loop._scheduled)  # type: ignore[attr-defined]
+
+    (reply, plugin), scheduled = asyncio.run(run())
+    assert plugin == "hit" and reply.text == "hit"
+    assert hit.timers == [0] and scheduled == 0  # no asyncio.timeout was armed
+
+
+def test_an_awaitable_that_suspends_goes_on_under_the_timeout():
+    miss, slow = Cached(0.01), Cached(5.0)
+    reply, plugin = asyncio.run(Hooks(caller(("miss", miss))).smtp_helo(SESSION, "x"))
+    assert (plugin, reply.text) == ("miss", "miss")
+    started = time.monotonic()
+    with pytest.raises(PluginError, match="timed out after 0.2s"):
+        asyncio.run(Hooks(caller(("slow", slow), timeout=0.2)).smtp_helo(SESSION, "x"))
+    assert time.monotonic() - started < 2
+    assert slow.cancelled  # the timeout's cancellation reached the plugin's coroutine
+
+
+def test_cancelling_the_caller_cancels_a_suspended_plugin():
+    slow = Cached(5.0)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(Hooks(caller(("slow", slow))).smtp_helo(SESSION, "x"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert slow.cancelled

@@ -73,7 +73,8 @@ def test_a_failed_queue_write_leaves_no_temporary_file(tmp_path):
         maildir = cdir / "data" / "mail" / "example.test" / "user" / "new"
         wait_until(lambda: maildir.is_dir() and len(list(maildir.iterdir())) == 2, 10,
                    "both small messages in the Maildir")
-        wait_until(lambda: sorted(p.name for p in queue.iterdir()) == ["corrupt"], 10,
+        wait_until(lambda: sorted(p.name for p in queue.iterdir()) == ["corrupt", "log"]
+                   and list((queue / "log").iterdir()) == [], 10,
                    "the queue to be empty, without a temporary file")
     finally:
         proc.send_signal(signal.SIGTERM)

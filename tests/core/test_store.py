@@ -83,7 +83,9 @@ def test_save_state_after_delete_writes_nothing(tmp_path):
     item = _submit(queue)
     queue.remove_now(item.id)
     asyncio.run(queue.save_state(item))
-    assert sorted(p.name for p in queue.dir.iterdir()) == ["corrupt"]
+    asyncio.run(queue.close())  # its log segment is retired
+    assert sorted(p.name for p in queue.dir.iterdir()) == ["corrupt", "log"]
+    assert list((queue.dir / "log").iterdir()) == []
 
 
 def test_failed_write_leaves_no_temporary_file(tmp_path):
@@ -108,7 +110,7 @@ def test_failed_write_leaves_no_temporary_file(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=30)
     assert out.stdout.startswith("failed:"), out.stdout + out.stderr
-    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["corrupt"]
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["corrupt", "log"]
 
 
 def test_cap(tmp_path):
@@ -153,6 +155,7 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     busy = queue.dir / ".tmp-bbbbbusy.item"  # a reception worker writing right now
     busy.write_bytes(b"{")
     (queue.dir / "orphan0.state").write_text("{}")
+    asyncio.run(queue.close())  # the log segment of this process goes (its items are synced)
 
     rec = Recorder()
     srv = tampu_server(config_dir=cdir, plugins=[rec], deliver=True)
@@ -163,7 +166,7 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     while len(list((queue.dir / "corrupt").iterdir())) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     names = sorted(p.name for p in queue.dir.iterdir())
-    assert names == [".tmp-bbbbbusy.item", "corrupt"]  # old tmp, orphan state gone
+    assert names == [".tmp-bbbbbusy.item", "corrupt", "log"]  # old tmp, orphan state gone
     assert sorted(p.name for p in (queue.dir / "corrupt").iterdir()) == [
         f"{truncated.id}.item", "zzzzgarbage.item"]
     assert f"qid={truncated.id}: corrupt queue item" in caplog.text

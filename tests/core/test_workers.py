@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import smtplib
 import subprocess
 import textwrap
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -131,3 +133,120 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return not _zombie(pid)
+
+
+# ------------------------------------------------------------------ who delivers what
+
+MDA_CONF = """\
+    [server]
+    hostname = "localhost"
+    local_domains = ["example.test"]
+    workers = 2
+    retry_schedule = [0.5]
+    shutdown_timeout = 2
+    log_level = "info"
+    [server.listeners.smtp]
+    kind = "smtp"
+    addresses = ["127.0.0.1:{port}"]
+    [plugins.localusers]
+    enabled = true
+    [plugins.delivery_maildir]
+    enabled = false
+    [plugins.delivery_mda]
+    enabled = true
+    command = "/bin/sh"
+    args = ["-c", '{script}', "mda"]
+    """
+
+
+def _mda_server(tmp_path: Path, script: str) -> tuple[Path, int]:
+    port = fixed_port()
+    cdir = make_config_dir(tmp_path / "conf", users={"user@example.test": "pw"},
+                           base=textwrap.dedent(MDA_CONF.format(port=port, script=script)))
+    return cdir, port
+
+
+def _send_many(port: int, count: int, tag: str) -> list[str]:
+    def send(n: int) -> str:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+            client.ehlo("client.test")
+            client.mail("sender@example.org")
+            client.rcpt("user@example.test")
+            code, reply = client.data(f"Subject: {tag}-{n}\r\n\r\nbody {n}\r\n".encode())
+            assert code == 250, reply
+            return QID_RE.search(reply).group(1).decode()  # type: ignore[union-attr]
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(send, range(count)))
+
+
+def _wait(predicate: Callable[[], object], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_each_process_delivers_its_own_and_waiting_items_go_to_the_main_one(tmp_path):
+    """First rounds are made by the process that received the message; a message that must
+    wait for a retry is handed to the main process, which makes the next round."""
+    out, fail = tmp_path / "out", tmp_path / "fail"
+    out.mkdir()
+    fail.touch()
+    # the MDA notes which process ran it ($PPID), fails (75: temporary) while FAIL exists
+    script = (f'echo $PPID >> {tmp_path}/attempts; [ -e {fail} ] && exit 75; '
+              f'cat > {out}/msg.$$; echo $PPID > {out}/by.$$')
+    cdir, port = _mda_server(tmp_path, script)
+    with serving(cdir, port) as (proc, log):
+        (worker,) = _children(proc.pid)
+        qids = _send_many(port, 16, "handover")
+        attempts = tmp_path / "attempts"
+        _wait(lambda: attempts.exists() and len(attempts.read_text().split()) >= 16, 20,
+              "a first attempt of each message")
+        first = attempts.read_text().split()
+        assert set(first) == {str(proc.pid), str(worker)}, \
+            "both processes made first rounds (each of what it received)"
+        fail.unlink()
+        _wait(lambda: len(list(out.glob("msg.*"))) == 16, 20, "every message delivered")
+        finishers = {p.read_text().strip() for p in out.glob("by.*")}
+        assert finishers == {str(proc.pid)}, "the retries were made by the main process"
+        queue = cdir / "data" / "queue"
+        _wait(lambda: not any(queue.glob("*.item")), 10, "an empty queue")
+        assert len(set(qids)) == 16
+        proc.terminate()
+        assert proc.wait(30) == 0, log.read_text()[-2000:]
+
+
+def test_the_main_process_takes_over_the_items_of_a_worker_that_died(tmp_path):
+    """A worker killed in the middle of its deliveries: the main process delivers its items
+    (again: the worker's attempts never reported), and goes on serving."""
+    out, hold = tmp_path / "out", tmp_path / "hold"
+    out.mkdir()
+    hold.touch()
+    script = (f'cat > {out}/msg.$$; echo $PPID > {out}/by.$$; '
+              f'while [ -e {hold} ]; do sleep 0.05; done')
+    cdir, port = _mda_server(tmp_path, script)
+    with serving(cdir, port) as (proc, log):
+        (worker,) = _children(proc.pid)
+        _send_many(port, 12, "takeover")
+        _wait(lambda: len(list(out.glob("by.*"))) == 12, 20, "every first attempt under way")
+        by_worker = [p for p in out.glob("by.*") if p.read_text().strip() == str(worker)]
+        assert by_worker, "the worker received (and delivers) some of the messages"
+        os.kill(worker, signal.SIGKILL)
+        _wait(lambda: f"reception worker (pid {worker}) ended" in log.read_text(), 10,
+              "the main process to notice")
+        hold.unlink()  # every MDA finishes now; the worker's results are lost with it
+        _wait(lambda: len(list(out.glob("by.*"))) == 12 + len(by_worker), 20,
+              "the worker's items delivered again by the main process")
+        again = [p for p in out.glob("by.*") if p not in by_worker
+                 and p.read_text().strip() == str(proc.pid)]
+        assert len(again) >= len(by_worker)
+        queue = cdir / "data" / "queue"
+        _wait(lambda: not any(queue.glob("*.item")), 10, "an empty queue")
+        _send_many(port, 2, "after")  # the main process still serves
+        _wait(lambda: not any(queue.glob("*.item")), 10, "an empty queue again")
+        _wait(lambda: not list((queue / "log").glob("*.seg")) or all(
+            str(worker) not in p.name for p in (queue / "log").glob("*.seg")), 10,
+            "the dead worker's log segment retired by the main process")
+        proc.terminate()
+        assert proc.wait(30) == 0, log.read_text()[-2000:]

@@ -1,0 +1,435 @@
+"""The queue log: new queue items become durable with one ``fdatasync`` per batch.
+
+The filesystem store writes each new item's file without fsync, and appends the same bytes as
+a record to its process's current log segment; one ``fdatasync`` of the segment makes a whole
+batch of items durable (the group commit: the SMTP ``250`` of every message of the batch is
+sent after it). A segment is retired (deleted) once what it protects is durable by other
+means: one ``syncfs`` of the queue's filesystem, and of every other filesystem where
+deliveries were written without fsync (the *roots*, listed in :data:`ROOTS_FILE`: a Maildir
+elsewhere), then the segment is unlinked and the log directory fsync'd. Segments are
+retired when they reach :data:`SEGMENT_BYTES` or :data:`SEGMENT_AGE` seconds, or
+:data:`IDLE_RETIRE` seconds after their last item left.
+
+Segment files: ``<queue>/log/<boot>-<pid>-<start>-<seq>.seg``: the boot they were written in
+(``/proc/sys/kernel/random/boot_id``), the writing process (its PID and start time: a live
+process is never mistaken for a dead one) and a sequence number. Content: :data:`MAGIC`, one
+JSON line (the owner), then records ``kind | flags | id length | payload length | crc32``
+(``<cBHII``), the ID and the payload:
+
+* ``P`` an item was put: the payload is its whole item file (header line and message);
+* ``D`` an item left the queue and every delivery made for it was durable before (none is
+  written for an item delivered lazily).
+
+After a crash the main process reads the segments of dead processes (:func:`read_segment`):
+from the same boot the page cache survived and the item files are whole, so it only syncs
+the queue's filesystem and the roots, then retires them; from an earlier boot (a power loss)
+every ``P`` record without a ``D`` record is written back as its item file if that file is
+missing or not whole, and delivered again (twice is allowed, never zero times).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from tampu.files import boot_id, fsync_dir, process_start, syncfs, write_durably
+
+log = logging.getLogger("tampu.queue")
+
+SUFFIX: Final = ".seg"
+ROOTS_FILE: Final = "roots"
+"""Other filesystems where deliveries are written without fsync, one path per line."""
+MAGIC: Final = b"tampu queue log 1\n"
+SEGMENT_BYTES: Final = 16 * 1024 * 1024
+"""A segment this big is sealed and retired (a new one takes the next items)."""
+SEGMENT_AGE: Final = 10.0
+"""Seconds after which a segment is sealed and retired: after a power loss, deliveries of
+about this long are repeated."""
+IDLE_RETIRE: Final = 2.0
+"""Seconds after its last item left (and nothing came) that a segment is retired."""
+_REC: Final = struct.Struct("<cBHII")
+PUT: Final = b"P"
+DONE: Final = b"D"
+IOV_MAX: Final = 512
+_SEQ = itertools.count(1)
+"""Segment numbers, unique in the process (tests run several stores in one process)."""
+
+
+def write_all(fd: int, chunks: list[bytes]) -> int:
+    """Write every chunk (``writev``, short writes continued); the bytes written."""
+    total = 0
+    pending = [memoryview(c) for c in chunks if c]
+    while pending:
+        n = os.writev(fd, pending[:IOV_MAX])
+        total += n
+        while n and pending:
+            if n >= len(pending[0]):
+                n -= len(pending[0])
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][n:]
+                n = 0
+    return total
+
+
+def record(kind: bytes, item_id: str, payload: list[bytes]) -> list[bytes]:
+    """The chunks of one record (header, ID, payload)."""
+    ident = item_id.encode()
+    size = sum(len(p) for p in payload)
+    crc = zlib.crc32(kind + ident)
+    for part in payload:
+        crc = zlib.crc32(part, crc)
+    return [_REC.pack(kind, 0, len(ident), size, crc), ident, *payload]
+
+
+@dataclass(frozen=True)
+class SegmentName:
+    """What a segment's file name says."""
+
+    boot: str
+    pid: int
+    start: int
+    seq: int
+
+    @property
+    def owner(self) -> str:
+        return f"{self.boot}-{self.pid}-{self.start}"
+
+    @classmethod
+    def parse(cls, name: str) -> SegmentName | None:
+        if not name.endswith(SUFFIX):
+            return None
+        parts = name[: -len(SUFFIX)].split("-")
+        if len(parts) != 4:
+            return None
+        try:
+            return cls(parts[0], int(parts[1]), int(parts[2]), int(parts[3]))
+        except ValueError:
+            return None
+
+    def alive(self, boot: str) -> bool:
+        """Whether the process that writes this segment is running now."""
+        return self.boot == boot and process_start(self.pid) == self.start
+
+
+@dataclass
+class Contents:
+    """What a segment holds (:func:`read_segment`)."""
+
+    puts: dict[str, bytes] = field(default_factory=dict)
+    """Item ID -> its item file's bytes."""
+    done: set[str] = field(default_factory=set)
+    torn: bool = False
+    """The segment ends with an incomplete or damaged record (written, never synced)."""
+
+
+def read_segment(path: Path) -> Contents:
+    """The records of one segment, up to the first incomplete or damaged one."""
+    out = Contents()
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        out.torn = bool(data)
+        return out
+    end = data.find(b"\n", len(MAGIC))
+    if end < 0:
+        out.torn = True
+        return out
+    pos = end + 1
+    while pos < len(data):
+        if pos + _REC.size > len(data):
+            out.torn = True
+            break
+        kind, _flags, id_len, size, crc = _REC.unpack_from(data, pos)
+        start = pos + _REC.size
+        stop = start + id_len + size
+        if stop > len(data):
+            out.torn = True
+            break
+        ident = data[start:start + id_len]
+        payload = data[start + id_len:stop]
+        if zlib.crc32(payload, zlib.crc32(kind + ident)) != crc:
+            out.torn = True
+            break
+        item_id = ident.decode("ascii", "replace")
+        if kind == PUT:
+            out.puts[item_id] = payload
+        elif kind == DONE:
+            out.done.add(item_id)
+        pos = stop
+    return out
+
+
+@dataclass(eq=False)
+class Segment:
+    path: Path
+    fd: int
+    size: int
+    opened: float
+    live: set[str] = field(default_factory=set)
+    """Items put in this segment that are still in the queue."""
+    state: str = "open"
+    """open (takes records), sealed (full: waits for a checkpoint), syncing (being retired)."""
+    last: float = 0.0
+    """When the last record was appended (monotonic)."""
+
+
+class QueueLog:
+    """The log segments of one process. Records are appended by the store's I/O thread
+    (:meth:`add_put`, :meth:`add_done`, :meth:`commit`, :meth:`rotate`); checkpoints run
+    in another thread (:meth:`checkpoint`); :meth:`add_root` from any thread."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        """The log directory (``<queue>/log``; made by the store)."""
+        self.boot = boot_id()[:16] or "0"
+        pid = os.getpid()
+        self.owner = f"{self.boot}-{pid}-{process_start(pid) or 0}"
+        self.lock = threading.Lock()
+        """Guards ``segments``, ``where``, ``roots`` and segment states."""
+        self.current: Segment | None = None
+        self.segments: list[Segment] = []
+        self.where: dict[str, Segment] = {}
+        self.roots: dict[int, str] = {}
+        """Filesystem (st_dev) -> a directory on it where deliveries were written lazily
+        (other than the queue's filesystem, which every checkpoint syncs)."""
+        self._roots_lock = threading.Lock()
+        self._queue_dev: int | None = None
+        self._buffer: list[bytes] = []
+        self._batch: list[str] = []
+        self._sync = False
+        self.syncs = 0
+        """fdatasync/syncfs/fsync calls made by this log (the benchmark's count)."""
+
+    # ---------------------------------------------------------------- the I/O thread
+
+    def _open_segment(self) -> Segment:
+        seg = self.current
+        if seg is not None:
+            return seg
+        path = self.dir / f"{self.owner}-{next(_SEQ)}{SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            head = MAGIC + json.dumps({"owner": self.owner}).encode() + b"\n"
+            write_all(fd, [head])
+            fsync_dir(self.dir)  # the segment's name is durable before it protects anything
+            self.syncs += 1
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        seg = Segment(path, fd, len(head), time.monotonic())
+        with self.lock:
+            self.segments.append(seg)
+            self.current = seg
+        return seg
+
+    def add_put(self, item_id: str, chunks: list[bytes]) -> None:
+        """Log a new item (its item file's bytes); durable at the next :meth:`commit`."""
+        seg = self._open_segment()
+        self._buffer.extend(record(PUT, item_id, chunks))
+        self._batch.append(item_id)
+        self._sync = True
+        with self.lock:
+            seg.live.add(item_id)
+            self.where[item_id] = seg
+
+    def add_done(self, item_id: str) -> None:
+        """Note that an item left after durable deliveries (no sync of its own)."""
+        if self.current is not None:
+            self._buffer.extend(record(DONE, item_id, []))
+
+    def commit(self) -> None:
+        """Write the batch's records; fdatasync when it holds new items. Raises OSError
+        (the batch's items are then not in the log: their puts must fail)."""
+        seg = self.current
+        if not self._buffer or seg is None:
+            self._buffer.clear()
+            self._batch.clear()
+            return
+        chunks, self._buffer = self._buffer, []
+        batch, self._batch = self._batch, []
+        sync, self._sync = self._sync, False
+        try:
+            written = write_all(seg.fd, chunks)
+            if sync:
+                os.fdatasync(seg.fd)
+                self.syncs += 1
+        except OSError:
+            try:
+                os.ftruncate(seg.fd, seg.size)  # no damaged record before later ones
+            except OSError:
+                pass
+            with self.lock:
+                for item_id in batch:
+                    seg.live.discard(item_id)
+                    self.where.pop(item_id, None)
+            self.seal()  # a segment whose write failed takes no more records
+            raise
+        seg.size += written
+        seg.last = time.monotonic()
+        self.rotate()
+
+    def rotate(self, now: float | None = None) -> bool:
+        """Seal the current segment when it is full, old, or idle and empty. True if it
+        was sealed (a checkpoint is due)."""
+        seg = self.current
+        if seg is None:
+            return False
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            idle = not seg.live and now - max(seg.last, seg.opened) >= IDLE_RETIRE
+        if seg.size >= SEGMENT_BYTES or now - seg.opened >= SEGMENT_AGE or idle:
+            self.seal()
+            return True
+        return False
+
+    def seal(self) -> None:
+        with self.lock:
+            seg = self.current
+            if seg is not None:
+                seg.state = "sealed"
+                self.current = None
+
+    def forget(self, item_id: str) -> bool:
+        """An item is leaving. True when its record is in a segment not yet being retired
+        (whatever was written for it before now is covered by that segment's checkpoint)."""
+        with self.lock:
+            seg = self.where.pop(item_id, None)
+            if seg is None:
+                return False
+            seg.live.discard(item_id)
+            return seg.state in ("open", "sealed")
+
+    # ---------------------------------------------------------------- any thread
+
+    def add_root(self, path: Path) -> None:
+        """Deliveries are written without fsync under ``path``: sync its filesystem at each
+        checkpoint. A filesystem other than the queue's is also written to
+        :data:`ROOTS_FILE` (durably, once), for a process recovering after a crash."""
+        try:
+            dev = os.stat(path).st_dev
+            if dev == self._dev():
+                return
+        except OSError:
+            return
+        with self._roots_lock:  # one writer of the file at a time
+            with self.lock:
+                if dev in self.roots:
+                    return
+            listed = sorted({*self.roots.values(), str(path), *read_roots(self.dir)})
+            write_durably(self.dir / ROOTS_FILE, ["".join(f"{r}\n" for r in listed).encode(
+                "utf-8", "surrogateescape")])
+            self.syncs += 2
+            with self.lock:
+                self.roots[dev] = str(path)
+
+    def _dev(self) -> int:
+        if self._queue_dev is None:
+            self._queue_dev = os.stat(self.dir).st_dev
+        return self._queue_dev
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def due(self) -> bool:
+        with self.lock:
+            return any(s.state == "sealed" for s in self.segments)
+
+    def dead_segments(self) -> list[Path]:
+        """Segments of processes that are gone (not this one's)."""
+        out = []
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            seg = SegmentName.parse(name)
+            if seg is not None and seg.owner != self.owner and not seg.alive(self.boot):
+                out.append(self.dir / name)
+        return sorted(out)
+
+    def checkpoint(self, *, adopt: bool = False, force: bool = False) -> bool:
+        """Retire the sealed segments (and, with ``adopt``, those of dead processes of this
+        boot): sync the queue's filesystem and the roots, unlink the segments, fsync the
+        queue directory. ``force``: sync even if no segment is due (the caller has files to
+        remove after a sync). False when the sync failed (nothing was retired)."""
+        with self.lock:
+            retiring = [s for s in self.segments if s.state == "sealed"]
+            for seg in retiring:
+                seg.state = "syncing"
+            roots = set(self.roots.values())
+        foreign = self.dead_segments() if adopt else []
+        if foreign:
+            roots |= set(read_roots(self.dir))
+        if not (retiring or foreign or force):
+            return True
+        try:
+            self.sync_roots(roots)
+        except OSError as exc:
+            log.error("queue log: cannot sync the queue's filesystem (%s); the log segments "
+                      "are kept", exc.strerror or exc)
+            with self.lock:
+                for seg in retiring:
+                    seg.state = "sealed"
+            return False
+        for seg in retiring:
+            os.close(seg.fd)
+            seg.path.unlink(missing_ok=True)
+        for path in foreign:
+            log.info("queue log: retired %s of a process that ended", path.name)
+            path.unlink(missing_ok=True)
+        if retiring or foreign:
+            try:
+                fsync_dir(self.dir)
+                self.syncs += 1
+            except OSError as exc:
+                log.warning("queue log: cannot fsync %s: %s", self.dir, exc.strerror or exc)
+        with self.lock:
+            for seg in retiring:
+                self.segments.remove(seg)
+                for item_id in seg.live:
+                    if self.where.get(item_id) is seg:
+                        del self.where[item_id]
+        return True
+
+    def sync_roots(self, roots: set[str]) -> None:
+        """One syncfs per filesystem: the queue's and each root's."""
+        seen: set[int] = set()
+        for path in [str(self.dir), *sorted(roots)]:
+            try:
+                dev = os.stat(path).st_dev
+            except OSError:
+                continue  # a Maildir removed meanwhile: nothing there to sync
+            if dev in seen:
+                continue
+            seen.add(dev)
+            syncfs(Path(path))
+            self.syncs += 1
+
+    def close(self) -> None:
+        """After a final checkpoint: close what is left open (its segments stay)."""
+        with self.lock:
+            for seg in self.segments:
+                try:
+                    os.close(seg.fd)
+                except OSError:
+                    pass
+            self.segments.clear()
+            self.current = None
+
+
+def read_roots(directory: Path) -> list[str]:
+    """The roots listed in ``directory``'s :data:`ROOTS_FILE`."""
+    try:
+        text = (directory / ROOTS_FILE).read_bytes().decode("utf-8", "surrogateescape")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line]

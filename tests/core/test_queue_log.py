@@ -1,0 +1,264 @@
+"""The queue log (tampu.queue_log) and the filesystem store's durable path at its failure
+points: group commit, torn records, a crash in the same boot (the page cache survived) and a
+power loss (an earlier boot: the log is replayed), lazy deliveries and ``.done`` items, a log
+write that fails."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tampu.files import HAVE_SYNCFS, BatchThread, boot_id, process_start
+from tampu.item import QueueItem, Recipient
+from tampu.queue_log import SUFFIX, QueueLog, SegmentName, read_segment, record
+from tampu.store_files import FilesystemStore
+
+pytestmark = pytest.mark.skipif(not HAVE_SYNCFS, reason="the queue log needs syncfs (Linux)")
+BOOT = boot_id()[:16]
+
+
+def _item(store: FilesystemStore, rcpt: str = "b@example.test") -> QueueItem:
+    return QueueItem(id=store.new_id(), mail_from="a@example.org",
+                     recipients=[Recipient(rcpt, rcpt)])
+
+
+def _segments(store: FilesystemStore) -> list[Path]:
+    return sorted((store.dir / "log").glob(f"*{SUFFIX}"))
+
+
+def _dead_copy(segment: Path, boot: str) -> Path:
+    """The segment as a process that is gone left it (``boot``: the one it ran in)."""
+    dead = segment.with_name(f"{boot}-4194303-1-1{SUFFIX}")  # no such PID
+    assert process_start(4194303) is None
+    shutil.copy(segment, dead)
+    return dead
+
+
+# ------------------------------------------------------------------------- the format
+
+
+def test_group_commit_one_fdatasync_for_a_batch(tmp_path):
+    store = FilesystemStore(tmp_path / "q", 1000)
+    items = [_item(store) for _ in range(40)]
+
+    async def put_all() -> None:
+        await asyncio.gather(*(store.put(i, f"Subject: {n}\r\n\r\nbody\r\n".encode())
+                               for n, i in enumerate(items)))
+
+    asyncio.run(put_all())
+    assert store._log is not None and store._io is not None
+    assert store._io.batches == 1 and store._log.syncs == 2  # the segment's name, one batch
+    (segment,) = _segments(store)
+    contents = read_segment(segment)
+    assert not contents.torn and sorted(contents.puts) == sorted(i.id for i in items)
+    for item in items:  # the record is the item file, byte for byte
+        assert contents.puts[item.id] == store.item_path(item.id).read_bytes()
+    asyncio.run(store.close())
+    assert _segments(store) == []
+    assert sorted(store.ids_now()) == sorted(i.id for i in items)
+
+
+def test_a_torn_or_damaged_record_ends_the_segment(tmp_path):
+    path = tmp_path / f"{BOOT}-1-1-1{SUFFIX}"
+    head = b"tampu queue log 1\n{}\n"
+    recs = [b"".join(record(b"P", f"id{n}", [b"payload %d" % n])) for n in range(3)]
+    path.write_bytes(head + b"".join(recs))
+    assert sorted(read_segment(path).puts) == ["id0", "id1", "id2"]
+    path.write_bytes(head + b"".join(recs)[:-3])  # the last write did not make it whole
+    got = read_segment(path)
+    assert sorted(got.puts) == ["id0", "id1"] and got.torn
+    damaged = bytearray(head + b"".join(recs))
+    damaged[len(head) + len(recs[0]) + 14] ^= 0xFF  # a byte of the second record's ID
+    got = read_segment(path) if path.write_bytes(bytes(damaged)) else None
+    assert got is not None and sorted(got.puts) == ["id0"] and got.torn
+    assert SegmentName.parse(path.name) == SegmentName(BOOT, 1, 1, 1)
+    assert SegmentName.parse("roots") is None
+
+
+def test_batch_thread_runs_jobs_in_order_and_reports_errors():
+    seen: list[int] = []
+    after: list[int] = []
+    thread = BatchThread("test-batch", after=lambda batch: after.append(len(batch)))
+
+    def job(n: int) -> int:
+        if n == 3:
+            raise ValueError("three")
+        seen.append(n)
+        return n * 10
+
+    async def run() -> list[object]:
+        futures = [thread.submit(job, n) for n in range(6)]
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert results[:3] == [0, 10, 20] and isinstance(results[3], ValueError)
+    assert results[4:] == [40, 50] and seen == [0, 1, 2, 4, 5] and after == [6]
+    thread.close()
+
+
+# ------------------------------------------------------------------------- crashes
+
+
+def test_same_boot_crash_syncs_and_retires_without_replay(tmp_path):
+    """A process killed in this boot: its item files are whole in the page cache; the next
+    start syncs them and retires the segment; an item whose file is gone was finished."""
+    store = FilesystemStore(tmp_path / "q", 100)
+    kept, finished = _item(store), _item(store)
+    for item in (kept, finished):
+        asyncio.run(store.put(item, b"Subject: x\r\n\r\nbody\r\n"))
+    (segment,) = _segments(store)
+    dead = _dead_copy(segment, BOOT)
+    store.item_path(finished.id).unlink()  # delivered and removed before the crash
+    asyncio.run(store.close())
+    again = FilesystemStore(tmp_path / "q", 100)
+    assert asyncio.run(again.recover()) == [kept.id]
+    assert not dead.exists() and _segments(again) == []
+    asyncio.run(again.close())
+
+
+def test_power_loss_replays_the_log(tmp_path):
+    """An earlier boot: item files written without fsync may be missing or cut short; every
+    item logged and not reported done is written back whole (and delivered again)."""
+    store = FilesystemStore(tmp_path / "q", 100)
+    lost, cut, whole, done = (_item(store) for _ in range(4))
+    body = b"Subject: x\r\n\r\n" + b"y" * 3000 + b"\r\n"
+    for item in (lost, cut, whole, done):
+        asyncio.run(store.put(item, body))
+    asyncio.run(store.remove(done))  # delivered durably: a D record
+    originals = {i.id: store.item_path(i.id).read_bytes() for i in (lost, cut, whole)}
+    (segment,) = _segments(store)
+    dead = _dead_copy(segment, "f" * 16)  # what this process wrote, as an earlier boot's
+    asyncio.run(store.close())
+    assert sorted(read_segment(dead).puts) == sorted(i.id for i in (lost, cut, whole, done))
+    assert read_segment(dead).done == {done.id}
+    log = QueueLog(tmp_path / "q" / "log")
+    assert log.dead_segments() == [dead]
+    store.item_path(lost.id).unlink()
+    with open(store.item_path(cut.id), "r+b") as fh:
+        fh.truncate(100)
+    store.item_path(done.id).write_bytes(b"{}\n")  # its unlink did not reach the disk
+    again = FilesystemStore(tmp_path / "q", 100)
+    ids = asyncio.run(again.recover())
+    assert sorted(ids) == sorted([lost.id, cut.id, whole.id])
+    for qid, data in originals.items():
+        assert again.item_path(qid).read_bytes() == data
+        assert again.load_now(qid).size == len(body)
+    assert not again.item_path(done.id).exists()
+    assert not dead.exists()
+    asyncio.run(again.close())
+
+
+def test_lazy_delivery_of_an_old_item_waits_for_a_checkpoint(tmp_path, monkeypatch):
+    """A delivery written without fsync (defer_sync) for an item whose log record was
+    already retired: the item waits as .done until the next checkpoint's sync."""
+    monkeypatch.setattr(FilesystemStore, "_checkpoints", lambda self: None)  # by hand here
+    store = FilesystemStore(tmp_path / "q", 100)
+    maildir = tmp_path / "mail"
+    maildir.mkdir()
+    fresh, old = _item(store), _item(store)
+    asyncio.run(store.put(fresh, b"x\r\n"))
+    asyncio.run(store.put(old, b"x\r\n"))
+    assert store._log is not None
+    assert store.defer_sync(fresh.id, maildir)
+    asyncio.run(store.remove(fresh))  # its record is still to be retired: it goes at once
+    assert not any(store.dir.glob(f"{fresh.id}*"))
+    store._log.seal()
+    store.checkpoint()  # the segment is retired: `old` is durable by itself now
+    assert _segments(store) == []
+    assert store.defer_sync(old.id, maildir)
+    asyncio.run(store.remove(old))
+    assert [p.name for p in store.dir.glob(f"{old.id}*")] == [f"{old.id}.done.{BOOT}"]
+    assert store.ids_now() == []
+    store.checkpoint()
+    assert not any(store.dir.glob(f"{old.id}*"))
+    asyncio.run(store.close())
+
+
+def test_done_items_after_a_crash(tmp_path):
+    """``.done`` items left by a crash: of this boot, removed (the deliveries are in the
+    page cache); of an earlier boot, delivered again (they may be lost), state and all."""
+    store = FilesystemStore(tmp_path / "q", 100)
+    this, earlier = _item(store), _item(store)
+    for item in (this, earlier):
+        item.recipients.append(Recipient("c@example.test", "c@example.test"))
+        asyncio.run(store.put(item, b"x\r\n"))
+        item.recipients[1].status = item.recipients[1].status.SENT
+        asyncio.run(store.save_state(item))
+    asyncio.run(store.close())
+    store.item_path(this.id).rename(store.done_path(this.id, BOOT))
+    store.item_path(earlier.id).rename(store.done_path(earlier.id, "e" * 16))
+    again = FilesystemStore(tmp_path / "q", 100)
+    assert asyncio.run(again.recover()) == [earlier.id]
+    assert not any(again.dir.glob(f"{this.id}*"))
+    assert [r.status.value for r in again.load_now(earlier.id).recipients] == [
+        "pending", "sent"]
+    asyncio.run(again.close())
+
+
+def test_a_state_that_says_delivered_follows_a_sync_of_lazy_deliveries(tmp_path):
+    store = FilesystemStore(tmp_path / "q", 100)
+    item = _item(store)
+    asyncio.run(store.put(item, b"x\r\n"))
+    assert store._log is not None
+    assert store.defer_sync(item.id, tmp_path)
+    before = store._log.syncs
+    asyncio.run(store.save_state(item))
+    assert store._log.syncs == before + 1  # syncfs before the state is written
+    asyncio.run(store.save_state(item))
+    assert store._log.syncs == before + 1  # nothing lazy any more
+    asyncio.run(store.close())
+
+
+def test_a_failed_log_write_fails_the_put_and_the_next_one_works(tmp_path):
+    """The file size limit makes the log's write fail (EFBIG, as a full disk's ENOSPC):
+    that message is refused and leaves no file; the store goes on in a new segment."""
+    script = textwrap.dedent(f"""
+        import asyncio, json, resource, signal
+        from pathlib import Path
+        from tampu.item import QueueItem, Recipient
+        from tampu.store_files import FilesystemStore
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        store = FilesystemStore(Path({str(tmp_path / "q")!r}), 10)
+        store.prepare()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+        out = []
+        for size in (3000, 3000, 500):  # the second one does not fit in the segment
+            item = QueueItem(id=store.new_id(), mail_from="a@x.test",
+                             recipients=[Recipient("b@x.test", "b@x.test")])
+            try:
+                asyncio.run(store.put(item, b"x" * size))
+                out.append([item.id, "ok"])
+            except OSError as exc:
+                out.append([item.id, exc.errno])
+        asyncio.run(store.close())
+        print(json.dumps(out))
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r[1] for r in results] == ["ok", 27, "ok"], done.stderr  # 27: EFBIG
+    queue = tmp_path / "q"
+    assert sorted(p.name for p in queue.glob("*.item")) == sorted(
+        f"{results[i][0]}.item" for i in (0, 2))
+    assert not list(queue.glob(".tmp-*")) and not list((queue / "log").iterdir())
+
+
+def test_segments_of_live_processes_are_left_alone(tmp_path):
+    store = FilesystemStore(tmp_path / "q", 100)
+    asyncio.run(store.put(_item(store), b"x\r\n"))
+    (mine,) = _segments(store)
+    other = FilesystemStore(tmp_path / "q", 100)
+    asyncio.run(other.recover())
+    assert mine.exists(), "the segment of a live process (this one) was retired"
+    assert other._log is not None and other._log.dead_segments() == []
+    header = mine.read_bytes().split(b"\n")[1]
+    assert json.loads(header)["owner"] == other._log.owner
+    asyncio.run(store.close())
+    asyncio.run(other.close())
