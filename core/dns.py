@@ -222,6 +222,17 @@ class Resolver:
         fut.set_result(answer)
         return answer
 
+    def cached_until(self, name: str, rdtype: str) -> float:
+        """When the cached answer for ``name`` and ``rdtype`` expires (``time.monotonic``
+        seconds), 0.0 when none is cached: a result computed from cached answers holds as
+        long as all of them do."""
+        try:
+            key = (to_ascii(name), rdtype.upper())
+        except ValueError:
+            return 0.0
+        cached = self._cache.get(key)
+        return cached[0] if cached is not None else 0.0
+
     async def txt(self, name: str) -> list[str]:
         return (await self.query(name, "TXT")).texts()
 

@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import time
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,10 @@ Answers = list[tuple[tuple[str, str], Any]]
 MAX_ROUNDS = 40
 """pyspf runs per asynchronous check at most (RFC 7208 allows 10 DNS-querying mechanisms, each
 with a few lookups)."""
+MAX_RESULTS = 10_000
+"""Evaluations kept at most (expired ones are dropped first, then all when still full)."""
+NO_LOOKUP_SECONDS = 60.0
+"""How long an evaluation that needed no DNS lookup (a malformed domain) is kept."""
 
 
 class _NeedLookup(BaseException):
@@ -105,6 +110,8 @@ class SpfChecker:
         self._active: Any = self._lookup
         """The DNSLookup of the evaluation running now (runs are synchronous: one at a time)."""
         self._query_class = self._make_query_class()
+        self._results: dict[tuple[str, str, str], tuple[float, Evaluation]] = {}
+        """Evaluations by (ip, sender, helo), until the first of their DNS answers expires."""
 
     def _dispatch(self, name: str, qtype: str, strict: Any = True,
                   timeout: float = 20.0) -> Answers:
@@ -135,8 +142,36 @@ class SpfChecker:
         return self._convert(answer.records, name, qtype)
 
     async def check_async(self, ip: str, sender: str, helo: str) -> Evaluation:
-        """:meth:`check` on the event loop: DNS through the asynchronous resolver, no thread."""
+        """:meth:`check` on the event loop: DNS through the asynchronous resolver, no thread.
+
+        An evaluation is a function of its inputs and of the DNS answers it used; those are
+        cached for their TTL, so the evaluation is kept as long as all of them are (not at
+        all when one has TTL 0 or failed): the same client, sender and HELO within that time
+        get the same result without running pyspf again."""
+        key = (ip, sender, helo)
+        now = time.monotonic()
+        kept = self._results.get(key)
+        if kept is not None:
+            if kept[0] > now:
+                return kept[1]
+            del self._results[key]
         answers: dict[tuple[str, str], Answers | spf.TempError] = {}
+        evaluation = await self._evaluate_async(ip, sender, helo, answers)
+        if evaluation.result.result != "temperror" and \
+                not any(isinstance(a, spf.TempError) for a in answers.values()):
+            until = min((self.dns.cached_until(n, t) for n, t in answers),
+                        default=now + NO_LOOKUP_SECONDS)
+            if until > now:
+                if len(self._results) >= MAX_RESULTS:
+                    self._results = {k: v for k, v in self._results.items() if v[0] > now}
+                    if len(self._results) >= MAX_RESULTS:
+                        self._results.clear()
+                self._results[key] = (until, evaluation)
+        return evaluation
+
+    async def _evaluate_async(self, ip: str, sender: str, helo: str,
+                              answers: dict[tuple[str, str], Answers | spf.TempError]
+                              ) -> Evaluation:
         try:
             async with asyncio.timeout(self.total_timeout):
                 for _ in range(MAX_ROUNDS):

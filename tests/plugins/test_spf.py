@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import time
+from collections.abc import Callable
 
 import pytest
 
-from tampu.plugins.spf.check import SpfChecker
+from tampu.plugins.spf.check import Evaluation, SpfChecker
 from tampu.testing import server_toml
 
 USER, PASSWORD = "user@example.test", "secret"
@@ -171,3 +173,37 @@ def test_dns_answer_change_is_seen(spf_server, dns):
     dns.set("fail.test", "TXT", ['"v=spf1 ip4:127.0.0.1 -all"'])
     mail, data = send(srv, "a@fail.test")
     assert mail[0] == 250 and data[0] == 250
+
+
+def _twice(checker: SpfChecker, change: Callable[[], None]) -> tuple[Evaluation, ...]:
+    async def run() -> tuple[Evaluation, ...]:
+        first = await checker.check_async("127.0.0.1", "x@include.test", "h.test")
+        change()
+        second = await checker.check_async("127.0.0.1", "x@include.test", "h.test")
+        other_ip = await checker.check_async("192.0.2.9", "x@include.test", "h.test")
+        checker.dns.close()
+        return first, second, other_ip
+    return asyncio.run(run())
+
+
+def test_an_evaluation_is_kept_while_its_answers_are_cached(dns):
+    checker = SpfChecker([f"127.0.0.1:{dns.port}"], 1.0, 5.0, "mx.test")
+    asked = []
+
+    def change() -> None:
+        asked.append(len(dns.queries))
+        dns.set("_spf.include.test", "TXT", ['"v=spf1 -all"'])
+
+    first, second, other_ip = _twice(checker, change)
+    assert first.result.result == "pass"
+    assert second is first  # the same evaluation: its answers are still within their TTL
+    assert other_ip.result.result == "fail"  # another client is evaluated (cached answers)
+    assert len(dns.queries) == asked[0]  # no DNS query for either
+
+
+def test_answers_with_ttl_0_keep_no_evaluation(make_dns):
+    dns = make_dns(ZONE, ttl=0)
+    checker = SpfChecker([f"127.0.0.1:{dns.port}"], 1.0, 5.0, "mx.test")
+    first, second, _ = _twice(
+        checker, lambda: dns.set("_spf.include.test", "TXT", ['"v=spf1 -all"']))
+    assert (first.result.result, second.result.result) == ("pass", "fail")
