@@ -28,8 +28,8 @@ from tampu.smtp_proxy import IPNetwork, read_proxy_header
 from tampu.smtp_wire import Closed, ForeignProtocol, LineTooLong, MemoryBudget, NotTls, Wire
 
 if TYPE_CHECKING:
-    from tampu.caller import Hooks
     from tampu.config import ServerSettings
+    from tampu.facade import Hooks
     from tampu.state import ServerState
 
 log = logging.getLogger("tampu.smtp")
