@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     why.register(sub)
     try_.register(sub)
     sendmail.register(sub)
-    from tampu.caller import HookCaller, Hooks
+    from tampu.caller import HookCaller
+    from tampu.facade import Hooks
     from tampu.registry import cli_plugins
 
     Hooks(HookCaller(cli_plugins(), {}, 30.0)).tampu_register_cli(sub)

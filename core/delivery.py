@@ -1,18 +1,13 @@
-"""The delivery loop: one asyncio task per queue item, retries, give-up and DSNs.
+"""The delivery loop: one asyncio task per queue item, its rounds and the waits between them.
 
 Each round of an item first waits for a delivery slot (``[server] max_deliveries`` rounds at
 once, all backends together; waiting rounds get freed slots in turn by destination domain, so
-that a backlog for one domain does not hold up mail for the others). For each pending
-recipient the core's relay guard runs first (:func:`relay_refusal`), then the delivery
-backends in order (``deliver_batch`` for the recipients still unclaimed, ``deliver`` per
-recipient); each result is written to the item's state before the next backend is asked.
-While some recipients are pending the task sleeps per the retry schedule (``retry_delay``
-hook, else ``[server] retry_schedule`` with jitter), without the message bytes in memory.
-When none are pending, or the item is older than ``give_up_after``, the item is finished:
-failed recipients go to ``queue_give_up`` and, unless they asked for NOTIFY=NEVER, into a DSN
-(``make_dsn``, action ``failed``) queued from ``<>``; the item is removed and ``queue_done``
-fired. Recipients that asked for NOTIFY=SUCCESS get a ``delivered`` DSN, those that asked for
-NOTIFY=DELAY one ``delayed`` DSN after ``[server] delay_warning_after``.
+that a backlog for one domain does not hold up mail for the others). The round itself — the
+core's relay guard, then the delivery backends in order, each result written to the item's
+state — is :mod:`tampu.delivery_round`. While some recipients are pending the task sleeps per
+the retry schedule, without the message bytes in memory; when none are pending, or the item
+is older than ``give_up_after``, the item is finished: the retry schedule, the give-up and
+the DSNs are :mod:`tampu.delivery_outcome`.
 
 At start the queue is resumed in the background, after the listeners are open: the store
 lists the items (:meth:`QueueStore.recover`), and a feeder loads and schedules them, oldest
@@ -26,68 +21,35 @@ a retry to the main process (``hand_over``), whose runner owns every waiting ite
 queue at start (except the items of live workers: ``owned_elsewhere``), serves operator
 requests, and takes over the items of a worker that died (:meth:`DeliveryRunner.take_over`).
 
-Retry schedule (chasquid's): 1 min, then 5, 10, 20 min, then every 20 min, each with ±10%
-jitter. Operator requests (``tampu queue retry|delete|hold|release``) arrive through the
-store and SIGUSR1; :meth:`DeliveryRunner.handle_requests` serves them. A retry request
-reaches every item: one waiting is woken, one whose round is in flight (or just finished)
-starts its next round at once, one waiting for a slot or not loaded yet attempts anyway.
+Operator requests (``tampu queue retry|delete|hold|release``) arrive through the store and
+SIGUSR1; :meth:`DeliveryRunner.handle_requests` serves them. A retry request reaches every
+item: one waiting is woken, one whose round is in flight (or just finished) starts its next
+round at once, one waiting for a slot or not loaded yet attempts anyway.
 """
-
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Final
 
 from tampu.addresses import domain_of
-from tampu.caller import DeliveryStage
-from tampu.errors import PluginError, QueueError
-from tampu.intake import Intake, Submission, wants
-from tampu.item import DeliveryResult, QueueItem, Recipient, RecipientStatus
+from tampu.delivery_outcome import finish, next_delay, notify, schedule_delay, warn_delay
+from tampu.delivery_round import deliver_round
+from tampu.errors import QueueError
+from tampu.intake import Intake, wants
+from tampu.item import QueueItem
 from tampu.state import ServerState
 from tampu.store import QueueStore
 
 log = logging.getLogger("tampu.delivery")
 
-DEFAULT_SCHEDULE: Final = (60.0, 300.0, 600.0, 1200.0)
-"""chasquid's: 1, 5, 10, 20 minutes, then every 20 minutes."""
-NO_BACKEND = "no delivery backend accepts this recipient"
 ADMIT_AHEAD: Final = 10
 """The feeder keeps up to this many times ``max_deliveries`` loaded items waiting for a slot:
 enough for freed slots to go to every destination in turn, few enough to stay cheap."""
-
-
-def schedule_delay(schedule: list[float], attempt: int) -> float:
-    """Delay after round ``attempt`` (1-based) with ±10% jitter; the last entry repeats."""
-    steps = schedule or DEFAULT_SCHEDULE
-    base = steps[max(1, min(attempt, len(steps))) - 1]
-    return max(0.0, base * random.uniform(0.9, 1.1))
-
-
-def trusted(item: QueueItem) -> bool:
-    """Mail from an authenticated user, a trusted network, a local program or the server."""
-    return item.auth_user is not None or item.trusted_network or \
-        item.origin in ("dsn", "forward", "local")
-
-
-def relay_refusal(is_local_domain: Callable[[str], bool], item: QueueItem,
-                  rcpt: Recipient) -> DeliveryResult | None:
-    """The core's relay guard: a recipient in a remote domain leaves only for a trusted item
-    or a route the local configuration made (forward, via, pipe). No backend can skip it."""
-    route = rcpt.route
-    if route.pipe is not None or route.forward or route.via or trusted(item):
-        return None
-    domain = domain_of(rcpt.address)
-    if domain and is_local_domain(domain):
-        return None
-    return DeliveryResult.permanent(
-        f"relaying to <{rcpt.address}> denied: not a local address, and the message was "
-        "not sent by an authenticated user", enhanced="5.7.1", remote="tampu")
 
 
 def destination_key(item: QueueItem) -> str:
@@ -424,19 +386,19 @@ class DeliveryRunner:
                         await self.store.remove(item)  # a state file written meanwhile
                         return
                     message = await self.store.read_message(item.id)
-                sent = await self._round(item, message)
+                sent = await deliver_round(self.state, item, message)
             finally:
                 self.slots.release()
             settings = self.state.runtime.config.server
             item.attempts += 1
-            await self._notify(item, [r for r in sent if wants(r, "SUCCESS")], message,
-                               "delivered")
+            await notify(self.state, self.intake, item,
+                         [r for r in sent if wants(r, "SUCCESS")], message, "delivered")
             expired = time.time() - item.created >= settings.give_up_after
             if not item.pending or expired:
-                await self._finish(item, message, expired)
+                await finish(self.state, self.intake, item, message, expired)
                 return
-            await self._warn_delay(item, message)
-            delay = await self._delay(item)
+            await warn_delay(self.state, self.intake, item, message)
+            delay = await next_delay(self.state, item, at_once=item.id in self.retry_soon)
             item.next_attempt = time.time() + delay
             await self.store.save_state(item)
             if self.hand_back:  # a shared queue: due again at next_attempt, for any node
@@ -446,21 +408,6 @@ class DeliveryRunner:
                 return  # the main process waits and makes the next rounds
             message = None  # read again for the next round: a waiting item holds no bytes
             await self._wait(item, delay)
-
-    async def _delay(self, item: QueueItem) -> float:
-        settings = self.state.runtime.config.server
-        delay = None
-        if item.id in self.retry_soon:
-            delay = 0.0
-        else:
-            try:
-                delay = await self.state.runtime.hooks.retry_delay(item, item.attempts)
-            except PluginError:
-                pass
-        if delay is None:
-            delay = schedule_delay(settings.retry_schedule, item.attempts)
-        remaining = item.created + settings.give_up_after - time.time()
-        return max(0.0, min(delay, remaining))
 
     async def _wait(self, item: QueueItem, delay: float) -> None:
         if item.id in self.retry_soon:  # asked while the round's end was being written
@@ -475,153 +422,3 @@ class DeliveryRunner:
             pass
         finally:
             self.wakeups.pop(item.id, None)
-
-    # ------------------------------------------------------------------ one round
-
-    async def _round(self, item: QueueItem, message: bytes) -> list[Recipient]:
-        """One attempt at every pending recipient; the recipients sent."""
-        runtime = self.state.runtime
-        pending = item.pending
-        unclaimed: list[Recipient] = []
-        refused: list[tuple[Recipient, DeliveryResult]] = []
-        for rcpt in pending:
-            refusal = relay_refusal(runtime.context.is_local_domain, item, rcpt)
-            if refusal is None:
-                unclaimed.append(rcpt)
-            else:
-                refused.append((rcpt, refusal))
-        if refused:
-            await self._record(item, refused, "core", time.monotonic())
-        stages = runtime.hooks.delivery_stages()
-        for index, stage in enumerate(stages):
-            if not unclaimed:
-                break
-            last = index == len(stages) - 1
-            if stage.batch:
-                unclaimed = await self._batch(item, stage, unclaimed, message)
-            else:
-                unclaimed = await self._singles(item, stage, unclaimed, message, last)
-        for rcpt in unclaimed:  # also when no backend is configured at all
-            await self._record(item, [(rcpt, DeliveryResult.permanent(NO_BACKEND))], "core",
-                               time.monotonic())
-        return [r for r in pending if r.status is RecipientStatus.SENT]
-
-    async def _singles(self, item: QueueItem, stage: DeliveryStage, rcpts: list[Recipient],
-                       message: bytes, last: bool) -> list[Recipient]:
-        """``deliver`` per recipient; the recipients no backend of the stage claimed."""
-        hooks = self.state.runtime.hooks
-        left = []
-        for rcpt in rcpts:
-            start = time.monotonic()
-            try:
-                result, plugin = await hooks.deliver_in(stage, item, rcpt, message)
-                backend = plugin or "core"
-            except PluginError as exc:
-                backend = exc.plugin
-                result = DeliveryResult.temporary(f"delivery plugin {exc.plugin} failed: "
-                                                  f"{exc.reason}")
-            if result is None and last:
-                result = DeliveryResult.permanent(NO_BACKEND)
-            if result is None:
-                left.append(rcpt)
-            else:
-                await self._record(item, [(rcpt, result)], backend, start)
-        return left
-
-    async def _batch(self, item: QueueItem, stage: DeliveryStage, rcpts: list[Recipient],
-                     message: bytes) -> list[Recipient]:
-        """One backend's ``deliver_batch``; the recipients it did not answer for."""
-        start = time.monotonic()
-        try:
-            pairs = await self.state.runtime.hooks.deliver_batch(stage, item, rcpts, message)
-        except PluginError as exc:
-            failure = DeliveryResult.temporary(f"delivery plugin {exc.plugin} failed: "
-                                               f"{exc.reason}")
-            await self._record(item, [(r, failure) for r in rcpts], exc.plugin, start)
-            return []
-        if not pairs:
-            return rcpts
-        await self._record(item, pairs, stage.plugins[0], start)
-        answered = {id(r) for r, _ in pairs}
-        return [r for r in rcpts if id(r) not in answered]
-
-    async def _record(self, item: QueueItem, results: list[tuple[Recipient, DeliveryResult]],
-                      backend: str, start: float) -> None:
-        """Apply results, write them (unless the item is about to finish: nothing pending
-        left; a crash then only means delivering again, twice is allowed, never zero
-        times), log them and fire ``delivery_attempted``."""
-        for rcpt, result in results:
-            rcpt.attempts += 1
-            rcpt.last_error = "" if result.status == "sent" else result.text
-            rcpt.last_code = result.code
-            rcpt.last_enhanced = result.enhanced
-            rcpt.last_remote = result.remote
-            if result.status == "sent":
-                rcpt.status = RecipientStatus.SENT
-            elif result.status == "permanent":
-                rcpt.status = RecipientStatus.FAILED
-        if item.pending:
-            await self.store.save_state(item)
-        hooks = self.state.runtime.hooks
-        elapsed = time.monotonic() - start
-        for rcpt, result in results:
-            log.info("qid=%s from=<%s> to=<%s> attempt=%d status=%s backend=%s remote=%s "
-                     "delay=%.3fs reply=%r", item.id, item.mail_from, rcpt.address,
-                     rcpt.attempts, result.status, backend, result.remote or "-", elapsed,
-                     result.text)
-            await hooks.delivery_attempted(item, rcpt, result, backend)
-
-    async def _warn_delay(self, item: QueueItem, message: bytes) -> None:
-        after = self.state.runtime.config.server.delay_warning_after
-        if not after or time.time() - item.created < after:
-            return
-        late = [r for r in item.pending if not r.delay_notified and wants(r, "DELAY")]
-        for rcpt in late:
-            rcpt.delay_notified = True
-        await self._notify(item, late, message, "delayed")
-
-    async def _finish(self, item: QueueItem, message: bytes, expired: bool) -> None:
-        runtime = self.state.runtime
-        if expired and item.pending:
-            timed_out = item.pending
-            for rcpt in timed_out:
-                rcpt.status = RecipientStatus.FAILED
-                rcpt.last_error = rcpt.last_error or "no delivery attempt succeeded"
-            item.extra["timed_out"] = [r.address for r in timed_out]
-            await self.store.save_state(item)
-            log.info("qid=%s: giving up after %.0fs on %s", item.id,
-                     runtime.config.server.give_up_after,
-                     ",".join(f"<{r.address}>" for r in timed_out))
-        failed = item.failed
-        if failed:
-            await runtime.hooks.queue_give_up(item, failed)
-            await self._notify(item, [r for r in failed if wants(r, "FAILURE")], message,
-                               "failed")
-        await self.store.remove(item)
-        if log.isEnabledFor(logging.DEBUG):  # at info, one line per delivery says it all
-            log.debug("qid=%s done: %d sent, %d failed", item.id,
-                      sum(r.status is RecipientStatus.SENT for r in item.recipients),
-                      len(failed))
-        await runtime.hooks.queue_done(item)
-
-    async def _notify(self, item: QueueItem, rcpts: list[Recipient], message: bytes,
-                      action: str) -> None:
-        """Queue a DSN (``failed``, ``delayed``, ``delivered``) to the sender, if any."""
-        if not rcpts:
-            return
-        if not item.mail_from:
-            log.info("qid=%s: %d recipient(s) %s; no DSN for the null sender", item.id,
-                     len(rcpts), action)
-            return
-        try:
-            dsn = await self.state.runtime.hooks.make_dsn(item, rcpts, message, action)
-        except PluginError:
-            dsn = None
-        if dsn is None:
-            log.warning("qid=%s: no plugin made a %s DSN for %d recipient(s)", item.id,
-                        action, len(rcpts))
-            return
-        new = await self.intake.submit(Submission(mail_from="", recipients=[item.mail_from],
-                                                  data=dsn, origin="dsn"), check_full=False)
-        log.info("qid=%s: %s DSN queued as %s to <%s>", item.id, action, new.id,
-                 item.mail_from)

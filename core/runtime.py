@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from tampu import hookspecs
-from tampu.caller import HookCaller, Hooks
+from tampu.caller import HookCaller
 from tampu.config import Config
 from tampu.context import ServerContext
 from tampu.decisions import DecisionRecorder, Journal
 from tampu.dns import Resolver
 from tampu.envelope import Stash
 from tampu.errors import ConfigError
+from tampu.facade import Hooks
 from tampu.registry import Registry, build_registry
 from tampu.state_store import StateStore
 from tampu.store import QueueStore

@@ -31,7 +31,7 @@ from tampu.item import QueueItem
 from tampu.registry import Registry
 from tampu.runtime import Runtime, build_runtime, ensure_certificates
 from tampu.smtp import SmtpSession
-from tampu.smtp_wire import MemoryBudget, tune_malloc
+from tampu.smtp_memory import MemoryBudget, tune_malloc
 from tampu.state import ServerState
 from tampu.stores import make_stores
 from tampu.tls import is_handshake_noise

@@ -23,8 +23,9 @@ from tampu.received import trace_headers
 from tampu.reply import Reply
 from tampu.smtp_auth import authenticate
 from tampu.smtp_connection import SmtpConnection
+from tampu.smtp_memory import TRIM_AFTER, give_memory_back
 from tampu.smtp_params import check_mail_params, check_rcpt_params, extensions, help_commands
-from tampu.smtp_wire import TRIM_AFTER, Closed, give_memory_back
+from tampu.smtp_wire import Closed
 
 log = logging.getLogger("tampu.smtp")
 

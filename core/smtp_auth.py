@@ -12,9 +12,9 @@ import logging
 from typing import Protocol
 
 from tampu import reply as R
-from tampu.caller import Hooks
 from tampu.envelope import AuthResult, Session
 from tampu.errors import PluginError
+from tampu.facade import Hooks
 from tampu.reply import Reply
 
 

@@ -23,13 +23,14 @@ from tampu.envelope import Envelope, ListenerInfo, Session, Stage, Verdict
 from tampu.errors import PluginError
 from tampu.intake import Intake
 from tampu.reply import Reply, with_enhanced_code
+from tampu.smtp_memory import MemoryBudget
 from tampu.smtp_params import tls_info
 from tampu.smtp_proxy import IPNetwork, read_proxy_header
-from tampu.smtp_wire import Closed, ForeignProtocol, LineTooLong, MemoryBudget, NotTls, Wire
+from tampu.smtp_wire import Closed, ForeignProtocol, LineTooLong, NotTls, Wire
 
 if TYPE_CHECKING:
-    from tampu.caller import Hooks
     from tampu.config import ServerSettings
+    from tampu.facade import Hooks
     from tampu.state import ServerState
 
 log = logging.getLogger("tampu.smtp")

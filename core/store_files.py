@@ -1,7 +1,8 @@
 """The filesystem queue store (the embedded default): one file per item, one per state, and a
 log that makes new items durable in batches.
 
-Layout of ``<data_dir>/queue/``:
+Layout of ``<data_dir>/queue/`` (the names and formats, and reading and writing one file:
+:mod:`tampu.queue_files`):
 
 * ``<id>.item`` — one line of JSON (the envelope and recipients as enqueued, and ``size``, the
   length of the message), ``\\n``, then the message bytes. Written once (to ``.tmp-<id>.item``,
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import threading
@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tampu.errors import QueueError
+from tampu import queue_files
 from tampu.files import (
     HAVE_SYNCFS,
     TMP_PREFIX,
@@ -58,20 +58,14 @@ from tampu.files import (
     write_durably,
 )
 from tampu.item import QueueItem
-from tampu.queue_log import QueueLog, SegmentName, read_roots, read_segment, write_all
+from tampu.queue_files import CORRUPT_DIR, DONE_INFIX, ITEM_SUFFIX, LOG_DIR, STATE_SUFFIX
+from tampu.queue_log import QueueLog, SegmentName, read_roots, read_segment
 from tampu.store import new_queue_id, valid_id
 
 log = logging.getLogger("tampu.queue")
 
-ITEM_SUFFIX = ".item"
-STATE_SUFFIX = ".state"
-DONE_INFIX = ".done."
 CHECKPOINT_POLL = 1.0
 """Seconds between the checkpoint thread's looks at the log when nothing pokes it."""
-REQUESTS_DIR = "requests"
-CORRUPT_DIR = "corrupt"
-LOG_DIR = "log"
-ACTIONS = ("retry", "delete", "hold", "release")
 _PROCESS_START = time.time()
 """Before any reception worker forks: older ``.tmp-*`` files are leftovers of a crash."""
 QUEUE_THREADS = 8
@@ -134,11 +128,7 @@ class FilesystemStore:
 
     def count(self) -> int:
         """Items in the queue directory (all processes), read from disk."""
-        try:
-            with os.scandir(self.dir) as it:
-                return sum(1 for e in it if e.name.endswith(ITEM_SUFFIX) and e.name[0] != ".")
-        except FileNotFoundError:
-            return 0
+        return queue_files.count_items(self.dir)
 
     def full(self) -> bool:
         """A directory scan at most every 0.5 s, or when the estimate is close to the cap."""
@@ -149,12 +139,7 @@ class FilesystemStore:
         return self._estimate >= self.max_items
 
     def ids_now(self) -> list[str]:
-        try:
-            names = os.listdir(self.dir)
-        except FileNotFoundError:
-            return []
-        return sorted(n[: -len(ITEM_SUFFIX)] for n in names
-                      if n.endswith(ITEM_SUFFIX) and not n.startswith("."))
+        return queue_files.item_ids(self.dir)
 
     async def ids(self) -> list[str]:
         return self.ids_now()
@@ -181,8 +166,7 @@ class FilesystemStore:
     async def put(self, item: QueueItem, message: bytes) -> None:
         self.prepare()
         item.size = len(message)
-        header = json.dumps({**item.header_json(), "size": len(message)},
-                            separators=(",", ":")).encode()
+        header = queue_files.item_header(item, len(message))
         if self.logged:
             await self._thread().submit(self._put_logged, item.id, header, message, tag="put")
         else:
@@ -194,18 +178,7 @@ class FilesystemStore:
         """In the I/O thread: the item file (no fsync), then its log record."""
         assert self._log is not None
         chunks = [header, b"\n", message]
-        path = self.item_path(item_id)
-        tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                write_all(fd, chunks)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        queue_files.write_item_file(self.item_path(item_id), chunks)
         self._log.add_put(item_id, chunks)
 
     def _commit(self, batch: list[Job[Any]]) -> None:
@@ -251,7 +224,7 @@ class FilesystemStore:
     async def save_state(self, item: QueueItem) -> None:
         if not self.item_path(item.id).exists():
             return  # deleted by an operator
-        body = json.dumps(item.state_json(), separators=(",", ":")).encode()
+        body = queue_files.state_body(item)
         await _in_queue_thread(self._save_state_now, item.id, body)
 
     def _save_state_now(self, item_id: str, body: bytes) -> None:
@@ -298,14 +271,7 @@ class FilesystemStore:
     def remove_now(self, item_id: str) -> bool:
         """Remove an item's files (no directory fsync: an item that reappears after a crash
         is delivered again). True if the item was there."""
-        found = False
-        for path in (self.state_path(item_id), self.item_path(item_id)):
-            try:
-                os.unlink(path)
-                found = True
-            except FileNotFoundError:
-                pass
-        return found
+        return queue_files.remove_files((self.state_path(item_id), self.item_path(item_id)))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -384,46 +350,13 @@ class FilesystemStore:
         return await _in_queue_thread(self.read_message_now, item_id)
 
     def read_message_now(self, item_id: str) -> bytes:
-        try:
-            with open(self.item_path(item_id), "rb") as fh:
-                fh.readline()
-                return fh.read()
-        except FileNotFoundError:
-            raise QueueError(f"no queue item {item_id}") from None
+        return queue_files.read_message(self.item_path(item_id), item_id)
 
     async def load(self, item_id: str) -> QueueItem:
         return await _in_queue_thread(self.load_now, item_id)
 
     def load_now(self, item_id: str) -> QueueItem:
-        if not valid_id(item_id):
-            raise QueueError(f"not a queue ID: {item_id!r}")
-        path = self.item_path(item_id)
-        try:
-            with open(path, "rb") as fh:
-                header = fh.readline()
-                total = os.fstat(fh.fileno()).st_size
-            fields = json.loads(header)
-            item = QueueItem.from_json(fields)
-        except FileNotFoundError:
-            raise QueueError(f"no queue item {item_id}") from None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise QueueError(f"corrupt queue item {item_id}: {exc}") from exc
-        if not header.endswith(b"\n") or item.id != item_id:
-            raise QueueError(f"corrupt queue item {item_id}: truncated header")
-        size = fields.get("size")
-        if isinstance(size, int):
-            item.size = size
-            if total != len(header) + size:
-                raise QueueError(f"corrupt queue item {item_id}: message is "
-                                 f"{total - len(header)} bytes, expected {size}")
-        try:
-            item.apply_state(json.loads(self.state_path(item_id).read_bytes()))
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("qid=%s: unreadable state file (%s); resuming from enqueue state",
-                        item_id, exc)
-        return item
+        return queue_files.read_item(self.item_path(item_id), self.state_path(item_id), item_id)
 
     async def recover(self) -> list[str]:
         return await _in_queue_thread(self._recover)
@@ -527,43 +460,16 @@ class FilesystemStore:
         await _in_queue_thread(self.quarantine_now, item_id, reason)
 
     def quarantine_now(self, item_id: str, reason: str) -> None:
-        moved = False
-        for path in (self.item_path(item_id), self.state_path(item_id)):
-            try:
-                os.replace(path, self.dir / CORRUPT_DIR / path.name)
-                moved = True
-            except FileNotFoundError:
-                pass
-        if moved:
-            log.error("qid=%s: %s; moved to %s", item_id, reason, self.dir / CORRUPT_DIR)
+        queue_files.quarantine(self.dir, item_id,
+                               (self.item_path(item_id), self.state_path(item_id)), reason)
 
     def corrupt_count(self) -> int:
-        corrupt = self.dir / CORRUPT_DIR
-        return sum(1 for p in corrupt.iterdir() if p.name.endswith(ITEM_SUFFIX)) \
-            if corrupt.is_dir() else 0
+        return queue_files.corrupt_count(self.dir)
 
     # ------------------------------------------------------------------ operator requests
 
     async def request(self, action: str, ids: list[str]) -> None:
-        if action not in ACTIONS:
-            raise QueueError(f"unknown queue action {action!r}")
-        rdir = self.dir / REQUESTS_DIR
-        rdir.mkdir(parents=True, exist_ok=True)
-        for item_id in ids or ["all"]:
-            if item_id != "all" and not valid_id(item_id):
-                raise QueueError(f"not a queue ID: {item_id!r}")
-            (rdir / f"{action}.{item_id}").touch()
+        queue_files.write_requests(self.dir, action, ids)
 
     async def take_requests(self) -> list[tuple[str, str]]:
-        rdir = self.dir / REQUESTS_DIR
-        try:
-            entries = sorted(rdir.iterdir(), key=lambda p: p.stat().st_mtime_ns)
-        except FileNotFoundError:
-            return []
-        out = []
-        for entry in entries:
-            entry.unlink(missing_ok=True)
-            action, _, item_id = entry.name.partition(".")
-            if action in ACTIONS and (item_id == "all" or valid_id(item_id)):
-                out.append((action, item_id))
-        return out
+        return queue_files.take_requests(self.dir)

@@ -31,7 +31,8 @@ def backend_factories(names: set[str]) -> dict[str, BackendFactory]:
     """The core's backends, and the plugins' when ``names`` needs one of theirs."""
     found = dict(BUILTIN)
     if names - set(found):
-        from tampu.caller import HookCaller, Hooks
+        from tampu.caller import HookCaller
+        from tampu.facade import Hooks
         from tampu.registry import cli_plugins
 
         def register(name: str, factory: BackendFactory) -> None:

@@ -62,7 +62,7 @@ def _line(stage: str, subject: str, reply: Reply | None, plugin: str | None,
 async def dry_run(runtime: Any, args: argparse.Namespace) -> list[dict[str, Any]]:  # noqa: ANN401
     from tampu.addresses import PathError, parse_path
     from tampu.authres import results
-    from tampu.delivery import NO_BACKEND, relay_refusal
+    from tampu.delivery_round import NO_BACKEND, relay_refusal
 
     hooks, settings = runtime.hooks, runtime.config.server
     kind = "submission" if args.auth else "smtp"

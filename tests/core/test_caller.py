@@ -9,10 +9,11 @@ import time
 import pytest
 
 from tampu import PluginError, Reply, blocking, hookimpl
-from tampu.caller import HookCaller, Hooks
+from tampu.caller import HookCaller
 from tampu.config import load_config
 from tampu.envelope import Envelope, ListenerInfo, Session
 from tampu.errors import ConfigError
+from tampu.facade import Hooks
 from tampu.registry import new_plugin_manager
 from tampu.runtime import build_runtime
 from tampu.store_files import FilesystemStore

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tampu import DeliveryResult
-from tampu.delivery import DEFAULT_SCHEDULE, schedule_delay
+from tampu.delivery_outcome import DEFAULT_SCHEDULE, schedule_delay
 from tampu.testing import make_config_dir
 from tests.recording import Recorder, send
 
