@@ -47,7 +47,8 @@ from tampu.chasquid.domaininfo import (
     tampu_domaininfo_path,
     write_tampu_domaininfo,
 )
-from tampu.chasquid.prototext import TextFormatError, format_text, parse_message, parse_text
+from tampu.chasquid.prototext import TextFormatError, parse_message, parse_text
+from tampu.chasquid.prototext_format import format_text
 from tampu.chasquid.schema import CONFIG_SCHEMA, DOMAININFO_SCHEMA, USERDB_SCHEMA, ChasquidError
 from tampu.chasquid.users import (
     UserEntry,

@@ -9,25 +9,24 @@ double quotes with C escapes (``\\n``, octal ``\\123``, hex ``\\xAB``, ``\\uXXXX
 identifiers (enum values, ``true``), ``#`` comments and optional ``,``/``;`` separators.
 Extensions and ``Any`` (``[type.name]``) are not supported: they are an error.
 
-Two levels:
+Two levels (the writer is :mod:`tampu.chasquid.prototext_format`):
 
 * :func:`parse_text` (no schema) gives plain Python structures: a message is a
   ``dict[str, list[value]]`` (every occurrence of a field, in order); a value is ``bytes``
   (a string literal), ``int``, ``float``, ``str`` (an identifier) or a nested message.
-  :func:`format_text` writes such a tree back.
+  ``format_text`` writes such a tree back.
 * :func:`parse_message` checks the text against a schema (:class:`FieldSpec` per field name),
   as Go's ``prototext.Unmarshal`` does (unknown fields, a repeated singular field, two members
   of a oneof, invalid UTF-8 in a string field and out-of-range numbers are errors), and gives a
-  ``dict[str, Any]`` of the fields present. :func:`format_message` writes Go's multi-line form.
+  ``dict[str, Any]`` of the fields present. ``format_message`` writes Go's multi-line form.
 
 Every error is a :class:`TextFormatError` carrying the line number.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -74,7 +73,7 @@ MessageSpec = Mapping[str, FieldSpec]
 
 # ---------------------------------------------------------------------------- tokenizer
 
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER = re.compile(r"""
     0[xX][0-9a-fA-F]+                                          (?P<hex>)
   | (?: (?:0|[1-9][0-9]*)\.[0-9]*(?:[eE][+-]?[0-9]+)?
@@ -154,7 +153,7 @@ class _Lexer:
         if c == "-":
             self.pos += 1
             self._skip()  # the spec allows whitespace and comments after the sign
-            m = _IDENT.match(self.text, self.pos)
+            m = IDENT.match(self.text, self.pos)
             if m and m.group().lower() in _FLOAT_WORDS:
                 self.pos = m.end()
                 return _Tok("float", -float(m.group().lower().replace("infinity", "inf")),
@@ -164,7 +163,7 @@ class _Lexer:
         if c.isdigit() or (c == "." and self.text[self.pos + 1:self.pos + 2].isdigit()):
             kind, value = self._number(negative=False)
             return _Tok(kind, value, line)
-        m = _IDENT.match(self.text, self.pos)
+        m = IDENT.match(self.text, self.pos)
         if m:
             self.pos = m.end()
             return _Tok("ident", m.group(), line)
@@ -433,8 +432,8 @@ def _value(node: _Node, spec: FieldSpec) -> Any:
         if spec.kind == "message":
             return value
         key_spec, value_spec = spec.message["key"], spec.message["value"]
-        key = value.get("key", _zero(key_spec))
-        return key, value.get("value", _zero(value_spec))
+        key = value.get("key", zero_value(key_spec))
+        return key, value.get("value", zero_value(value_spec))
     tok = node.scalar
     if tok is None:
         raise TextFormatError(f"field {node.name!r}: expected a {spec.kind} value, got a "
@@ -483,118 +482,10 @@ def _value(node: _Node, spec: FieldSpec) -> Any:
                           f"{', '.join(spec.enum)}", tok.line)
 
 
-def _zero(spec: FieldSpec) -> Any:
+def zero_value(spec: FieldSpec) -> Any:
+    """The proto3 zero value of a field (what an absent scalar means)."""
     zeros: dict[str, Any] = {"string": "", "bytes": b"", "bool": False, "double": 0.0,
                              "message": {}}
     if spec.kind == "enum":
         return spec.enum[0]
     return zeros.get(spec.kind, 0)
-
-
-# ---------------------------------------------------------------------------- writer
-
-
-def quote_bytes(data: bytes) -> str:
-    """A double-quoted string literal for ``data``, escaped as Go's prototext does: printable
-    UTF-8 as it is, ``\\"`` ``\\\\`` ``\\n`` ``\\r`` ``\\t``, other controls and invalid bytes
-    as ``\\xHH``, C1 controls as ``\\u00HH``."""
-    out = ['"']
-    text = data.decode("utf-8", "surrogateescape")
-    for ch in text:
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not valid UTF-8
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch in '"\\':
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
-        elif 0x80 <= code <= 0x9F:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _format_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, bytes):
-        return quote_bytes(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        if not _IDENT.fullmatch(value):
-            raise ValueError(f"{value!r} is not an identifier")
-        return value
-    raise TypeError(f"cannot write {type(value).__name__} in text format")
-
-
-def format_text(tree: Mapping[str, Sequence[Any]], indent: str = "") -> str:
-    """Write a :func:`parse_text` tree (``bytes`` are strings, ``str`` identifiers)."""
-    lines: list[str] = []
-    for name, values in tree.items():
-        if not _IDENT.fullmatch(name):
-            raise ValueError(f"{name!r} is not a field name")
-        for value in values:
-            if isinstance(value, Mapping):
-                lines.append(_message_lines(name, format_text(value, indent + "  "), indent))
-            else:
-                lines.append(f"{indent}{name}: {_format_scalar(value)}\n")
-    return "".join(lines)
-
-
-def _message_lines(name: str, body: str, indent: str) -> str:
-    return f"{indent}{name}: {{}}\n" if not body else f"{indent}{name}: {{\n{body}{indent}}}\n"
-
-
-def format_message(values: Mapping[str, Any], schema: MessageSpec, indent: str = "") -> str:
-    """Write ``values`` (as :func:`parse_message` returns them) in Go's multi-line form: by
-    field number, map entries sorted by key, proto3 zero values left out (unless the field
-    is ``optional`` or in a oneof)."""
-    lines: list[str] = []
-    for name, spec in sorted(schema.items(), key=lambda kv: kv[1].number):
-        if name not in values:
-            continue
-        value = values[name]
-        if spec.kind == "map":
-            assert spec.message is not None
-            for key in sorted(value):
-                entry = {"key": key, "value": value[key]}
-                lines.append(_message_lines(name, format_message(entry, spec.message,
-                                                                 indent + "  "), indent))
-            continue
-        items = value if spec.repeated else [value]
-        for item in items:
-            if spec.kind == "message":
-                assert spec.message is not None
-                lines.append(_message_lines(name, format_message(item, spec.message,
-                                                                 indent + "  "), indent))
-            elif (not spec.repeated and not spec.optional and spec.oneof is None
-                  and item == _zero(spec)):
-                continue  # proto3: a zero value is not written
-            else:
-                lines.append(f"{indent}{name}: {_format_typed(item, spec)}\n")
-    return "".join(lines)
-
-
-def _format_typed(value: Any, spec: FieldSpec) -> str:
-    if spec.kind == "string":
-        return quote_bytes(value.encode("utf-8"))
-    if spec.kind == "enum":
-        return value if isinstance(value, str) else str(int(value))
-    if spec.kind == "double":
-        return _format_scalar(float(value))
-    return _format_scalar(value)

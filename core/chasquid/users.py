@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from tampu.chasquid.prototext import (
-    format_message,
-    parse_message,
-)
+from tampu.chasquid.prototext import parse_message
+from tampu.chasquid.prototext_format import format_message
 from tampu.chasquid.schema import USERDB_SCHEMA
 from tampu.files import write_durably
 

@@ -43,7 +43,8 @@ from tampu.chasquid import (
     write_users,
 )
 from tampu.chasquid.confd import toml_string
-from tampu.chasquid.prototext import MAX_DEPTH, quote_bytes
+from tampu.chasquid.prototext import MAX_DEPTH
+from tampu.chasquid.prototext_format import quote_bytes
 from tampu.users import (
     UserRecord,
     hash_password,
