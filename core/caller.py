@@ -21,7 +21,7 @@ import time
 import types
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import pluggy
 
@@ -198,6 +198,26 @@ class HookCaller:
         async with asyncio.timeout(self._timeout(name, impl)):
             return await _resume(step, yielded)
 
+    def _plain(self, name: str, impl: _Impl, kwargs: dict[str, Any]) -> Any:  # noqa: ANN401
+        """An untimed call: the result, or the plugin's awaitable for :meth:`_settle_untimed`.
+        A failure raises its PluginError."""
+        try:
+            return impl.function(*[kwargs[a] for a in impl.argnames])
+        except Exception as exc:
+            self._raise_untimed(name, impl, exc)
+
+    async def _settle_untimed(self, name: str, impl: _Impl, res: Any) -> Any:  # noqa: ANN401
+        try:
+            return await self._settle(name, impl, res)
+        except Exception as exc:
+            self._raise_untimed(name, impl, exc)
+
+    def _raise_untimed(self, name: str, impl: _Impl, exc: Exception) -> NoReturn:
+        failure = self._untimed_failure(name, impl, exc)
+        if failure is exc:
+            raise exc
+        raise failure from (None if isinstance(exc, TimeoutError) else exc)
+
     def _untimed_failure(self, name: str, impl: _Impl, exc: Exception) -> PluginError:
         """What an untimed call that raised becomes (observers hear of every failure)."""
         if isinstance(exc, TimeoutError):
@@ -235,15 +255,9 @@ class HookCaller:
             if timed or impl.blocking:
                 res = await self._run(name, impl, kwargs, timed)
             else:  # the fast path: no coroutine of ours, no timer
-                try:
-                    res = impl.function(*[kwargs[a] for a in impl.argnames])
-                    if res is not None and inspect.isawaitable(res):
-                        res = await self._settle(name, impl, res)
-                except Exception as exc:
-                    failure = self._untimed_failure(name, impl, exc)
-                    if failure is exc:
-                        raise
-                    raise failure from (None if isinstance(exc, TimeoutError) else exc)
+                res = self._plain(name, impl, kwargs)
+                if res is not None and inspect.isawaitable(res):
+                    res = await self._settle_untimed(name, impl, res)
             if res is not None:
                 if self.trace:
                     log.info("trace hook=%s verdict by %s: %r", name, impl.plugin, res)
@@ -265,15 +279,9 @@ class HookCaller:
                 if timed or impl.blocking:
                     res = await self._run(name, impl, kwargs, timed)
                 else:  # the fast path: no coroutine of ours, no timer
-                    try:
-                        res = impl.function(*[kwargs[a] for a in impl.argnames])
-                        if res is not None and inspect.isawaitable(res):
-                            res = await self._settle(name, impl, res)
-                    except Exception as exc:
-                        failure = self._untimed_failure(name, impl, exc)
-                        if failure is exc:
-                            raise
-                        raise failure from (None if isinstance(exc, TimeoutError) else exc)
+                    res = self._plain(name, impl, kwargs)
+                    if res is not None and inspect.isawaitable(res):
+                        res = await self._settle_untimed(name, impl, res)
             except PluginError:
                 if strict:
                     raise
