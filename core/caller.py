@@ -252,12 +252,11 @@ class HookCaller:
         hook = self._hook(name)
         timed = self._sampled(hook)
         for impl in hook.impls if impls is None else impls:
-            if timed or impl.blocking:
-                res = await self._run(name, impl, kwargs, timed)
-            else:  # the fast path: no coroutine of ours, no timer
-                res = self._plain(name, impl, kwargs)
-                if res is not None and inspect.isawaitable(res):
-                    res = await self._settle_untimed(name, impl, res)
+            # the fast path (untimed, not blocking): no coroutine of ours, no timer
+            res = await self._run(name, impl, kwargs, timed) if timed or impl.blocking \
+                else self._plain(name, impl, kwargs)
+            if res is not None and inspect.isawaitable(res):  # only from the fast path
+                res = await self._settle_untimed(name, impl, res)
             if res is not None:
                 if self.trace:
                     log.info("trace hook=%s verdict by %s: %r", name, impl.plugin, res)
@@ -276,12 +275,11 @@ class HookCaller:
         out = []
         for impl in hook.impls:
             try:
-                if timed or impl.blocking:
-                    res = await self._run(name, impl, kwargs, timed)
-                else:  # the fast path: no coroutine of ours, no timer
-                    res = self._plain(name, impl, kwargs)
-                    if res is not None and inspect.isawaitable(res):
-                        res = await self._settle_untimed(name, impl, res)
+                # the fast path (untimed, not blocking): no coroutine of ours, no timer
+                res = await self._run(name, impl, kwargs, timed) if timed or impl.blocking \
+                    else self._plain(name, impl, kwargs)
+                if res is not None and inspect.isawaitable(res):  # only from the fast path
+                    res = await self._settle_untimed(name, impl, res)
             except PluginError:
                 if strict:
                     raise

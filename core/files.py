@@ -234,6 +234,19 @@ class Job(Generic[_T]):
         self.loop = loop
 
 
+def drain_into(source: queue.SimpleQueue[list[_T] | None], batch: list[_T]) -> bool:
+    """Add every list waiting in ``source`` to ``batch`` (a writer thread's next batch: what
+    came meanwhile goes in the same write); True when the stop mark (None) was among them."""
+    while True:
+        try:
+            more = source.get_nowait()
+        except queue.Empty:
+            return False
+        if more is None:
+            return True
+        batch.extend(more)
+
+
 class BatchThread:
     """One thread that runs blocking jobs in batches, in the order they were submitted.
 
@@ -307,16 +320,7 @@ class BatchThread:
                 continue
             if batch is None:
                 return
-            stop = False
-            while True:  # what else is waiting joins this batch
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.extend(more)
+            stop = drain_into(self._queue, batch)
             self._run_batch(batch)
             self._resolve(batch)
             if stop:

@@ -43,6 +43,7 @@ from tampu import (
     hookimpl,
 )
 from tampu.envelope import Verdict
+from tampu.files import drain_into
 
 log = logging.getLogger("tampu.plugins.maillog")
 
@@ -124,16 +125,7 @@ class MailLog:
             batch = self.queue.get()
             if batch is None:
                 return
-            stop = False
-            while True:  # whatever else is waiting goes in the same write
-                try:
-                    more = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.extend(more)
+            stop = drain_into(self.queue, batch)  # whatever else waits goes in the same write
             records = []
             for created, line in batch:
                 record = logging.LogRecord("tampu.maillog", logging.INFO, "", 0, line, None,

@@ -164,6 +164,20 @@ class Database:
         async with self.pool.acquire() as conn:
             yield conn
 
+    @contextlib.asynccontextmanager
+    async def connection_for(self, error: type[Exception], store: str,
+                             what: str) -> AsyncIterator[Any]:
+        """:meth:`connection` for a store: any database failure becomes ``error`` (the
+        store's QueueError or StateError) naming the ``store`` ("queue", "state"), where,
+        and ``what`` was being done."""
+        try:
+            async with self.connection() as conn:
+                yield conn
+        except DB_ERRORS as exc:
+            raise error(f"{store} database {self.where}: {what}: {reason(exc)}") from None
+        except DatabaseError as exc:
+            raise error(str(exc)) from None
+
     # ------------------------------------------------------------------ notifications
 
     async def _listen(self) -> None:

@@ -24,12 +24,10 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from tampu.errors import QueueError
 from tampu.item import QueueItem
-from tampu.plugins.queue_postgres.db import DB_ERRORS, DatabaseError, reason
 from tampu.store import new_queue_id, valid_id
 
 if TYPE_CHECKING:
@@ -138,16 +136,8 @@ class PostgresQueueStore:
     def lease_seconds(self) -> float:
         return self.db.settings.lease_seconds
 
-    @contextlib.asynccontextmanager
-    async def _conn(self, what: str) -> AsyncIterator[Any]:
-        try:
-            async with self.db.connection() as conn:
-                yield conn
-        except DB_ERRORS as exc:
-            raise QueueError(f"queue database {self.db.where}: {what}: {reason(exc)}"
-                             ) from None
-        except DatabaseError as exc:
-            raise QueueError(str(exc)) from None
+    def _conn(self, what: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self.db.connection_for(QueueError, "queue", what)
 
     def full(self) -> bool:
         """From the count the heartbeat measures plus this process's puts since (no query)."""

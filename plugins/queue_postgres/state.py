@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from tampu.errors import StateError
-from tampu.plugins.queue_postgres.db import DB_ERRORS, DatabaseError, reason
 
 if TYPE_CHECKING:
     from tampu.plugins.queue_postgres.db import Database
@@ -54,16 +52,8 @@ class PostgresStateStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    @contextlib.asynccontextmanager
-    async def _conn(self, what: str) -> AsyncIterator[Any]:
-        try:
-            async with self.db.connection() as conn:
-                yield conn
-        except DB_ERRORS as exc:
-            raise StateError(f"state database {self.db.where}: {what}: {reason(exc)}"
-                             ) from None
-        except DatabaseError as exc:
-            raise StateError(str(exc)) from None
+    def _conn(self, what: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        return self.db.connection_for(StateError, "state", what)
 
     async def get(self, ns: str, key: str) -> Any | None:
         async with self._conn("cannot read") as conn:
