@@ -92,8 +92,9 @@ def make_chasquid_dir(root: Path, *, dovecot: bool = False, haproxy: bool = True
     hooks.mkdir()
     (hooks / "post-data").write_text('#!/bin/sh\ncat > /dev/null\necho "X-Chasquid-Hook: '
                                      'ran for $RCPT_TO"\n')
-    (root / "mda").write_text(f'#!/bin/sh\n{{ echo "from=$3"; cat; }} > "{root}/delivered/'
-                              '$1@$2"\n')
+    # whole or not at all: the test reads the file as soon as it exists
+    (root / "mda").write_text(f'#!/bin/sh\n{{ echo "from=$3"; cat; }} > "{root}/.$1@$2.$$" && '
+                              f'mv "{root}/.$1@$2.$$" "{root}/delivered/$1@$2"\n')
     for program in (hooks / "post-data", root / "mda"):
         program.chmod(0o755)
     (root / "delivered").mkdir()
