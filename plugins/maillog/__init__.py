@@ -48,6 +48,11 @@ from tampu.files import drain_into
 log = logging.getLogger("tampu.plugins.maillog")
 
 
+HAND_OVER_EVERY = 0.05
+"""Seconds the lines of the event loop gather before they go to the writer thread in one
+hand-over (one thread wake-up, one write): a few per message under load would cost a GIL
+switch each. Stopping hands the rest over; a crash may lose this much of the log."""
+
 class MailLogSettings(PluginSettings):
     path: str = Field(default="mail.log", description="The mail log file, relative to the data "
                       "directory (absolute paths are kept). Ignored with syslog = true.")
@@ -196,7 +201,7 @@ class MailLog:
                 self.hand_over()
                 return
             self._scheduled = True
-            loop.call_soon(self.hand_over)
+            loop.call_later(HAND_OVER_EVERY, self.hand_over)
 
     def hand_over(self) -> None:
         """Give the lines formatted so far to the writer thread."""
