@@ -141,6 +141,11 @@ class Envelope:
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII but ':'
 
 
+def valid_header_name(name: str) -> bool:
+    """Whether ``name`` can be a header field name (RFC 5322 2.2: printable ASCII but ``:``)."""
+    return _HEADER_NAME.match(name) is not None
+
+
 @dataclass(eq=False)
 class Message:
     """The message after DATA: its bytes and the headers plugins ask to add on top."""
@@ -154,7 +159,7 @@ class Message:
         Raises ValueError for a name or value that would corrupt the header section
         (bad characters, bare CR/LF that is not a folding of the value).
         """
-        if not _HEADER_NAME.match(name):
+        if not valid_header_name(name):
             raise ValueError(f"invalid header name: {name!r}")
         for i, line in enumerate(value.replace("\r\n", "\n").split("\n")):
             if "\r" in line or (i > 0 and line[:1] not in (" ", "\t")) or "\0" in line:

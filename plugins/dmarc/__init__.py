@@ -11,7 +11,6 @@ accepts it with a mark header (``X-Tampu-DMARC: quarantine``) or only records th
 from __future__ import annotations
 
 import random
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -27,6 +26,7 @@ from tampu import (
     hookimpl,
 )
 from tampu.authres import MethodResult, add_result, results
+from tampu.envelope import valid_header_name
 from tampu.plugins.dmarc import orgdomain
 from tampu.plugins.dmarc.evaluate import (
     Actions,
@@ -47,7 +47,6 @@ __all__ = ["DMARC_OUTCOME", "DmarcPlugin", "DmarcRecord", "Outcome", "RecordErro
 DMARC_OUTCOME: StashKey[Outcome] = StashKey()
 """``envelope.stash[DMARC_OUTCOME]``: the evaluation of the transaction's message."""
 
-_HEADER_NAME = re.compile(r"^[!-9;-~]+$")
 
 
 class DmarcSettings(PluginSettings):
@@ -86,7 +85,7 @@ class DmarcSettings(PluginSettings):
     @field_validator("quarantine_header")
     @classmethod
     def _header(cls, value: str) -> str:
-        if not _HEADER_NAME.match(value):
+        if not valid_header_name(value):
             raise ValueError(f"{value!r} is not a valid header name")
         return value
 

@@ -28,10 +28,10 @@ from tampu import (
     hookimpl,
 )
 from tampu.authres import results
+from tampu.envelope import valid_header_name
 
 PERMANENT_EXIT = 20
 _EHLO_SAFE = re.compile(r"[^a-zA-Z0-9\-.\[\]:]")
-_HEADER_NAME = re.compile(r"^[!-9;-~]+$")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+(.*)$")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
@@ -75,7 +75,7 @@ def parse_headers(output: str) -> list[tuple[str, str]] | None:
             fields[-1] = (name, f"{value}\r\n{line}")
             continue
         name, colon, value = line.partition(":")
-        if not colon or not _HEADER_NAME.match(name) or "\0" in line or "\r" in line:
+        if not colon or not valid_header_name(name) or "\0" in line or "\r" in line:
             return None
         fields.append((name, value.lstrip(" \t")))
     return fields
