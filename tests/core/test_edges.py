@@ -15,9 +15,8 @@ import pytest
 
 from tampu import hookimpl
 from tampu.authres import MethodResult, add_result
-from tampu.testing import server_toml
+from tampu.testing import server_toml, wait_for
 from tests.helpers import RawClient, only_queue_item, read_queue_item
-from tests.plugins.delivery_kit import wait_for
 from tests.recording import Recorder
 
 USER, PASSWORD = "user@example.test", "secret"

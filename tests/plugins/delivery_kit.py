@@ -1,27 +1,10 @@
-"""Helpers shared by the local delivery tests: send over SMTP, record results, poll."""
+"""Helpers shared by the local delivery tests: send over SMTP, record results, (polling: the
+test kit's ``tampu.testing.wait_for``)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import TypeVar
-
 from tampu import DeliveryResult, QueueItem, Recipient, hookimpl
-from tampu.testing import RunningServer
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
-    """Poll ``predicate`` until it returns something truthy (bounded), and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.05)
+from tampu.testing import RunningServer, wait_for
 
 
 def send(srv: RunningServer, mail_from: str, rcpts: list[str], body: bytes) -> str:

@@ -22,8 +22,7 @@ from tampu.plugins.aliases.parser import (
     remove_drops_and_suffix,
 )
 from tampu.plugins.aliases.resolver import AliasFiles, HookPrograms, Resolver
-from tampu.testing import server_toml
-from tests.plugins.delivery_kit import wait_for
+from tampu.testing import server_toml, wait_for
 from tests.plugins.remote_kit import MXFarm, free_port
 
 D = "example.test"

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -27,7 +28,7 @@ from tampu import DeliveryResult
 from tampu.decisions import JOURNAL_DIR, Journal, read_journal, read_journal_tail
 from tampu.plugins.metrics.charts import MinuteRing, Series, stacked_bars
 from tampu.plugins.metrics.http import MAX_FIELDS, Request, parse_head
-from tampu.testing import make_config_dir, start_server
+from tampu.testing import make_config_dir, start_server, wait_for
 from tests.conftest import require_tool
 from tests.helpers import RawClient
 from tests.recording import Recorder
@@ -50,14 +51,6 @@ class Traffic:
     refused_session: int
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def qid_of(reply: bytes) -> str:
@@ -106,7 +99,7 @@ def traffic(tmp_path_factory, tampu_ca) -> Iterator[Traffic]:
         rec.wait(lambda: any(a[1] == LATER for a in rec.attempts), what="the deferred attempt")
         journal = srv.server.config.data_dir / JOURNAL_DIR
 
-        def journaled() -> list[dict[str, object]] | None:
+        def journaled() -> list[dict[str, Any]] | None:
             records = list(read_journal(journal))
             kinds = {(r.get("kind"), r.get("qid")) for r in records}
             ok = {("done", accepted), ("done", hostile), ("attempt", deferred)} <= kinds and \
@@ -114,7 +107,7 @@ def traffic(tmp_path_factory, tampu_ca) -> Iterator[Traffic]:
                     for r in records)
             return records if ok else None
 
-        records = wait_for(journaled, what="the journal records")
+        records = wait_for(journaled, 15.0, what="the journal records")
         session = next(r["session"] for r in records if r.get("from") == "mallory@example.org")
         wait_for(lambda: srv.store.load_now(deferred).recipients[0].last_error,
                  what="the deferred item's state")

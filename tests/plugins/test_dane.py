@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from tampu.dns import Resolver
 from tampu.plugins.delivery_smtp import dane
 from tampu.plugins.delivery_smtp.dane import DaneHost, DaneLookupError, Tlsa
-from tests.plugins.delivery_kit import Recorder, wait_for
+from tampu.testing import wait_for
+from tests.plugins.delivery_kit import Recorder
 from tests.plugins.outbound_kit import PolicyServer, policy_text, start_dns, tlsa
 from tests.plugins.remote_kit import MXFarm, free_port, remote_conf, server_tls, submit, write_ca
 

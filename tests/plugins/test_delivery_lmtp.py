@@ -12,7 +12,8 @@ from aiosmtpd.lmtp import LMTP
 
 from tampu import ConfigError
 from tampu.plugins.delivery_lmtp.client import dot_stuff, open_session
-from tests.plugins.delivery_kit import Recorder, load, recipient, send, wait_for
+from tampu.testing import wait_for
+from tests.plugins.delivery_kit import Recorder, load, recipient, send
 
 USERS = {f"{u}@example.test": "secret" for u in ("ok", "full", "gone", "unknown")}
 

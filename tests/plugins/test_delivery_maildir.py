@@ -8,7 +8,8 @@ import stat
 import pytest
 
 from tampu import ConfigError, Recipient, Route, hookimpl
-from tests.plugins.delivery_kit import Recorder, load, recipient, send, wait_for
+from tampu.testing import wait_for
+from tests.plugins.delivery_kit import Recorder, load, recipient, send
 
 CONF = {"40-delivery.toml": """
     [plugins.delivery_maildir]

@@ -10,7 +10,8 @@ import pytest
 
 from tampu import ConfigError, Recipient, Route, hookimpl
 from tampu.plugins.delivery_mda import build_argv, substitutions
-from tests.plugins.delivery_kit import Recorder, load, recipient, send, wait_for
+from tampu.testing import wait_for
+from tests.plugins.delivery_kit import Recorder, load, recipient, send
 
 USERS = {f"{u}@example.test": "secret" for u in ("jdoe", "temp", "fail", "slow", "pipe")}
 

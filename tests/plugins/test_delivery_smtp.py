@@ -7,8 +7,8 @@ import socket
 import pytest
 
 from tampu import Envelope, QueueItem, Recipient, Route, hookimpl
-from tampu.testing import server_toml
-from tests.plugins.delivery_kit import Recorder, wait_for
+from tampu.testing import server_toml, wait_for
+from tests.plugins.delivery_kit import Recorder
 from tests.plugins.remote_kit import MXFarm, Sink, free_port, remote_conf, submit
 
 ZONE = {

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from tampu.plugins.delivery_smtp.pool import ConnectionPool, DestinationFailed
-from tampu.testing import make_config_dir
+from tampu.testing import make_config_dir, wait_for
 from tests.load_kit import CountingSink, fill_queue, wait_until
-from tests.plugins.delivery_kit import Recorder, wait_for
+from tests.plugins.delivery_kit import Recorder
 from tests.plugins.remote_kit import MXFarm, Sink, free_port, remote_conf, submit
 
 ZONE = {

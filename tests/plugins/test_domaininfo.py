@@ -10,8 +10,9 @@ import pytest
 
 from tampu import MethodResult, add_result, hookimpl
 from tampu.plugins.domaininfo.store import DomainInfoStore, SecLevel
+from tampu.testing import wait_for
 from tests.helpers import RawClient
-from tests.plugins.delivery_kit import Recorder, wait_for
+from tests.plugins.delivery_kit import Recorder
 from tests.plugins.remote_kit import MXFarm, free_port, remote_conf, server_tls, submit, write_ca
 
 ZONE = {

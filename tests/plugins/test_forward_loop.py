@@ -7,9 +7,8 @@ import time
 
 from aiosmtpd.controller import Controller
 
-from tampu.testing import server_toml
+from tampu.testing import server_toml, wait_for
 from tests.helpers import free_ports
-from tests.plugins.delivery_kit import wait_for
 from tests.plugins.remote_kit import Sink
 
 CONF = """

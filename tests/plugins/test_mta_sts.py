@@ -28,7 +28,8 @@ from tampu.plugins.delivery_smtp.mta_sts import (
     parse_txt,
     policy_context,
 )
-from tests.plugins.delivery_kit import Recorder, wait_for
+from tampu.testing import wait_for
+from tests.plugins.delivery_kit import Recorder
 from tests.plugins.outbound_kit import PolicyServer, policy_text, start_dns
 from tests.plugins.remote_kit import MXFarm, free_port, remote_conf, server_tls, submit, write_ca
 

@@ -14,7 +14,8 @@ from pydantic import SecretStr
 
 from tampu import ConfigError
 from tampu.plugins.delivery_smtp.smarthost import Relay, Smarthosts, SmarthostSettings
-from tests.plugins.delivery_kit import Recorder, wait_for
+from tampu.testing import wait_for
+from tests.plugins.delivery_kit import Recorder
 from tests.plugins.outbound_kit import AuthRelay, start_dns
 from tests.plugins.remote_kit import (
     Sink,
