@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import time
+from pathlib import Path
 from typing import Protocol
 
 from tampu.item import QueueItem
@@ -57,6 +58,13 @@ class QueueStore(Protocol):
         ...
 
     async def read_message(self, item_id: str) -> bytes: ...
+
+    def defer_sync(self, item_id: str, path: Path) -> bool:
+        """For delivery backends writing files (any thread): True when the store makes what
+        is written under ``path`` for ``item_id`` durable itself (before the item leaves the
+        queue, and before a state that says it was delivered), so the backend need not
+        fsync; False: the backend syncs its files."""
+        ...
 
     async def ids(self) -> list[str]:
         """Every item's ID, oldest first."""

@@ -228,12 +228,11 @@ class MaildirPlugin:
                                for r in recipients if self.claims(r)]
         if not writes:
             return None
-        defer = getattr(self.ctx.server.store, "defer_sync", None)
-        return await _WRITER_THREAD.submit(self._write, item, writes, message, defer)
+        return await _WRITER_THREAD.submit(self._write, item, writes, message,
+                                           self.ctx.server.store.defer_sync)
 
     def _write(self, item: QueueItem, writes: list[Write], message: bytes,
-               defer: Callable[[str, Path], bool] | None
-               ) -> list[tuple[Recipient, DeliveryResult]]:
+               defer: Callable[[str, Path], bool]) -> list[tuple[Recipient, DeliveryResult]]:
         """In the writer thread: every recipient's file; one result each."""
         body = message.replace(b"\r\n", b"\n")
         out = []
@@ -244,7 +243,7 @@ class MaildirPlugin:
                 continue
             try:
                 self.writer.ensure(maildir)
-                lazy = defer is not None and defer(item.id, maildir)
+                lazy = defer(item.id, maildir)
                 path = self.writer.deliver(maildir, [top, body], sync=not lazy)
             except OSError as exc:
                 reason = exc.strerror or type(exc).__name__

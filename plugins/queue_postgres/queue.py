@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tampu.errors import QueueError
@@ -252,6 +253,10 @@ class PostgresQueueStore:
         item.size = int(row["size"])
         item.held = bool(row["held"])  # the column: an operator's hold wins over the state
         return item
+
+    def defer_sync(self, item_id: str, path: Path) -> bool:
+        """No: a delivery backend syncs its own files (the queue is in the database)."""
+        return False
 
     async def read_message(self, item_id: str) -> bytes:
         async with self._conn("cannot read the message") as conn:
