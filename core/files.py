@@ -5,9 +5,10 @@
   that time.
 * :func:`write_durably` (temporary file, fsync, rename, directory fsync), :func:`fsync_dir`,
   :func:`syncfs` (one flush of a whole filesystem).
-* :class:`BatchThread`: one thread that runs the blocking jobs the event loop hands it in
-  batches (one wake-up of the thread per loop iteration, one wake-up of the loop per batch),
-  with an optional step after each batch (the queue's one ``fdatasync``): the group commit.
+* :class:`BatchThread`: runs the blocking jobs the event loop hands it in batches (one
+  hand-over per loop iteration), with an optional step after each batch (the queue's one
+  ``fdatasync``): the group commit. A batch runs on the loop itself while batches are fast
+  (``inline``), in one thread of its own otherwise.
 * :func:`boot_id`, :func:`boot_time`, :func:`process_start`: what tells a process crash (the
   page cache survived) from a power loss, and a live process from a dead one.
 """
@@ -20,11 +21,12 @@ import ctypes
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 log = logging.getLogger("tampu.files")
 _T = TypeVar("_T")
@@ -247,36 +249,74 @@ def drain_into(source: queue.SimpleQueue[list[_T] | None], batch: list[_T]) -> b
         batch.extend(more)
 
 
-class BatchThread:
-    """One thread that runs blocking jobs in batches, in the order they were submitted.
+INLINE_MAX: Final = sys.getswitchinterval()
+"""Seconds a batch may take on the event loop (``BatchThread(inline=True)``)."""
+INLINE_RETRY: Final = 10.0
+"""Seconds batches go to the thread when inline ones were slow (:data:`SLOW_BATCHES`)."""
+SLOW_BATCHES: Final = 4
+"""Inline batches of the last 8 that took longer than INLINE_MAX: then the thread."""
+SLOW_WINDOW: Final = 0xFF
 
-    The event loop hands over every job submitted during one loop iteration at once (one
-    wake-up of the thread); jobs that arrive while the thread works form the next batch. After
-    each batch ``after(batch)`` runs (it may set ``job.error``: the queue's one fdatasync for
-    every message of the batch), then the loop is woken once to resolve the batch's futures.
-    A job whose awaiting task was cancelled still runs (its outcome is dropped).
+
+class BatchThread:
+    """Runs blocking jobs in batches.
+
+    The event loop hands over every job submitted during one loop iteration at once; jobs
+    that arrive while a batch runs form the next one. A batch runs its jobs in the order they
+    were submitted, then ``after(batch)`` (it may set ``job.error``: the queue's one
+    fdatasync for every message of the batch), then the batch's futures are resolved. A job
+    whose awaiting task was cancelled still runs (its outcome is dropped).
+
+    Where a batch runs: in the thread (one wake-up of it per batch, one wake-up of the loop
+    to resolve). With ``inline``, on the event loop itself while batches take less than
+    :data:`INLINE_MAX` (the interpreter's switch interval: under load a thread waits about
+    that long for the GIL at each system call, so a thread is only faster when the disk is
+    slower); when :data:`SLOW_BATCHES` of the last 8 inline batches took longer, the batches
+    of the next :data:`INLINE_RETRY` seconds go to the thread. Batches never run at once:
+    one lock covers a batch and the ``idle`` step, and a batch whose hand-over finds the
+    thread at work goes to the thread, as does a batch with a job submitted with
+    ``inline=False``. Batches may finish in another order than they were
+    handed over (an inline one before those still in the thread): jobs that depend on one
+    another must not be in flight together (the queue's put and remove of an item are not).
     """
 
     def __init__(self, name: str, after: Callable[[list[Job[Any]]], None] | None = None,
-                 *, idle: Callable[[], None] | None = None, idle_every: float = 1.0) -> None:
+                 *, idle: Callable[[], None] | None = None, idle_every: float = 1.0,
+                 inline: bool = False) -> None:
         self.name = name
         self.after = after
         self.idle = idle
         """Called in the thread when it had nothing to do for ``idle_every`` seconds."""
         self.idle_every = idle_every
+        self.inline = inline
         self._pending: list[Job[Any]] = []
+        self._heavy = False
+        """A pending job must not run on the event loop."""
         self._scheduled = False
         self._queue: queue.SimpleQueue[list[Job[Any]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = -1
+        self._running = threading.Lock()
+        """Held while a batch or the idle step runs (on the loop or in the thread)."""
+        self._thread_until = 0.0
+        """Monotonic time until which batches go to the thread (inline ones were slow)."""
+        self._slow = 0
+        """One bit per recent inline batch, set when it took longer than INLINE_MAX."""
         self.batches = 0
         """Batches run so far (tests and the benchmark read it)."""
         self.jobs = 0
+        self.inline_batches = 0
+        """Of those, run on the event loop."""
 
-    def submit(self, func: Callable[..., _T], *args: Any, tag: str = "") -> asyncio.Future[_T]:  # noqa: ANN401
+    def submit(self, func: Callable[..., _T], *args: Any, tag: str = "",  # noqa: ANN401
+               inline: bool = True) -> asyncio.Future[_T]:
+        """Run ``func(*args)`` in the next batch. ``inline=False``: not on the event loop (a
+        big write): the batch goes to the thread."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
         self._pending.append(Job(func, args, tag, future, loop))
+        if not inline:
+            self._heavy = True
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self.hand_over)
@@ -286,14 +326,34 @@ class BatchThread:
         """Give the jobs submitted so far to the thread (on the loop; submit arranges it)."""
         self._scheduled = False
         batch, self._pending = self._pending, []
-        if batch:
-            self._start()
-            self._queue.put(batch)
+        heavy, self._heavy = self._heavy, False
+        if not batch:
+            return
+        self._start()
+        if self.inline and not heavy and time.monotonic() >= self._thread_until and \
+                self._running.acquire(blocking=False):
+            try:
+                started = time.monotonic()
+                self._run_batch(batch)
+                took = time.monotonic() - started
+            finally:
+                self._running.release()
+            self.inline_batches += 1
+            self._slow = (self._slow << 1 | (took > INLINE_MAX)) & SLOW_WINDOW
+            if self._slow.bit_count() >= SLOW_BATCHES:
+                self._thread_until = time.monotonic() + INLINE_RETRY
+                self._slow = 0
+                log.debug("%s: batches take over %.0f ms: they go to the thread for %.0f s",
+                          self.name, INLINE_MAX * 1000, INLINE_RETRY)
+            _settle(batch)
+            return
+        self._queue.put(batch)
 
     def _start(self) -> None:
         if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
             self._pid = os.getpid()
             self._queue = queue.SimpleQueue()  # a forked copy's queue may hold a lock
+            self._running = threading.Lock()  # ... and so may this one
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
 
@@ -301,7 +361,8 @@ class BatchThread:
         """Run ``func`` in the calling thread as a batch of one (``after`` included): for
         callers without an event loop (commands, tests)."""
         job: Job[_T] = Job(func, args, "", None, None)  # type: ignore[arg-type]
-        self._run_batch([job])
+        with self._running:
+            self._run_batch([job])
         if job.error is not None:
             raise job.error
         return job.value  # type: ignore[return-value]
@@ -314,14 +375,16 @@ class BatchThread:
             except queue.Empty:
                 try:
                     if self.idle is not None:
-                        self.idle()
+                        with self._running:
+                            self.idle()
                 except Exception:
                     log.exception("%s: idle step failed", self.name)
                 continue
             if batch is None:
                 return
             stop = drain_into(self._queue, batch)
-            self._run_batch(batch)
+            with self._running:
+                self._run_batch(batch)
             self._resolve(batch)
             if stop:
                 return

@@ -183,8 +183,9 @@ class Segment:
 
 
 class QueueLog:
-    """The log segments of one process. Records are appended by the store's I/O thread
-    (:meth:`add_put`, :meth:`add_done`, :meth:`commit`, :meth:`rotate`); checkpoints run
+    """The log segments of one process. Records are appended by the store's I/O batches
+    (:meth:`add_put`, :meth:`add_done`, :meth:`commit`, :meth:`rotate`: one at a time, on
+    the event loop or in the I/O thread); checkpoints run
     in another thread (:meth:`checkpoint`); :meth:`add_root` from any thread."""
 
     def __init__(self, directory: Path) -> None:
@@ -209,7 +210,7 @@ class QueueLog:
         self.syncs = 0
         """fdatasync/syncfs/fsync calls made by this log (the benchmark's count)."""
 
-    # ---------------------------------------------------------------- the I/O thread
+    # ---------------------------------------------------------------- the I/O batches
 
     def _open_segment(self) -> Segment:
         seg = self.current

@@ -26,12 +26,14 @@ Layout of ``<data_dir>/queue/`` (the names and formats, and reading and writing 
 * ``requests/`` — operator requests (``<action>.<id>`` or ``<action>.all``, empty files) from
   ``tampu queue``, served by the running server on SIGUSR1.
 
-New items and removals go to one I/O thread per process in batches (:class:`BatchThread`: one
-hand-over per event-loop iteration, one ``fdatasync`` per batch, one wake-up of the loop per
-batch); states, reads, loads and recovery run in a small pool of their own
-(:data:`QUEUE_THREADS`), so that a busy delivery loop never makes a client's ``DATA`` wait for
-a thread. Without ``syncfs`` (not Linux) or with ``fsync=False`` there is no log: each item
-file is written durably on its own (fsync, rename, directory fsync).
+New items and removals go in batches (:class:`BatchThread`: one hand-over per event-loop
+iteration, one ``fdatasync`` per batch) to the event loop itself while a batch takes less
+than the interpreter's switch interval (5 ms), and to one I/O thread per process when the
+disk is slower or a message is big (:data:`INLINE_BYTES`). States, reads, loads and
+recovery run in a small pool of their own (:data:`QUEUE_THREADS`), so that a busy delivery
+loop never makes a client's ``DATA`` wait for a thread. Without ``syncfs`` (not Linux) or
+with ``fsync=False`` there is no log: each item file is written durably on its own (fsync,
+rename, directory fsync).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from tampu import queue_files
 from tampu.files import (
@@ -68,6 +70,9 @@ CHECKPOINT_POLL = 1.0
 """Seconds between the checkpoint thread's looks at the log when nothing pokes it."""
 _PROCESS_START = time.time()
 """Before any reception worker forks: older ``.tmp-*`` files are leftovers of a crash."""
+INLINE_BYTES: Final = 256 * 1024
+"""A message bigger than this is written by the I/O thread, never on the event loop (its
+write and fdatasync could hold up every session of the process)."""
 QUEUE_THREADS = 8
 """Threads of the delivery side's queue I/O (one pool per process, made at first use)."""
 _T = TypeVar("_T")
@@ -157,7 +162,8 @@ class FilesystemStore:
             self._log = QueueLog(self.dir / LOG_DIR)
             self._boot = self._log.boot
             io = self._io = BatchThread("tampu-queue-io", after=self._commit,
-                                        idle=self._idle, idle_every=CHECKPOINT_POLL)
+                                        idle=self._idle, idle_every=CHECKPOINT_POLL,
+                                        inline=True)
             self._checkpointer = threading.Thread(target=self._checkpoints, daemon=True,
                                                   name="tampu-queue-checkpoint")
             self._checkpointer.start()
@@ -168,21 +174,22 @@ class FilesystemStore:
         item.size = len(message)
         header = queue_files.item_header(item, len(message))
         if self.logged:
-            await self._thread().submit(self._put_logged, item.id, header, message, tag="put")
+            await self._thread().submit(self._put_logged, item.id, header, message, tag="put",
+                                        inline=len(message) <= INLINE_BYTES)
         else:
             await asyncio.to_thread(write_durably, self.item_path(item.id),
                                     [header, b"\n", message], self.fsync)
         self._estimate += 1
 
     def _put_logged(self, item_id: str, header: bytes, message: bytes) -> None:
-        """In the I/O thread: the item file (no fsync), then its log record."""
+        """In a queue I/O batch: the item file (no fsync), then its log record."""
         assert self._log is not None
         chunks = [header, b"\n", message]
         queue_files.write_item_file(self.item_path(item_id), chunks)
         self._log.add_put(item_id, chunks)
 
     def _commit(self, batch: list[Job[Any]]) -> None:
-        """After each batch of the I/O thread: one write and one fdatasync of the log. When
+        """After each queue I/O batch: one write and one fdatasync of the log. When
         that fails, the batch's new items fail too (their files go: no 250, no delivery)."""
         assert self._log is not None
         try:
@@ -244,7 +251,7 @@ class FilesystemStore:
         self._estimate = max(0, self._estimate - 1)
 
     def _remove_logged(self, item_id: str) -> None:
-        """In the I/O thread. An item whose log record is still to be retired goes at once
+        """In a queue I/O batch. An item whose log record is still to be retired goes at once
         (that retirement's sync covers what was delivered for it); one delivered lazily
         after its record was retired waits as ``.done`` for the next checkpoint."""
         assert self._log is not None

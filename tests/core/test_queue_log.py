@@ -11,14 +11,17 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from tampu import files
 from tampu.files import HAVE_SYNCFS, BatchThread, boot_id, process_start
 from tampu.item import QueueItem, Recipient
 from tampu.queue_log import SUFFIX, QueueLog, SegmentName, read_segment, record
-from tampu.store_files import FilesystemStore
+from tampu.store_files import INLINE_BYTES, FilesystemStore
 
 pytestmark = pytest.mark.skipif(not HAVE_SYNCFS, reason="the queue log needs syncfs (Linux)")
 BOOT = boot_id()[:16]
@@ -101,6 +104,77 @@ def test_batch_thread_runs_jobs_in_order_and_reports_errors():
     assert results[:3] == [0, 10, 20] and isinstance(results[3], ValueError)
     assert results[4:] == [40, 50] and seen == [0, 1, 2, 4, 5] and after == [6]
     thread.close()
+
+
+def test_inline_batches_run_on_the_loop_unless_a_job_is_heavy_or_batches_are_slow(
+        monkeypatch):
+    """BatchThread(inline=True): a batch runs on the event loop; one with a job submitted
+    ``inline=False`` goes to the thread; SLOW_BATCHES slow inline batches of the last 8 send
+    the next ones to the thread (for INLINE_RETRY seconds)."""
+    monkeypatch.setattr(files, "INLINE_MAX", 0.005)
+    after: list[int] = []
+    thread = BatchThread("test-inline", after=lambda batch: after.append(len(batch)),
+                         inline=True)
+
+    def where(pause: float = 0.0) -> int:
+        time.sleep(pause)
+        return threading.get_ident()
+
+    async def run() -> list[list[int]]:
+        loop_thread = threading.get_ident()
+        light = await asyncio.gather(*(thread.submit(where) for _ in range(3)))
+        heavy = await asyncio.gather(thread.submit(where), thread.submit(where, inline=False))
+        slow = [await thread.submit(where, 0.01) for _ in range(files.SLOW_BATCHES)]
+        later = [await thread.submit(where)]
+        return [[t == loop_thread for t in ts] for ts in (light, heavy, slow, later)]
+
+    light, heavy, slow, later = asyncio.run(run())
+    thread.close()
+    assert light == [True] * 3 and heavy == [False, False]
+    assert slow == [True] * files.SLOW_BATCHES and later == [False]
+    assert after == [3, 2, 1, 1, 1, 1, 1] and thread.inline_batches == 5
+
+
+def test_inline_batch_never_runs_beside_one_in_the_thread():
+    """While the thread runs a batch, a new batch is not run on the loop at once: it waits
+    for the thread (the log is written by one batch at a time)."""
+    release = threading.Event()
+    running: list[str] = []
+
+    def job(name: str) -> str:
+        running.append(f"start {name}")
+        if name == "heavy":
+            release.wait(5)
+        running.append(f"end {name}")
+        return name
+
+    thread = BatchThread("test-exclusive", inline=True)
+
+    async def run() -> list[str]:
+        heavy = thread.submit(job, "heavy", inline=False)
+        await asyncio.sleep(0.05)  # the thread has started it
+        light = thread.submit(job, "light")
+        await asyncio.sleep(0.05)
+        assert running == ["start heavy"]  # the light batch did not run on the loop
+        release.set()
+        return list(await asyncio.gather(heavy, light))
+
+    assert asyncio.run(run()) == ["heavy", "light"]
+    thread.close()
+    assert running == ["start heavy", "end heavy", "start light", "end light"]
+    assert thread.inline_batches == 0
+
+
+def test_store_writes_small_items_on_the_loop_and_big_ones_in_the_thread(tmp_path):
+    store = FilesystemStore(tmp_path / "q", 100)
+    small, big = _item(store), _item(store)
+    asyncio.run(store.put(small, b"Subject: s\r\n\r\nbody\r\n"))
+    assert store._io is not None and store._io.inline_batches == 1
+    body = b"Subject: b\r\n\r\n" + b"x" * 998 + b"\r\n"
+    asyncio.run(store.put(big, body * (INLINE_BYTES // 1000 + 1)))
+    assert store._io.inline_batches == 1 and store._io.batches == 2
+    assert store.load_now(big.id).size > INLINE_BYTES and store.load_now(small.id).size < 100
+    asyncio.run(store.close())
 
 
 # ------------------------------------------------------------------------- crashes
@@ -223,7 +297,7 @@ def test_a_failed_log_write_fails_the_put_and_the_next_one_works(tmp_path):
         import asyncio, json, resource, signal
         from pathlib import Path
         from tampu.item import QueueItem, Recipient
-        from tampu.store_files import FilesystemStore
+        from tampu.store_files import INLINE_BYTES, FilesystemStore
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         store = FilesystemStore(Path({str(tmp_path / "q")!r}), 10)
         store.prepare()
