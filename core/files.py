@@ -250,11 +250,12 @@ def drain_into(source: queue.SimpleQueue[list[_T] | None], batch: list[_T]) -> b
 
 
 INLINE_MAX: Final = sys.getswitchinterval()
-"""Seconds a batch may take on the event loop (``BatchThread(inline=True)``)."""
+"""Seconds the step after a batch may take on the event loop (``BatchThread(inline=True)``)."""
 INLINE_RETRY: Final = 10.0
 """Seconds batches go to the thread when inline ones were slow (:data:`SLOW_BATCHES`)."""
 SLOW_BATCHES: Final = 4
-"""Inline batches of the last 8 that took longer than INLINE_MAX: then the thread."""
+"""Inline batches of the last 8 whose ``after`` took longer than INLINE_MAX: then the
+thread."""
 SLOW_WINDOW: Final = 0xFF
 
 
@@ -268,11 +269,12 @@ class BatchThread:
     whose awaiting task was cancelled still runs (its outcome is dropped).
 
     Where a batch runs: in the thread (one wake-up of it per batch, one wake-up of the loop
-    to resolve). With ``inline``, on the event loop itself while batches take less than
-    :data:`INLINE_MAX` (the interpreter's switch interval: under load a thread waits about
-    that long for the GIL at each system call, so a thread is only faster when the disk is
-    slower); when :data:`SLOW_BATCHES` of the last 8 inline batches took longer, the batches
-    of the next :data:`INLINE_RETRY` seconds go to the thread. Batches never run at once:
+    to resolve). With ``inline``, on the event loop itself while the ``after`` steps (the
+    queue's fdatasync: the disk's speed) take less than :data:`INLINE_MAX` (the
+    interpreter's switch interval: under load a thread waits about that long for the GIL at
+    each system call, so a thread is only faster when the disk is slower); when
+    :data:`SLOW_BATCHES` of the last 8 inline batches took longer, the batches of the next
+    :data:`INLINE_RETRY` seconds go to the thread. Batches never run at once:
     one lock covers a batch and the ``idle`` step, and a batch whose hand-over finds the
     thread at work goes to the thread, as does a batch with a job submitted with
     ``inline=False``. Batches may finish in another order than they were
@@ -301,7 +303,7 @@ class BatchThread:
         self._thread_until = 0.0
         """Monotonic time until which batches go to the thread (inline ones were slow)."""
         self._slow = 0
-        """One bit per recent inline batch, set when it took longer than INLINE_MAX."""
+        """One bit per recent inline batch, set when its ``after`` took longer than INLINE_MAX."""
         self.batches = 0
         """Batches run so far (tests and the benchmark read it)."""
         self.jobs = 0
@@ -333,9 +335,7 @@ class BatchThread:
         if self.inline and not heavy and time.monotonic() >= self._thread_until and \
                 self._running.acquire(blocking=False):
             try:
-                started = time.monotonic()
-                self._run_batch(batch)
-                took = time.monotonic() - started
+                took = self._run_batch(batch)
             finally:
                 self._running.release()
             self.inline_batches += 1
@@ -389,7 +389,8 @@ class BatchThread:
             if stop:
                 return
 
-    def _run_batch(self, batch: list[Job[Any]]) -> None:
+    def _run_batch(self, batch: list[Job[Any]]) -> float:
+        """Run the jobs, then ``after``; the seconds ``after`` took."""
         self.batches += 1
         self.jobs += len(batch)
         for job in batch:
@@ -397,14 +398,17 @@ class BatchThread:
                 job.value = job.func(*job.args)
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
                 job.error = exc
-        if self.after is not None:
-            try:
-                self.after(batch)
-            except BaseException as exc:  # noqa: BLE001
-                log.exception("%s: the step after a batch failed", self.name)
-                for job in batch:
-                    if job.error is None:
-                        job.error = exc
+        if self.after is None:
+            return 0.0
+        started = time.monotonic()
+        try:
+            self.after(batch)
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("%s: the step after a batch failed", self.name)
+            for job in batch:
+                if job.error is None:
+                    job.error = exc
+        return time.monotonic() - started
 
     @staticmethod
     def _resolve(batch: list[Job[Any]]) -> None:

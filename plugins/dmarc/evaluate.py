@@ -249,8 +249,11 @@ async def check_message(resolver: Resolver, from_values: list[str], ids: Identif
         return Outcome(((verdict, decision),), decision, authors.problem)
     try:
         async with asyncio.timeout(limit):
-            verdicts = await asyncio.gather(*(evaluate_domain(resolver, d, ids, rng)
-                                              for d in authors.domains))
+            if len(authors.domains) == 1:  # the usual case: no task (a turn of the loop)
+                verdicts = [await evaluate_domain(resolver, authors.domains[0], ids, rng)]
+            else:
+                verdicts = await asyncio.gather(*(evaluate_domain(resolver, d, ids, rng)
+                                                  for d in authors.domains))
     except TimeoutError:
         reason = f"DMARC evaluation took more than {limit:g}s"
         verdicts = [Verdict(d, "temperror", PolicyLookup(d, "temperror", reason=reason),

@@ -106,15 +106,20 @@ def test_batch_thread_runs_jobs_in_order_and_reports_errors():
     thread.close()
 
 
-def test_inline_batches_run_on_the_loop_unless_a_job_is_heavy_or_batches_are_slow(
+def test_inline_batches_run_on_the_loop_unless_a_job_is_heavy_or_the_disk_is_slow(
         monkeypatch):
     """BatchThread(inline=True): a batch runs on the event loop; one with a job submitted
-    ``inline=False`` goes to the thread; SLOW_BATCHES slow inline batches of the last 8 send
-    the next ones to the thread (for INLINE_RETRY seconds)."""
+    ``inline=False`` goes to the thread; when the step after a batch (the fdatasync) was slow
+    SLOW_BATCHES times of the last 8, the next batches go to the thread (INLINE_RETRY s)."""
     monkeypatch.setattr(files, "INLINE_MAX", 0.005)
     after: list[int] = []
-    thread = BatchThread("test-inline", after=lambda batch: after.append(len(batch)),
-                         inline=True)
+    disk = {"pause": 0.0}
+
+    def sync(batch: list[object]) -> None:
+        after.append(len(batch))
+        time.sleep(disk["pause"])
+
+    thread = BatchThread("test-inline", after=sync, inline=True)
 
     def where(pause: float = 0.0) -> int:
         time.sleep(pause)
@@ -124,15 +129,20 @@ def test_inline_batches_run_on_the_loop_unless_a_job_is_heavy_or_batches_are_slo
         loop_thread = threading.get_ident()
         light = await asyncio.gather(*(thread.submit(where) for _ in range(3)))
         heavy = await asyncio.gather(thread.submit(where), thread.submit(where, inline=False))
-        slow = [await thread.submit(where, 0.01) for _ in range(files.SLOW_BATCHES)]
+        busy = [await thread.submit(where, 0.01) for _ in range(files.SLOW_BATCHES)]
+        disk["pause"] = 0.01
+        slow = [await thread.submit(where) for _ in range(files.SLOW_BATCHES)]
+        disk["pause"] = 0.0
         later = [await thread.submit(where)]
-        return [[t == loop_thread for t in ts] for ts in (light, heavy, slow, later)]
+        return [[t == loop_thread for t in ts] for ts in (light, heavy, busy, slow, later)]
 
-    light, heavy, slow, later = asyncio.run(run())
+    light, heavy, busy, slow, later = asyncio.run(run())
     thread.close()
     assert light == [True] * 3 and heavy == [False, False]
-    assert slow == [True] * files.SLOW_BATCHES and later == [False]
-    assert after == [3, 2, 1, 1, 1, 1, 1] and thread.inline_batches == 5
+    n = files.SLOW_BATCHES
+    assert busy == [True] * n  # slow jobs: CPU the loop would wait for in a thread too
+    assert slow == [True] * n and later == [False]
+    assert after == [3, 2] + [1] * (2 * n + 1) and thread.inline_batches == 1 + 2 * n
 
 
 def test_inline_batch_never_runs_beside_one_in_the_thread():
