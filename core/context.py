@@ -8,6 +8,7 @@ and users, the DNS resolver and the server stash. It holds no hooks: the core's
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -122,7 +123,7 @@ class PluginContext(Generic[S]):
     settings: S
     server: ServerContext
 
-    @property
+    @functools.cached_property
     def log(self) -> logging.Logger:
         return logging.getLogger(f"tampu.plugins.{self.name}")
 

@@ -23,9 +23,9 @@ import random
 import secrets
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Any, Final, Generic, TypeVar, cast
 
 import dns.exception
 import dns.flags
@@ -394,6 +394,50 @@ class Resolver:
         if not _matches(msg, query):
             raise DnsTempError("TCP answer does not match the question")
         return msg
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class DerivedCache(Generic[_K, _V]):
+    """Results computed from DNS answers (an SPF evaluation, a DMARC policy), each kept until
+    the first of the answers it used expires in the resolver's cache: never longer than the
+    answers themselves, and not at all when one has TTL 0 or failed (the caller does not put
+    those). At most ``limit`` results: expired ones go first, then all."""
+
+    def __init__(self, resolver: Resolver, limit: int = 10_000,
+                 no_lookup_seconds: float = 60.0) -> None:
+        self.resolver = resolver
+        self.limit = limit
+        self.no_lookup_seconds = no_lookup_seconds
+        """How long a result that needed no lookup is kept."""
+        self._kept: dict[_K, tuple[float, _V]] = {}
+
+    def get(self, key: _K) -> _V | None:
+        kept = self._kept.get(key)
+        if kept is None:
+            return None
+        if kept[0] > time.monotonic():
+            return kept[1]
+        del self._kept[key]
+        return None
+
+    def put(self, key: _K, value: _V, used: Iterable[tuple[str, str]]) -> None:
+        """Keep ``value``, computed from the answers to ``used`` ((name, rdtype) pairs)."""
+        now = time.monotonic()
+        until = min((self.resolver.cached_until(n, t) for n, t in used),
+                    default=now + self.no_lookup_seconds)
+        if until <= now:
+            return
+        if len(self._kept) >= self.limit:
+            self._kept = {k: v for k, v in self._kept.items() if v[0] > now}
+            if len(self._kept) >= self.limit:
+                self._kept.clear()
+        self._kept[key] = (until, value)
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
 
 def _find(section: list[dns.rrset.RRset], owner: dns.name.Name,

@@ -26,6 +26,7 @@ from tampu import (
     hookimpl,
 )
 from tampu.authres import MethodResult, add_result, results
+from tampu.dns import DerivedCache
 from tampu.envelope import valid_header_name
 from tampu.plugins.dmarc import orgdomain
 from tampu.plugins.dmarc.evaluate import (
@@ -34,6 +35,7 @@ from tampu.plugins.dmarc.evaluate import (
     Identifiers,
     Outcome,
     Override,
+    PolicyCache,
     Verdict,
     check_message,
     comment,
@@ -97,6 +99,8 @@ class DmarcPlugin:
         self.ctx = ctx
         server = ctx.server.config.server
         self.resolver = ctx.server.dns  # the server's one DNS client (TTL cache)
+        self.policies: PolicyCache = DerivedCache(self.resolver)
+        """Discovered policies, while the DNS answers behind them are cached."""
         self.rng = random.Random()
         """The pct= sampler; tests may replace it with a seeded one."""
         settings = ctx.settings
@@ -116,7 +120,7 @@ class DmarcPlugin:
         dkim = [(r.result, r.prop("header.d") or "") for r in results(envelope, "dkim")]
         ids: Identifiers = identifiers(spf, dkim)
         return await check_message(self.resolver, message.header_values("From"), ids,
-                                   self.actions, self.rng, self.timeout)
+                                   self.actions, self.rng, self.timeout, self.policies)
 
     @hookimpl
     async def smtp_data(self, session: Session, envelope: Envelope,

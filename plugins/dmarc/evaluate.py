@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from tampu.dns import DnsTempError, Resolver
+from tampu.dns import DerivedCache, DnsTempError, Resolver
 from tampu.plugins.dmarc.author import author_domains
 from tampu.plugins.dmarc.orgdomain import aligned, canonical, organizational_domain
 from tampu.plugins.dmarc.record import (
@@ -61,17 +61,36 @@ class PolicyLookup:
         return bool(self.source) and self.source != self.domain
 
 
-async def discover_policy(resolver: Resolver, domain: str) -> PolicyLookup:
+PolicyCache = DerivedCache[str, PolicyLookup]
+"""Discovered policies by canonical domain, as long as the DNS answers behind them are cached."""
+
+
+async def discover_policy(resolver: Resolver, domain: str,
+                          cache: PolicyCache | None = None) -> PolicyLookup:
     """Find the DMARC record of ``domain``: ``_dmarc.<domain>``, else ``_dmarc.<org domain>``.
 
     A DNS failure (timeout, SERVFAIL) gives ``temperror``; several DMARC records at one name
-    give ``none`` (6.6.3 step 5); an invalid record gives ``permerror``.
+    give ``none`` (6.6.3 step 5); an invalid record gives ``permerror``. With ``cache``, a
+    lookup is kept there until the first DNS answer it used expires (a temperror is not).
     """
     name = canonical(domain)
     if name is None:
         return PolicyLookup(domain, "permerror", reason=f"invalid From domain {domain[:60]}")
+    if cache is not None:
+        kept = cache.get(name)
+        if kept is not None:
+            return kept
+    used: list[tuple[str, str]] = []
+    lookup = await _discover(resolver, name, used)
+    if cache is not None and lookup.status != "temperror":
+        cache.put(name, lookup, used)
+    return lookup
+
+
+async def _discover(resolver: Resolver, name: str, used: list[tuple[str, str]]) -> PolicyLookup:
     org = organizational_domain(name)
     for source in dict.fromkeys((name, org)):
+        used.append((f"_dmarc.{source}", "TXT"))
         try:
             answer = await resolver.query(f"_dmarc.{source}", "TXT")
         except DnsTempError as exc:
@@ -141,9 +160,9 @@ def evaluate(lookup: PolicyLookup, ids: Identifiers, rng: random.Random) -> Verd
 
 
 async def evaluate_domain(resolver: Resolver, domain: str, ids: Identifiers,
-                          rng: random.Random) -> Verdict:
+                          rng: random.Random, cache: PolicyCache | None = None) -> Verdict:
     """Discovery plus evaluation for one From domain."""
-    return evaluate(await discover_policy(resolver, domain), ids, rng)
+    return evaluate(await discover_policy(resolver, domain, cache), ids, rng)
 
 
 # ---------------------------------------------------------------------------- decision
@@ -238,22 +257,29 @@ class Outcome:
 
 
 async def check_message(resolver: Resolver, from_values: list[str], ids: Identifiers,
-                        actions: Actions, rng: random.Random, limit: float) -> Outcome:
+                        actions: Actions, rng: random.Random, limit: float,
+                        cache: PolicyCache | None = None) -> Outcome:
     """Evaluate DMARC for a message with these ``From:`` header values, within ``limit``
-    seconds (past it, every domain is ``temperror``)."""
+    seconds (past it, every domain is ``temperror``). With ``cache``, policies found before
+    are used while their DNS answers are cached (then nothing is awaited)."""
     authors = author_domains(from_values)
     if not authors.domains:
         verdict = Verdict("", "permerror", PolicyLookup("", "permerror"),
                           reason=authors.problem)
         decision = decide(verdict, actions)
         return Outcome(((verdict, decision),), decision, authors.problem)
+    kept = [cache.get(d) for d in authors.domains] if cache is not None else [None]
     try:
-        async with asyncio.timeout(limit):
-            if len(authors.domains) == 1:  # the usual case: no task (a turn of the loop)
-                verdicts = [await evaluate_domain(resolver, authors.domains[0], ids, rng)]
-            else:
-                verdicts = await asyncio.gather(*(evaluate_domain(resolver, d, ids, rng)
-                                                  for d in authors.domains))
+        if all(k is not None for k in kept):  # no lookup: no timer, no turn of the loop
+            verdicts = [evaluate(k, ids, rng) for k in kept if k is not None]
+        else:
+            async with asyncio.timeout(limit):
+                if len(authors.domains) == 1:  # the usual case: no task (a turn of the loop)
+                    verdicts = [await evaluate_domain(resolver, authors.domains[0], ids, rng,
+                                                      cache)]
+                else:
+                    verdicts = await asyncio.gather(*(
+                        evaluate_domain(resolver, d, ids, rng, cache) for d in authors.domains))
     except TimeoutError:
         reason = f"DMARC evaluation took more than {limit:g}s"
         verdicts = [Verdict(d, "temperror", PolicyLookup(d, "temperror", reason=reason),

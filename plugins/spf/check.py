@@ -19,7 +19,6 @@ import asyncio
 import ipaddress
 import logging
 import re
-import time
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ import dns.nameserver
 import dns.resolver
 import spf
 
-from tampu.dns import DnsTempError, Resolver, parse_server
+from tampu.dns import DerivedCache, DnsTempError, Resolver, parse_server
 
 log = logging.getLogger("tampu.plugins.spf")
 
@@ -110,7 +109,8 @@ class SpfChecker:
         self._active: Any = self._lookup
         """The DNSLookup of the evaluation running now (runs are synchronous: one at a time)."""
         self._query_class = self._make_query_class()
-        self._results: dict[tuple[str, str, str], tuple[float, Evaluation]] = {}
+        self._results: DerivedCache[tuple[str, str, str], Evaluation] = DerivedCache(
+            self.dns, MAX_RESULTS, NO_LOOKUP_SECONDS)
         """Evaluations by (ip, sender, helo), until the first of their DNS answers expires."""
 
     def _dispatch(self, name: str, qtype: str, strict: Any = True,
@@ -149,24 +149,14 @@ class SpfChecker:
         all when one has TTL 0 or failed): the same client, sender and HELO within that time
         get the same result without running pyspf again."""
         key = (ip, sender, helo)
-        now = time.monotonic()
         kept = self._results.get(key)
         if kept is not None:
-            if kept[0] > now:
-                return kept[1]
-            del self._results[key]
+            return kept
         answers: dict[tuple[str, str], Answers | spf.TempError] = {}
         evaluation = await self._evaluate_async(ip, sender, helo, answers)
         if evaluation.result.result != "temperror" and \
                 not any(isinstance(a, spf.TempError) for a in answers.values()):
-            until = min((self.dns.cached_until(n, t) for n, t in answers),
-                        default=now + NO_LOOKUP_SECONDS)
-            if until > now:
-                if len(self._results) >= MAX_RESULTS:
-                    self._results = {k: v for k, v in self._results.items() if v[0] > now}
-                    if len(self._results) >= MAX_RESULTS:
-                        self._results.clear()
-                self._results[key] = (until, evaluation)
+            self._results.put(key, evaluation, answers)
         return evaluation
 
     async def _evaluate_async(self, ip: str, sender: str, helo: str,

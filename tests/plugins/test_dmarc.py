@@ -19,13 +19,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tampu import blocking, hookimpl
 from tampu.authres import MethodResult, add_result, results
-from tampu.dns import Resolver
+from tampu.dns import DerivedCache, Resolver
 from tampu.plugins.dmarc import method_result
 from tampu.plugins.dmarc.author import author_domains
 from tampu.plugins.dmarc.evaluate import (
     Actions,
     Decision,
     Identifiers,
+    PolicyCache,
     PolicyLookup,
     Verdict,
     check_message,
@@ -89,6 +90,34 @@ def verdict_for(server, domain, spf=(), dkim=(), rng=None):
 
 
 # ---------------------------------------------------------------------------- discovery
+
+
+def _checked_twice(server):
+    """Two messages From the same domains, one after the other, through one policy cache."""
+    async def twice(resolver):
+        cache: PolicyCache = DerivedCache(resolver)
+        ids = Identifiers((), ())
+        out = []
+        for _ in range(2):
+            out.append(await check_message(resolver, ["a@reject.test, b@mail.nopolicy.test"],
+                                           ids, Actions(), random.Random(1), 5.0, cache))
+            out.append(len(server.queries))
+        return out
+    return run(server, twice)
+
+
+def test_a_policy_is_kept_while_its_answers_are_cached(zone_dns):
+    """reject.test's record is kept for its TTL; mail.nopolicy.test has none, and the test
+    server's NXDOMAIN carries no SOA (not cacheable, RFC 2308): it is asked again."""
+    first, asked, second, asked_again = _checked_twice(zone_dns)
+    assert asked == 3 and asked_again == asked + 2
+    assert second.checked == first.checked and first.decision.action == "reject"
+
+
+def test_answers_with_ttl_0_keep_no_policy(make_dns):
+    dns = make_dns(ZONE, ttl=0)
+    first, asked, second, asked_again = _checked_twice(dns)
+    assert asked == 3 and asked_again == 6 and second.checked == first.checked
 
 
 def test_no_record_looks_up_the_domain_then_its_organizational_domain(zone_dns):
