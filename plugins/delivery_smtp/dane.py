@@ -34,13 +34,12 @@ import datetime
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
-
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING, Any, Final
 
 from tampu.dns import Answer, DnsTempError, Resolver, to_ascii
+
+if TYPE_CHECKING:  # cryptography (~8 MiB) is imported by the first certificate check
+    from cryptography import x509
 
 DANE_TA: Final = 2
 DANE_EE: Final = 3
@@ -98,6 +97,7 @@ class DaneHost:
 
 def association(cert: x509.Certificate, selector: int, mtype: int) -> bytes:
     """The certificate association data of ``cert`` for a selector and matching type."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
     if selector == 0:
         data = cert.public_bytes(Encoding.DER)
     elif selector == 1:
@@ -179,6 +179,7 @@ class Verdict:
 def verify(chain: Sequence[bytes], dane: DaneHost,
            now: datetime.datetime | None = None) -> Verdict:
     """Check the presented chain (DER, end-entity certificate first) against ``dane``."""
+    from cryptography import x509
     certs: list[x509.Certificate] = []
     for der in chain[:MAX_CHAIN]:
         try:
@@ -220,6 +221,7 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def _ca_problem(cert: x509.Certificate, anchor: bool) -> str | None:
+    from cryptography import x509
     try:
         bc: Any = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -266,6 +268,8 @@ def _chains_to(leaf: x509.Certificate, pool: list[x509.Certificate],
 
 def cert_names(cert: x509.Certificate) -> list[str]:
     """The DNS names of ``cert``: its subjectAltName dNSNames, else its subject CNs."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
     try:
         san: Any = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [str(n) for n in san.get_values_for_type(x509.DNSName)]

@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import Any, Final, Literal, cast
 from urllib.parse import quote
 
-import httpx
-
 from tampu.dns import DnsTempError, Resolver, to_ascii
 from tampu.files import write_durably
 
@@ -342,6 +340,8 @@ class PolicyFetcher:
         return addresses
 
     async def _get(self, host: str, address: str) -> str:
+        import httpx  # at the first policy fetch: most processes never fetch one
+
         literal = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
         url = f"https://{literal}:{self.port}{WELL_KNOWN}"
         where = f"https://{host}{WELL_KNOWN} ({address})"

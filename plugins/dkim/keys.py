@@ -21,14 +21,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from typing import TYPE_CHECKING, Final, Literal
 
 from tampu.addresses import AddressError, domain_to_ascii, normalize_domain
 from tampu.files import FileStamp, Stamp, fsync_dir
 from tampu.users import Domains
+
+if TYPE_CHECKING:  # cryptography (~8 MiB) is imported with the first key
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 log = logging.getLogger("tampu.plugins.dkim")
 
@@ -134,6 +134,9 @@ def key_files(domain_dir: Path) -> list[Path]:
 
 def parse_key(data: bytes, path: Path, domain: str, selector: str) -> DkimKey:
     """A :class:`DkimKey` from PEM bytes; raises KeyFileError saying what is wrong."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     if not is_valid_selector(selector):
         raise KeyFileError(path, f"{selector!r} is not a valid DKIM selector (letters, "
                            "digits, '-' and '.' as in a DNS name)")
@@ -183,6 +186,9 @@ def load_key(path: Path, domain: str) -> DkimKey:
 
 def generate_key(algorithm: KeygenAlgorithm) -> bytes:
     """A new private key as PKCS#8 PEM (``BEGIN PRIVATE KEY``), as chasquid writes them."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
     if algorithm == "ed25519":
         key = ed25519.Ed25519PrivateKey.generate()

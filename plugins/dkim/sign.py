@@ -18,8 +18,6 @@ from collections.abc import Iterable, Sequence
 from typing import Final
 
 import dkim
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 
 from tampu import Message
@@ -115,6 +113,9 @@ def sign(message: bytes, keys: Sequence[DkimKey], headers: Sequence[str] = DEFAU
 
 
 def _signature(key: DkimKey, data: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
     if isinstance(key.signer, rsa.RSAPrivateKey):
         return key.signer.sign(data, padding.PKCS1v15(), hashes.SHA256())
     if isinstance(key.signer, ed25519.Ed25519PrivateKey):  # RFC 8463 3: of the SHA-256 hash
