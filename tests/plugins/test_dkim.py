@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import dkim
+import dkim.crypto
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -26,7 +27,7 @@ from tampu.cli import main as tampu_main
 from tampu.config import load_config
 from tampu.dns import Resolver
 from tampu.files import FileStamp
-from tampu.plugins.dkim import DkimPlugin, DkimSettings
+from tampu.plugins.dkim import DkimPlugin, DkimSettings, rsa_verify
 from tampu.plugins.dkim.keys import (
     DkimKey,
     KeyFileError,
@@ -434,6 +435,44 @@ def test_tampering_fails(kind):
     assert [(r.result, r.reason) for r in body] == [("fail", "body hash did not verify")]
     assert [(r.result, r.reason) for r in header] == [("fail", "signature did not verify")]
     assert [r.result for r in unsigned_header] == ["pass"]
+
+
+_RSA_KEYS = {bits: rsa.generate_private_key(public_exponent=65537, key_size=bits)
+             for bits in (1024, 2048)}
+
+
+def test_dkimpy_checks_rsa_signatures_with_openssl():
+    """The seam rsa_verify relies on: dkimpy's verify_sig_process calls the module-level
+    RSASSA_PKCS1_v1_5_verify, which a Verifier replaces."""
+    Verifier(Resolver([("127.0.0.1", 53)]))
+    assert dkim.RSASSA_PKCS1_v1_5_verify is rsa_verify.rsa_verify
+    assert "RSASSA_PKCS1_v1_5_verify" in dkim.DKIM.verify_sig_process.__code__.co_names
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=300), bits=st.sampled_from([1024, 2048]),
+       flip=st.integers(min_value=-1, max_value=255), sha1=st.booleans())
+def test_openssl_and_dkimpy_agree_on_rsa_signatures(data, bits, flip, sha1):
+    """Same arguments, same answer: a good signature, one with a flipped byte, a different
+    length, for SHA-256 and SHA-1."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    key = _RSA_KEYS[bits]
+    signature = key.sign(data, padding.PKCS1v15(), hashes.SHA1() if sha1 else hashes.SHA256())
+    if flip >= 0:
+        pos = flip % len(signature)
+        signature = signature[:pos] + bytes([signature[pos] ^ 0x5A]) + signature[pos + 1:]
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = dkim.crypto.parse_public_key(der)
+    hasher = hashlib.sha1 if sha1 else hashlib.sha256
+    for candidate in (signature, signature[1:]):
+        ours = rsa_verify.rsa_verify(dkim.HashThrough(hasher(data)), candidate, public)
+        theirs = rsa_verify._PURE(dkim.HashThrough(hasher(data)), candidate, public)
+        assert ours == theirs == (flip < 0 and candidate is signature)
 
 
 def test_tampu_signed_verified_by_tampu(tmp_path):
