@@ -325,7 +325,8 @@ class BatchThread:
         return future
 
     def hand_over(self) -> None:
-        """Give the jobs submitted so far to the thread (on the loop; submit arranges it)."""
+        """Run the jobs submitted so far here, or give them to the thread (on the loop;
+        submit arranges it)."""
         self._scheduled = False
         batch, self._pending = self._pending, []
         heavy, self._heavy = self._heavy, False
