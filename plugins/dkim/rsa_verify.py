@@ -47,10 +47,15 @@ def rsa_verify(hash_: Any, signature: bytes, public_key: dict[str, int]) -> bool
         algorithm = hashes.SHA1()  # refused before this (RFC 8301); kept for parity
     else:
         return bool(_PURE(hash_, signature, public_key))
+    modulus = public_key["modulus"]
     try:
-        key = _public_key(public_key["modulus"], public_key["publicExponent"])
+        key = _public_key(modulus, public_key["publicExponent"])
     except ValueError as exc:  # e.g. an even or tiny modulus
         raise dkim.crypto.DigestTooLargeError(str(exc)) from None
+    size = (modulus.bit_length() + 7) // 8
+    if len(signature) != size:  # dkimpy reads the signature as a number (RFC 8017 8.2.2
+        # wants exactly k octets): one without its leading zeros, or with more, still counts
+        signature = (int.from_bytes(signature, "big") % modulus).to_bytes(size, "big")
     try:
         key.verify(signature, hash_.digest(), PKCS1v15(), Prehashed(algorithm))
     except InvalidSignature:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from tampu.plugins.dkim.keys import (
     zone_record,
 )
 from tampu.plugins.dkim.sign import author_domain, headers_to_sign, sign
-from tampu.plugins.dkim.verify import SignatureResult, Verifier, header_block
+from tampu.plugins.dkim.verify import INLINE_CHECK_BYTES, SignatureResult, Verifier, header_block
 from tampu.testing import context_for, make_config_dir, server_toml
 from tests.conftest import require_tool
 from tests.dnsserver import DNSServer
@@ -424,6 +425,26 @@ def test_verifies_what_dkimpy_signed(kind):
     assert str(mr) == f"dkim=pass header.d=example.org header.s=sel header.b={b}"
 
 
+def test_small_messages_are_checked_on_the_loop_big_ones_in_a_thread(monkeypatch):
+    where: list[bool] = []
+    check = Verifier.check
+
+    def spy(self, message, sigs):
+        where.append(threading.current_thread() is threading.main_thread())
+        return check(self, message, sigs)
+
+    monkeypatch.setattr(Verifier, "check", spy)
+    small, record = dkimpy_sign(INCOMING, "rsa")
+    big, big_record = dkimpy_sign(INCOMING + b"More.\r\n" * (INLINE_CHECK_BYTES // 7), "rsa",
+                                  selector=b"big")
+    assert len(small) <= INLINE_CHECK_BYTES < len(big)
+    with DNSServer({"sel._domainkey.example.org": {"TXT": [txt(record)]},
+                    "big._domainkey.example.org": {"TXT": [txt(big_record)]}}) as dns:
+        results = [run_verify(dns.port, m) for m in (small, big)]
+    assert [[r.result for r in got] for got in results] == [["pass"], ["pass"]]
+    assert where == [True, False]
+
+
 @pytest.mark.parametrize("kind", ["rsa", "ed25519"])
 def test_tampering_fails(kind):
     message, record = dkimpy_sign(INCOMING, kind)
@@ -449,12 +470,34 @@ def test_dkimpy_checks_rsa_signatures_with_openssl():
     assert "RSASSA_PKCS1_v1_5_verify" in dkim.DKIM.verify_sig_process.__code__.co_names
 
 
+def test_a_signature_short_of_its_leading_zero_verifies_as_with_dkimpy():
+    """About one RSA signature in 256 starts with a zero byte; dkimpy reads signatures as
+    numbers, so one sent without that byte verifies: rsa_verify agrees (RFC 8017 would say
+    invalid; what dkimpy accepted before stays accepted)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    key = _RSA_KEYS[1024]
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = dkim.crypto.parse_public_key(der)
+    data, signature = next((d, sig) for d, sig in (
+        (str(n).encode(), key.sign(str(n).encode(), padding.PKCS1v15(), hashes.SHA256()))
+        for n in range(20_000)) if sig[0] == 0)
+    for candidate in (signature, signature[1:], b"\0" + signature):
+        assert rsa_verify.rsa_verify(dkim.HashThrough(hashlib.sha256(data)), candidate, public)
+        assert rsa_verify._PURE(dkim.HashThrough(hashlib.sha256(data)), candidate, public)
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.binary(max_size=300), bits=st.sampled_from([1024, 2048]),
        flip=st.integers(min_value=-1, max_value=255), sha1=st.booleans())
 def test_openssl_and_dkimpy_agree_on_rsa_signatures(data, bits, flip, sha1):
-    """Same arguments, same answer: a good signature, one with a flipped byte, a different
-    length, for SHA-256 and SHA-1."""
+    """Same arguments, same answer: a good signature, one with a flipped byte, one without
+    its first byte (valid for dkimpy, which reads a number, when that byte was 0), with a
+    leading zero byte more, for SHA-256 and SHA-1."""
     import hashlib
 
     from cryptography.hazmat.primitives import hashes
@@ -469,10 +512,11 @@ def test_openssl_and_dkimpy_agree_on_rsa_signatures(data, bits, flip, sha1):
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
     public = dkim.crypto.parse_public_key(der)
     hasher = hashlib.sha1 if sha1 else hashlib.sha256
-    for candidate in (signature, signature[1:]):
+    for candidate, valid in ((signature, flip < 0), (b"\0" + signature, flip < 0),
+                             (signature[1:], flip < 0 and signature[0] == 0)):
         ours = rsa_verify.rsa_verify(dkim.HashThrough(hasher(data)), candidate, public)
         theirs = rsa_verify._PURE(dkim.HashThrough(hasher(data)), candidate, public)
-        assert ours == theirs == (flip < 0 and candidate is signature)
+        assert ours == theirs == valid
 
 
 def test_tampu_signed_verified_by_tampu(tmp_path):
