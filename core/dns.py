@@ -411,7 +411,7 @@ class DerivedCache(Generic[_K, _V]):
         self.resolver = resolver
         self.limit = limit
         self.no_lookup_seconds = no_lookup_seconds
-        """How long a result that needed no lookup is kept."""
+        """How long a result that needed no lookup (a malformed name) is kept."""
         self._kept: dict[_K, tuple[float, _V]] = {}
 
     def get(self, key: _K) -> _V | None:
@@ -435,9 +435,6 @@ class DerivedCache(Generic[_K, _V]):
             if len(self._kept) >= self.limit:
                 self._kept.clear()
         self._kept[key] = (until, value)
-
-    def __len__(self) -> int:
-        return len(self._kept)
 
 
 def _find(section: list[dns.rrset.RRset], owner: dns.name.Name,

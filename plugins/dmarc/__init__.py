@@ -26,7 +26,6 @@ from tampu import (
     hookimpl,
 )
 from tampu.authres import MethodResult, add_result, results
-from tampu.dns import DerivedCache
 from tampu.envelope import valid_header_name
 from tampu.plugins.dmarc import orgdomain
 from tampu.plugins.dmarc.evaluate import (
@@ -99,7 +98,7 @@ class DmarcPlugin:
         self.ctx = ctx
         server = ctx.server.config.server
         self.resolver = ctx.server.dns  # the server's one DNS client (TTL cache)
-        self.policies: PolicyCache = DerivedCache(self.resolver)
+        self.policies = PolicyCache(self.resolver)
         """Discovered policies, while the DNS answers behind them are cached."""
         self.rng = random.Random()
         """The pct= sampler; tests may replace it with a seeded one."""

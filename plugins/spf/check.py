@@ -52,10 +52,6 @@ Answers = list[tuple[tuple[str, str], Any]]
 MAX_ROUNDS = 40
 """pyspf runs per asynchronous check at most (RFC 7208 allows 10 DNS-querying mechanisms, each
 with a few lookups)."""
-MAX_RESULTS = 10_000
-"""Evaluations kept at most (expired ones are dropped first, then all when still full)."""
-NO_LOOKUP_SECONDS = 60.0
-"""How long an evaluation that needed no DNS lookup (a malformed domain) is kept."""
 
 
 class _NeedLookup(BaseException):
@@ -109,8 +105,7 @@ class SpfChecker:
         self._active: Any = self._lookup
         """The DNSLookup of the evaluation running now (runs are synchronous: one at a time)."""
         self._query_class = self._make_query_class()
-        self._results: DerivedCache[tuple[str, str, str], Evaluation] = DerivedCache(
-            self.dns, MAX_RESULTS, NO_LOOKUP_SECONDS)
+        self._results: DerivedCache[tuple[str, str, str], Evaluation] = DerivedCache(self.dns)
         """Evaluations by (ip, sender, helo), until the first of their DNS answers expires."""
 
     def _dispatch(self, name: str, qtype: str, strict: Any = True,
