@@ -31,21 +31,27 @@ def _public_key(modulus: int, exponent: int) -> RSAPublicKey:
     return RSAPublicNumbers(exponent, modulus).public_key()
 
 
-def rsa_verify(hash_: Any, signature: bytes, public_key: dict[str, int]) -> bool:  # noqa: ANN401 - dkimpy's hash object
-    """``dkim.crypto.RSASSA_PKCS1_v1_5_verify`` with OpenSSL: True when ``signature`` is
-    ``hash_``'s digest signed with the key. Raises ``dkim.crypto.DigestTooLargeError`` for a
-    key OpenSSL cannot use (too small a modulus), as dkimpy does."""
+@functools.cache
+def _openssl() -> tuple[type[Exception], Any, dict[str, Any]]:
+    """What a check needs from cryptography, made once: InvalidSignature, the PKCS #1 v1.5
+    padding, and the prehashed algorithm per hash name."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
     from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-    algorithm: hashes.HashAlgorithm
-    if hash_.name == "sha256":
-        algorithm = hashes.SHA256()
-    elif hash_.name == "sha1":
-        algorithm = hashes.SHA1()  # refused before this (RFC 8301); kept for parity
-    else:
+    # SHA-1 is refused before this (RFC 8301); kept for parity with dkimpy
+    return InvalidSignature, PKCS1v15(), {"sha256": Prehashed(hashes.SHA256()),
+                                          "sha1": Prehashed(hashes.SHA1())}
+
+
+def rsa_verify(hash_: Any, signature: bytes, public_key: dict[str, int]) -> bool:  # noqa: ANN401 - dkimpy's hash object
+    """``dkim.crypto.RSASSA_PKCS1_v1_5_verify`` with OpenSSL: True when ``signature`` is
+    ``hash_``'s digest signed with the key. Raises ``dkim.crypto.DigestTooLargeError`` for a
+    key OpenSSL cannot use (too small a modulus), as dkimpy does."""
+    invalid, padding, prehashed = _openssl()
+    algorithm = prehashed.get(hash_.name)
+    if algorithm is None:
         return bool(_PURE(hash_, signature, public_key))
     modulus = public_key["modulus"]
     try:
@@ -57,8 +63,8 @@ def rsa_verify(hash_: Any, signature: bytes, public_key: dict[str, int]) -> bool
         # wants exactly k octets): one without its leading zeros, or with more, still counts
         signature = (int.from_bytes(signature, "big") % modulus).to_bytes(size, "big")
     try:
-        key.verify(signature, hash_.digest(), PKCS1v15(), Prehashed(algorithm))
-    except InvalidSignature:
+        key.verify(signature, hash_.digest(), padding, algorithm)
+    except invalid:
         return False
     except ValueError as exc:
         raise dkim.crypto.DigestTooLargeError(str(exc)) from None
