@@ -97,11 +97,33 @@ def read_item(path: Path, state: Path, item_id: str) -> QueueItem:
         with open(path, "rb") as fh:
             header = fh.readline()
             total = os.fstat(fh.fileno()).st_size
-        fields = json.loads(header)
-        item = QueueItem.from_json(fields)
     except FileNotFoundError:
         raise QueueError(f"no queue item {item_id}") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except OSError as exc:
+        raise QueueError(f"corrupt queue item {item_id}: {exc}") from exc
+    item = _item(header, total, item_id)
+    try:
+        item.apply_state(json.loads(state.read_bytes()))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("qid=%s: unreadable state file (%s); resuming from enqueue state",
+                    item_id, exc)
+    return item
+
+
+def parse_item(data: bytes, item_id: str) -> QueueItem:
+    """The item of an item file's contents ``data``, checked as :func:`read_item` does."""
+    end = data.find(b"\n")
+    return _item(data[: end + 1] if end >= 0 else data, len(data), item_id)
+
+
+def _item(header: bytes, total: int, item_id: str) -> QueueItem:
+    """The item of an item file whose first line is ``header`` and length ``total``."""
+    try:
+        fields = json.loads(header)
+        item = QueueItem.from_json(fields)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise QueueError(f"corrupt queue item {item_id}: {exc}") from exc
     if not header.endswith(b"\n") or item.id != item_id:
         raise QueueError(f"corrupt queue item {item_id}: truncated header")
@@ -111,13 +133,6 @@ def read_item(path: Path, state: Path, item_id: str) -> QueueItem:
         if total != len(header) + size:
             raise QueueError(f"corrupt queue item {item_id}: message is "
                              f"{total - len(header)} bytes, expected {size}")
-    try:
-        item.apply_state(json.loads(state.read_bytes()))
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("qid=%s: unreadable state file (%s); resuming from enqueue state",
-                    item_id, exc)
     return item
 
 

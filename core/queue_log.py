@@ -1,14 +1,17 @@
 """The queue log: new queue items become durable with one ``fdatasync`` per batch.
 
-The filesystem store writes each new item's file without fsync, and appends the same bytes as
-a record to its process's current log segment; one ``fdatasync`` of the segment makes a whole
-batch of items durable (the group commit: the SMTP ``250`` of every message of the batch is
-sent after it). A segment is retired (deleted) once what it protects is durable by other
-means: one ``syncfs`` of the queue's filesystem, and of every other filesystem where
-deliveries were written without fsync (the *roots*, listed in :data:`ROOTS_FILE`: a Maildir
-elsewhere), then the segment is unlinked and the log directory fsync'd. Segments are
-retired when they reach :data:`SEGMENT_BYTES` or :data:`SEGMENT_AGE` seconds, or
-:data:`IDLE_RETIRE` seconds after their last item left.
+The filesystem store appends each new item's bytes as a record to its process's current log
+segment; one ``fdatasync`` of the segment makes a whole batch of items durable (the group
+commit: the SMTP ``250`` of every message of the batch is sent after it). The item's own file
+is written only when the item outlives its record: when its first delivery attempt leaves
+recipients waiting (before their state is written), or when the segment is retired while the
+item is still in the queue; an item delivered in the meantime never gets a file. A segment is
+retired (deleted) once what it protects is durable by other means: the item files of the
+items it still holds are written, then one ``syncfs`` of the queue's filesystem, and of every
+other filesystem where deliveries were written without fsync (the *roots*, listed in
+:data:`ROOTS_FILE`: a Maildir elsewhere), then the segment is unlinked and the log directory
+fsync'd. Segments are retired when they reach :data:`SEGMENT_BYTES` or :data:`SEGMENT_AGE`
+seconds, or :data:`IDLE_RETIRE` seconds after their last item left.
 
 Segment files: ``<queue>/log/<boot>-<pid>-<start>-<seq>.seg``: the boot they were written in
 (``/proc/sys/kernel/random/boot_id``), the writing process (its PID and start time: a live
@@ -17,14 +20,17 @@ JSON line (the owner), then records ``kind | flags | id length | payload length 
 (``<cBHII``), the ID and the payload:
 
 * ``P`` an item was put: the payload is its whole item file (header line and message);
-* ``D`` an item left the queue and every delivery made for it was durable before (none is
-  written for an item delivered lazily).
+* ``D`` an item left the queue and every delivery made for it was durable before;
+* ``L`` an item left the queue after deliveries written without fsync (durable at the
+  segment's retirement: they count only while the machine has not restarted);
+* ``F`` an item's file was written before its state (from then on, in this boot, the file
+  is the item: another process may deliver it and remove it).
 
 After a crash the main process reads the segments of dead processes (:func:`read_segment`):
-from the same boot the page cache survived and the item files are whole, so it only syncs
-the queue's filesystem and the roots, then retires them; from an earlier boot (a power loss)
-every ``P`` record without a ``D`` record is written back as its item file if that file is
-missing or not whole, and delivered again (twice is allowed, never zero times).
+every ``P`` record without a ``D`` record (nor an ``L`` or ``F`` record, from the same boot:
+the page cache survived) is written back as its item file if that file is missing or not whole, and
+delivered (again, after a power loss: twice is allowed, never zero times); then the queue's
+filesystem and the roots are synced and the segments retired.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -59,6 +66,8 @@ IDLE_RETIRE: Final = 2.0
 _REC: Final = struct.Struct("<cBHII")
 PUT: Final = b"P"
 DONE: Final = b"D"
+LEFT: Final = b"L"
+FILED: Final = b"F"
 IOV_MAX: Final = 512
 _SEQ = itertools.count(1)
 """Segment numbers, unique in the process (tests run several stores in one process)."""
@@ -128,6 +137,10 @@ class Contents:
     puts: dict[str, bytes] = field(default_factory=dict)
     """Item ID -> its item file's bytes."""
     done: set[str] = field(default_factory=set)
+    left: set[str] = field(default_factory=set)
+    """Items that left after deliveries written without fsync (``L`` records)."""
+    filed: set[str] = field(default_factory=set)
+    """Items whose file was written before their state (``F`` records)."""
     torn: bool = False
     """The segment ends with an incomplete or damaged record (written, never synced)."""
 
@@ -164,6 +177,10 @@ def read_segment(path: Path) -> Contents:
             out.puts[item_id] = payload
         elif kind == DONE:
             out.done.add(item_id)
+        elif kind == LEFT:
+            out.left.add(item_id)
+        elif kind == FILED:
+            out.filed.add(item_id)
         pos = stop
     return out
 
@@ -243,10 +260,16 @@ class QueueLog:
             seg.live.add(item_id)
             self.where[item_id] = seg
 
-    def add_done(self, item_id: str) -> None:
-        """Note that an item left after durable deliveries (no sync of its own)."""
+    def add_filed(self, item_id: str) -> None:
+        """Note that an item's file is written (no sync of its own)."""
         if self.current is not None:
-            self._buffer.extend(record(DONE, item_id, []))
+            self._buffer.extend(record(FILED, item_id, []))
+
+    def add_done(self, item_id: str, durable: bool = True) -> None:
+        """Note that an item left the queue (no sync of its own): after durable deliveries,
+        or (``durable=False``) after deliveries that the next retirement makes durable."""
+        if self.current is not None:
+            self._buffer.extend(record(DONE if durable else LEFT, item_id, []))
 
     def commit(self) -> None:
         """Write the batch's records; fdatasync when it holds new items. Raises OSError
@@ -310,6 +333,11 @@ class QueueLog:
             seg.live.discard(item_id)
             return seg.state in ("open", "sealed")
 
+    def live(self, segments: list[Segment]) -> list[str]:
+        """The items that ``segments`` still hold (a copy)."""
+        with self.lock:
+            return [item_id for seg in segments for item_id in seg.live]
+
     # ---------------------------------------------------------------- any thread
 
     def add_root(self, path: Path) -> None:
@@ -357,11 +385,15 @@ class QueueLog:
                 out.append(self.dir / name)
         return sorted(out)
 
-    def checkpoint(self, *, adopt: bool = False, force: bool = False) -> bool:
+    def checkpoint(self, *, adopt: bool = False, force: bool = False,
+                   before_sync: Callable[[list[Segment], list[Path]], None] | None = None
+                   ) -> bool:
         """Retire the sealed segments (and, with ``adopt``, those of dead processes of this
-        boot): sync the queue's filesystem and the roots, unlink the segments, fsync the
-        queue directory. ``force``: sync even if no segment is due (the caller has files to
-        remove after a sync). False when the sync failed (nothing was retired)."""
+        boot): ``before_sync(segments, foreign)`` (the store writes the item files of what
+        they still hold; OSError stops the checkpoint), sync the queue's filesystem and the
+        roots, unlink the segments, fsync the queue directory. ``force``: sync even if no
+        segment is due (the caller has files to remove after a sync). False when the files
+        or the sync failed (nothing was retired)."""
         with self.lock:
             retiring = [s for s in self.segments if s.state == "sealed"]
             for seg in retiring:
@@ -373,10 +405,12 @@ class QueueLog:
         if not (retiring or foreign or force):
             return True
         try:
+            if before_sync is not None:
+                before_sync(retiring, foreign)
             self.sync_roots(roots)
         except OSError as exc:
-            log.error("queue log: cannot sync the queue's filesystem (%s); the log segments "
-                      "are kept", exc.strerror or exc)
+            log.error("queue log: cannot make the queue durable (%s); the log segments are "
+                      "kept", exc.strerror or exc)
             with self.lock:
                 for seg in retiring:
                     seg.state = "sealed"

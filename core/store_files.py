@@ -5,11 +5,13 @@ Layout of ``<data_dir>/queue/`` (the names and formats, and reading and writing 
 :mod:`tampu.queue_files`):
 
 * ``<id>.item`` — one line of JSON (the envelope and recipients as enqueued, and ``size``, the
-  length of the message), ``\\n``, then the message bytes. Written once (to ``.tmp-<id>.item``,
-  then renamed), without fsync of its own: the same bytes go to the queue log
-  (:mod:`tampu.queue_log`), and one ``fdatasync`` of the log makes every item of a batch
-  durable — only then do their clients get ``250``. The log's segments are retired by a
-  checkpoint (one ``syncfs``) every few seconds.
+  length of the message), ``\\n``, then the message bytes. A new item's bytes go to the queue
+  log (:mod:`tampu.queue_log`) and stay in memory: one ``fdatasync`` of the log makes every
+  item of a batch durable — only then do their clients get ``250``. Its file is written
+  (to ``.tmp-<id>.item``, then renamed, without fsync of its own) only when the item
+  outlives its log record: before a state is written for it, or when a checkpoint (one
+  ``syncfs``, every few seconds) retires the log segment while the item is still queued.
+  Most items are delivered before that and never get a file.
 * ``<id>.state`` — JSON with per-recipient results, hold flag and the item's ``extra``,
   replaced atomically (temporary file, fsync, rename, fsync of the directory) after a
   delivery attempt that leaves recipients pending.
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from tampu import queue_files
+from tampu.errors import QueueError
 from tampu.files import (
     HAVE_SYNCFS,
     TMP_PREFIX,
@@ -73,6 +76,8 @@ _PROCESS_START = time.time()
 INLINE_BYTES: Final = 256 * 1024
 """A message bigger than this is written by the I/O thread, never on the event loop (its
 write and fdatasync could hold up every session of the process)."""
+OBSERVE_EVERY: Final = 1.0
+"""Seconds a store that writes no log keeps what it read of the others' log segments."""
 QUEUE_THREADS = 8
 """Threads of the delivery side's queue I/O (one pool per process, made at first use)."""
 _T = TypeVar("_T")
@@ -113,6 +118,15 @@ class FilesystemStore:
         self._adopt = False
         """Retire the log segments of dead processes (the main process, after recover)."""
         self._boot = ""
+        self._unfiled: dict[str, tuple[list[bytes], float]] = {}
+        """Items whose bytes are only in the log (and here): ID -> (item file chunks, when
+        put). Guarded by ``_filing``, held while one is written out or removed."""
+        self._filing = threading.Lock()
+        self._replayed: set[str] = set()
+        """Segments of dead processes whose items were already written back."""
+        self._replay_lock = threading.Lock()
+        self._observed: tuple[float, dict[str, bytes]] | None = None
+        """For a store that writes no log: what :meth:`_logged_elsewhere` last found."""
 
     new_id = staticmethod(new_queue_id)
 
@@ -132,8 +146,10 @@ class FilesystemStore:
         return self.dir / f"{item_id}{STATE_SUFFIX}"
 
     def count(self) -> int:
-        """Items in the queue directory (all processes), read from disk."""
-        return queue_files.count_items(self.dir)
+        """Items in the queue directory (all processes), read from disk, and this process's
+        items still only in the log."""
+        return queue_files.count_items(self.dir) + len(self._unfiled) + len(
+            self._logged_elsewhere())
 
     def full(self) -> bool:
         """A directory scan at most every 0.5 s, or when the estimate is close to the cap."""
@@ -144,13 +160,74 @@ class FilesystemStore:
         return self._estimate >= self.max_items
 
     def ids_now(self) -> list[str]:
-        return queue_files.item_ids(self.dir)
+        """The queued items: the item files and this process's items only in the log."""
+        files = queue_files.item_ids(self.dir)
+        with self._filing:
+            unfiled = [*self._unfiled, *self._logged_elsewhere()]
+        return sorted({*files, *unfiled}) if unfiled else files
+
+    def _logged_elsewhere(self) -> dict[str, bytes]:
+        """For a store that writes no log of its own (``tampu queue``): the items that other
+        processes hold only in their log segments so far (ID -> item file bytes), read at
+        most once a second."""
+        if self._log is not None or not self.logged:
+            return {}
+        now = time.monotonic()
+        if self._observed is not None and now - self._observed[0] < OBSERVE_EVERY:
+            return self._observed[1]
+        puts: dict[str, bytes] = {}
+        gone: set[str] = set()
+        try:
+            names = sorted(os.listdir(self.dir / LOG_DIR))
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if SegmentName.parse(name) is None:
+                continue
+            try:
+                contents = read_segment(self.dir / LOG_DIR / name)
+            except OSError:
+                continue  # retired meanwhile
+            puts.update(contents.puts)
+            gone |= contents.done | contents.left | contents.filed
+        found = {qid: data for qid, data in puts.items()
+                 if qid not in gone and valid_id(qid) and not self.item_path(qid).exists()}
+        self._observed = (now, found)
+        return found
 
     async def ids(self) -> list[str]:
+        if self._adopt:  # a worker that died may have left items only in its log
+            await _in_queue_thread(self._file_dead)
         return self.ids_now()
 
     async def exists(self, item_id: str) -> bool:
-        return valid_id(item_id) and self.item_path(item_id).exists()
+        return valid_id(item_id) and (item_id in self._unfiled
+                                      or self.item_path(item_id).exists()
+                                      or item_id in self._logged_elsewhere())
+
+    def summary(self) -> tuple[int, float | None]:
+        """(items, when the oldest was queued or None) of the whole queue, for metrics: the
+        item files' modification times and this process's items only in the log."""
+        n, oldest = 0, None
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            if not entry.name.endswith(ITEM_SUFFIX) or entry.name.startswith("."):
+                continue
+            try:
+                mtime = entry.stat().st_mtime
+            except OSError:
+                continue  # delivered meanwhile
+            n += 1
+            oldest = mtime if oldest is None else min(oldest, mtime)
+        with self._filing:
+            times = [put for _, put in self._unfiled.values()]
+        if times:
+            n += len(times)
+            oldest = min(times) if oldest is None else min(oldest, *times)
+        return n, oldest
 
     # ------------------------------------------------------------------ writing
 
@@ -182,11 +259,45 @@ class FilesystemStore:
         self._estimate += 1
 
     def _put_logged(self, item_id: str, header: bytes, message: bytes) -> None:
-        """In a queue I/O batch: the item file (no fsync), then its log record."""
+        """In a queue I/O batch: the log record (the item file waits: :meth:`_file`)."""
         assert self._log is not None
         chunks = [header, b"\n", message]
-        queue_files.write_item_file(self.item_path(item_id), chunks)
         self._log.add_put(item_id, chunks)
+        with self._filing:
+            self._unfiled[item_id] = (chunks, time.time())
+
+    def _file(self, item_id: str) -> None:
+        """Write the file of an item that is only in the log (no fsync: the log protects it
+        until a checkpoint's sync). Raises OSError (the item stays in the log then)."""
+        with self._filing:
+            entry = self._unfiled.pop(item_id, None)
+            if entry is None:
+                return
+            try:
+                queue_files.write_item_file(self.item_path(item_id), entry[0])
+            except OSError:
+                self._unfiled[item_id] = entry
+                raise
+
+    def _file_retiring(self, segments: list[Any], foreign: list[Path]) -> None:
+        """Before a checkpoint's sync: the files of the items that the segments being
+        retired (this process's, and ``foreign`` ones of dead processes) still hold."""
+        assert self._log is not None
+        for item_id in self._log.live(segments):
+            self._file(item_id)
+        if foreign:
+            self._file_dead(foreign)
+
+    def _file_dead(self, segments: list[Path] | None = None) -> None:
+        """Write back the items that dead processes of this boot left only in their log
+        segments (each segment once: its items may be delivered and gone since)."""
+        assert self._log is not None
+        with self._replay_lock:
+            todo = [p for p in (self._log.dead_segments() if segments is None else segments)
+                    if p.name not in self._replayed]
+            if todo:
+                self._replay(todo, durable=False)
+                self._replayed.update(p.name for p in todo)
 
     def _commit(self, batch: list[Job[Any]]) -> None:
         """After each queue I/O batch: one write and one fdatasync of the log. When
@@ -199,7 +310,8 @@ class FilesystemStore:
             for job in batch:
                 if job.tag == "put" and job.error is None:
                     job.error = exc
-                    self.item_path(job.args[0]).unlink(missing_ok=True)
+                    with self._filing:
+                        self._unfiled.pop(job.args[0], None)
             return
         if self._log.due():
             self._poke.set()
@@ -229,10 +341,19 @@ class FilesystemStore:
         return True
 
     async def save_state(self, item: QueueItem) -> None:
-        if not self.item_path(item.id).exists():
+        if not await self.exists(item.id):
             return  # deleted by an operator
+        if item.id in self._unfiled:  # a state is only ever beside its item's file
+            await self._thread().submit(self._file_logged, item.id, tag="file")
         body = queue_files.state_body(item)
         await _in_queue_thread(self._save_state_now, item.id, body)
+
+    def _file_logged(self, item_id: str) -> None:
+        """In a queue I/O batch: the item's file, and an ``F`` record (after a crash the
+        file is the item: it may be handed to the main process, delivered and removed)."""
+        assert self._log is not None
+        self._file(item_id)
+        self._log.add_filed(item_id)
 
     def _save_state_now(self, item_id: str, body: bytes) -> None:
         with self._lock:
@@ -252,33 +373,43 @@ class FilesystemStore:
 
     def _remove_logged(self, item_id: str) -> None:
         """In a queue I/O batch. An item whose log record is still to be retired goes at once
-        (that retirement's sync covers what was delivered for it); one delivered lazily
-        after its record was retired waits as ``.done`` for the next checkpoint."""
+        (that retirement's sync covers what was delivered for it; a ``D`` or ``L`` record
+        says it left); one delivered lazily after its record was retired waits as ``.done``
+        for the next checkpoint."""
         assert self._log is not None
         with self._lock:
             lazy = item_id in self._lazy
             self._lazy.discard(item_id)
         fresh = self._log.forget(item_id)
-        if lazy and not fresh:
-            try:
-                os.rename(self.item_path(item_id), self.done_path(item_id))
-            except FileNotFoundError:
+        with self._filing:
+            entry = self._unfiled.pop(item_id, None)
+            if lazy and not fresh:
+                try:
+                    if entry is not None:
+                        queue_files.write_item_file(self.done_path(item_id), entry[0])
+                    else:
+                        os.rename(self.item_path(item_id), self.done_path(item_id))
+                except FileNotFoundError:
+                    return
+                with self._lock:
+                    self._done.append(item_id)
+                self._poke.set()
                 return
-            with self._lock:
-                self._done.append(item_id)
-            self._poke.set()
-            return
-        if not lazy:
-            self._log.add_done(item_id)
-        self.remove_now(item_id)
+            self._log.add_done(item_id, durable=not lazy)
+            if entry is None:
+                queue_files.remove_files((self.state_path(item_id), self.item_path(item_id)))
 
     def done_path(self, item_id: str, boot: str = "") -> Path:
         return self.dir / f"{item_id}{DONE_INFIX}{boot or self._boot or boot_id()[:16]}"
 
     def remove_now(self, item_id: str) -> bool:
-        """Remove an item's files (no directory fsync: an item that reappears after a crash
-        is delivered again). True if the item was there."""
-        return queue_files.remove_files((self.state_path(item_id), self.item_path(item_id)))
+        """Remove an item's files, or forget it if it has none yet (no directory fsync, no
+        log record: an item that reappears after a crash is delivered again). True if the
+        item was there."""
+        with self._filing:
+            unfiled = self._unfiled.pop(item_id, None) is not None
+        return queue_files.remove_files(
+            (self.state_path(item_id), self.item_path(item_id))) or unfiled
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -303,7 +434,8 @@ class FilesystemStore:
             done, self._done = self._done, []
         adopt = self._adopt
         others = self._foreign_done() if adopt and log_.dead_segments() else []
-        if not log_.checkpoint(adopt=adopt, force=bool(done or others)):
+        if not log_.checkpoint(adopt=adopt, force=bool(done or others),
+                               before_sync=self._file_retiring):
             with self._lock:
                 self._done[:0] = done
             return
@@ -357,13 +489,46 @@ class FilesystemStore:
         return await _in_queue_thread(self.read_message_now, item_id)
 
     def read_message_now(self, item_id: str) -> bytes:
-        return queue_files.read_message(self.item_path(item_id), item_id)
+        entry = self._unfiled.get(item_id)
+        if entry is not None:
+            return entry[0][2]
+        try:
+            return queue_files.read_message(self.item_path(item_id), item_id)
+        except QueueError:
+            data = self._logged_elsewhere().get(item_id)
+            if data is None:
+                raise
+            return data.partition(b"\n")[2]
 
     async def load(self, item_id: str) -> QueueItem:
         return await _in_queue_thread(self.load_now, item_id)
 
     def load_now(self, item_id: str) -> QueueItem:
-        return queue_files.read_item(self.item_path(item_id), self.state_path(item_id), item_id)
+        entry = self._unfiled.get(item_id)
+        if entry is not None:  # no state yet: one is written only beside the file
+            return queue_files.parse_item(b"".join(entry[0]), item_id)
+        try:
+            return queue_files.read_item(self.item_path(item_id), self.state_path(item_id),
+                                         item_id)
+        except QueueError:
+            data = self._logged_elsewhere().get(item_id)
+            if data is None:
+                raise
+            return queue_files.parse_item(data, item_id)
+
+    def item_bytes_now(self, item_id: str) -> bytes:
+        """The item file's contents (header line, ``\\n``, message) as queued, whether
+        its file is written yet or not. Raises QueueError."""
+        entry = self._unfiled.get(item_id)
+        if entry is not None:
+            return b"".join(entry[0])
+        try:
+            return self.item_path(item_id).read_bytes()
+        except FileNotFoundError:
+            data = self._logged_elsewhere().get(item_id)
+            if data is None:
+                raise QueueError(f"no queue item {item_id}") from None
+            return data
 
     async def recover(self) -> list[str]:
         return await _in_queue_thread(self._recover)
@@ -410,9 +575,8 @@ class FilesystemStore:
                 log.warning("qid=%s: finished before a restart of the machine; delivered "
                             "again (its deliveries may not have reached the disk)", item_id)
                 os.replace(entry.path, self.item_path(item_id))
-        earlier = [p for p in dead if (SegmentName.parse(p.name) or _NO_NAME).boot != boot]
-        if earlier:
-            self._replay(earlier)
+        if dead:
+            self._replay(dead, durable=True)
         if not (dead or done_now):
             return
         try:
@@ -431,11 +595,17 @@ class FilesystemStore:
         if dead:
             log.info("queue log: %d segment(s) of the last run retired", len(dead))
 
-    def _replay(self, segments: list[Path]) -> None:
-        """Segments written before this boot: every item put and not reported done durably
-        is written back (durably) where its file is missing or not whole."""
+    def _replay(self, segments: list[Path], *, durable: bool) -> None:
+        """Segments of processes that are gone: every item put and not reported gone (``D``;
+        ``L`` too in a segment of this boot: the page cache kept its deliveries) nor filed
+        (``F``, this boot: its file is the item) is written back where its file is missing
+        or not whole (``durable``: with fsync; else the sync that retires the segments
+        covers it)."""
+        assert self._log is not None
         puts: dict[str, bytes] = {}
-        done: set[str] = set()
+        gone: set[str] = set()
+        filed: set[str] = set()
+        earlier = 0
         for path in segments:
             try:
                 contents = read_segment(path)
@@ -443,13 +613,18 @@ class FilesystemStore:
                 log.error("queue log: cannot read %s: %s", path, exc.strerror or exc)
                 continue
             puts.update(contents.puts)
-            done |= contents.done
-        restored = 0
-        for item_id in done:  # delivered durably: a file that is back lost its unlink
+            gone |= contents.done
+            if (SegmentName.parse(path.name) or _NO_NAME).boot == self._log.boot:
+                gone |= contents.left
+                filed |= contents.filed
+            else:
+                earlier += 1
+        for item_id in gone:  # its deliveries are safe: a file that is back lost its unlink
             if valid_id(item_id):
                 self.remove_now(item_id)
+        restored = 0
         for item_id, data in puts.items():
-            if item_id in done or not valid_id(item_id):
+            if item_id in gone or item_id in filed or not valid_id(item_id):
                 continue
             path = self.item_path(item_id)
             try:
@@ -457,16 +632,24 @@ class FilesystemStore:
                     continue
             except FileNotFoundError:
                 pass
-            write_durably(path, [data])
+            if durable:
+                write_durably(path, [data])
+            else:
+                queue_files.write_item_file(path, [data])
             restored += 1
-        log.warning("queue log: the machine restarted since the last run: %d item(s) of %d "
-                    "logged restored from the log (delivered again if they were already)",
-                    restored, len(puts))
+        if earlier:
+            log.warning("queue log: the machine restarted since the last run: %d item(s) of "
+                        "%d logged restored from the log (delivered again if they were "
+                        "already)", restored, len(puts))
+        elif restored:
+            log.info("queue log: %d item(s) of a process that ended restored from its log",
+                     restored)
 
     async def quarantine(self, item_id: str, reason: str) -> None:
         await _in_queue_thread(self.quarantine_now, item_id, reason)
 
     def quarantine_now(self, item_id: str, reason: str) -> None:
+        self._file(item_id)
         queue_files.quarantine(self.dir, item_id,
                                (self.item_path(item_id), self.state_path(item_id)), reason)
 

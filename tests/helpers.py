@@ -97,19 +97,20 @@ class RawClient:
             return False
 
 
-def read_queue_item(path: Path) -> tuple[dict[str, Any], bytes]:
-    """A ``<id>.item`` file as (JSON header, message bytes): one JSON line, ``\\n``, message."""
-    raw = path.read_bytes()
+def read_queue_item(srv: Any, qid: str) -> tuple[dict[str, Any], bytes]:
+    """An item as queued by the running test server ``srv``, in its file's format:
+    (JSON header, message bytes): one JSON line, ``\\n``, message."""
+    raw = srv.queue_item_bytes(qid)
     header, sep, message = raw.partition(b"\n")
-    assert sep, f"{path} has no header line"
+    assert sep, f"item {qid} has no header line"
     return json.loads(header), message
 
 
-def only_queue_item(queue_dir: Path) -> tuple[str, dict[str, Any], bytes]:
-    items = sorted(p for p in queue_dir.glob("*.item") if not p.name.startswith("."))
-    assert len(items) == 1, [p.name for p in items]
-    header, message = read_queue_item(items[0])
-    return items[0].name[: -len(".item")], header, message
+def only_queue_item(srv: Any) -> tuple[str, dict[str, Any], bytes]:
+    items = srv.queue_items()
+    assert len(items) == 1, items
+    header, message = read_queue_item(srv, items[0])
+    return items[0], header, message
 
 
 def free_ports(n: int) -> list[int]:

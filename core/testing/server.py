@@ -228,10 +228,25 @@ class RunningServer:
         return self.server.config.data_dir
 
     def queue_items(self) -> list[str]:
-        """IDs of the items in the queue (read from the queue directory)."""
+        """IDs of the items in the queue: the running server's store's (new items are
+        only in its log and memory until they outlive their log record), or after a stop
+        the queue directory's."""
         from tampu.store_files import FilesystemStore
 
+        store = self.server.runtime.store
+        if not self._stopped and isinstance(store, FilesystemStore):
+            return store.ids_now()
         return FilesystemStore(self.queue_dir, 1).ids_now()
+
+    def queue_item_bytes(self, qid: str) -> bytes:
+        """An item's file contents as queued (header line, ``\\n``, message), whether the
+        running server has written its file yet or not."""
+        from tampu.store_files import FilesystemStore
+
+        store = self.server.runtime.store
+        if self._stopped or not isinstance(store, FilesystemStore):
+            store = FilesystemStore(self.queue_dir, 1)
+        return store.item_bytes_now(qid)
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -205,23 +204,11 @@ class MetricsState:
             gauges = store.gauges()
             return QueueSummary(int(gauges.get("tampu_queue_items", ("", 0.0))[1]),
                                 gauges.get("tampu_queue_oldest_age_seconds", ("", 0.0))[1])
-        now, oldest, n = time.time(), None, 0
-        directory = getattr(store, "dir", None)
-        if directory is None:
+        summary = getattr(store, "summary", None)  # the filesystem store's
+        if summary is None:
             return QueueSummary(0, 0.0)
-        try:
-            entries = list(os.scandir(directory))
-        except FileNotFoundError:
-            return QueueSummary(0, 0.0)
-        for entry in entries:
-            if not entry.name.endswith(".item") or entry.name.startswith("."):
-                continue
-            try:
-                mtime = entry.stat().st_mtime
-            except OSError:
-                continue  # delivered meanwhile
-            n += 1
-            oldest = mtime if oldest is None else min(oldest, mtime)
+        n, oldest = summary()
+        now = time.time()
         return QueueSummary(n, max(0.0, now - oldest) if oldest is not None else 0.0)
 
     # ------------------------------------------------------------------ HTTP

@@ -10,6 +10,7 @@ result is configurable; by default only ``fail`` is refused, with ``550 5.7.23``
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Literal
 
@@ -69,9 +70,15 @@ class SpfPlugin:
         self.checker = SpfChecker(list(server.dns_servers), server.dns_timeout,
                                   ctx.settings.timeout, ctx.server.hostname, ctx.server.dns)
 
+    @functools.cached_property
+    def actions(self) -> dict[str, Action]:
+        """SPF result -> what to do (the ``on_*`` settings; anything else: accept)."""
+        settings = self.ctx.settings
+        return {name[3:]: getattr(settings, name) for name in type(settings).model_fields
+                if name.startswith("on_")}
+
     def action(self, result: str) -> Action:
-        action: Action = getattr(self.ctx.settings, f"on_{result}", "accept")
-        return action
+        return self.actions.get(result, "accept")
 
     async def evaluate(self, ip: str, sender: str, helo: str) -> Evaluation:
         """Run one SPF check on the event loop (asynchronous DNS; see check.py)."""

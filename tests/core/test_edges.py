@@ -205,7 +205,7 @@ def test_authentication_results_are_ours_alone(tampu_server):
               b"Authentication-Results: mx.other.test; spf=fail\r\n")
     with srv.smtp() as c:
         c.sendmail("a@example.org", [USER], forged + MSG)
-    _, _, message = only_queue_item(srv.queue_dir)
+    _, _, message = only_queue_item(srv)
     parsed = email.message_from_bytes(message, policy=email.policy.default)
     values = [" ".join(str(v).split()) for v in parsed.get_all("Authentication-Results")]
     assert values == ["localhost; spf=pass (a test comment) smtp.mailfrom=a@example.org",
@@ -227,7 +227,7 @@ def test_dsn_is_advertised_and_its_parameters_are_kept(tampu_server):
         assert c.cmd("DATA")[0] == 354
         c.send_raw(MSG + b".\r\n")
         assert c.reply()[0] == 250
-    _, header, _ = only_queue_item(srv.queue_dir)
+    _, header, _ = only_queue_item(srv)
     assert header["dsn_ret"] == "HDRS" and header["dsn_envid"] == "QQ314159"
     assert header["recipients"][0]["notify"] == ["FAILURE", "SUCCESS"]
     assert header["recipients"][0]["orcpt"] == "rfc822;Alias@example.test"
@@ -326,7 +326,7 @@ def test_auth_plain_user_with_uppercase_domain_is_canonical(tampu_server):
         assert c.cmd("DATA")[0] == 354
         c.send_raw(MSG + b".\r\n")
         assert c.reply()[0] == 250
-    _, header, _ = only_queue_item(srv.queue_dir)
+    _, header, _ = only_queue_item(srv)
     assert header["auth_user"] == "user@example.test"
 
 
@@ -334,6 +334,6 @@ def test_queue_item_header_roundtrip(tampu_server):
     srv = tampu_server(users={USER: PASSWORD})
     with srv.smtp() as c:
         c.sendmail("a@example.org", [USER], MSG)
-    name, _, _ = only_queue_item(srv.queue_dir)
-    header, _ = read_queue_item(srv.queue_dir / f"{name}.item")
+    name, _, _ = only_queue_item(srv)
+    header, _ = read_queue_item(srv, name)
     assert header["v"] == 2

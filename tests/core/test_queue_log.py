@@ -1,7 +1,7 @@
 """The queue log (tampu.queue_log) and the filesystem store's durable path at its failure
 points: group commit, torn records, a crash in the same boot (the page cache survived) and a
-power loss (an earlier boot: the log is replayed), lazy deliveries and ``.done`` items, a log
-write that fails."""
+power loss (an earlier boot), items only in the log written back, lazy deliveries and
+``.done`` items, a log write that fails."""
 
 from __future__ import annotations
 
@@ -61,11 +61,13 @@ def test_group_commit_one_fdatasync_for_a_batch(tmp_path):
     (segment,) = _segments(store)
     contents = read_segment(segment)
     assert not contents.torn and sorted(contents.puts) == sorted(i.id for i in items)
-    for item in items:  # the record is the item file, byte for byte
-        assert contents.puts[item.id] == store.item_path(item.id).read_bytes()
-    asyncio.run(store.close())
+    assert not list(store.dir.glob("*.item"))  # no file yet: the log holds them
+    assert sorted(store.ids_now()) == sorted(i.id for i in items)
+    asyncio.run(store.close())  # retires the segment: the items get their files first
     assert _segments(store) == []
     assert sorted(store.ids_now()) == sorted(i.id for i in items)
+    for item in items:  # the record is the item file, byte for byte
+        assert contents.puts[item.id] == store.item_path(item.id).read_bytes()
 
 
 def test_a_torn_or_damaged_record_ends_the_segment(tmp_path):
@@ -190,21 +192,64 @@ def test_store_writes_small_items_on_the_loop_and_big_ones_in_the_thread(tmp_pat
 # ------------------------------------------------------------------------- crashes
 
 
-def test_same_boot_crash_syncs_and_retires_without_replay(tmp_path):
-    """A process killed in this boot: its item files are whole in the page cache; the next
-    start syncs them and retires the segment; an item whose file is gone was finished."""
+def test_same_boot_crash_writes_back_what_only_the_log_held(tmp_path):
+    """A process killed in this boot: the items that were only in its log get their files
+    back; those that left (D, or L after lazy deliveries: the page cache kept them) do not,
+    nor one whose file was written (F) and then removed by another process (delivered)."""
     store = FilesystemStore(tmp_path / "q", 100)
-    kept, finished = _item(store), _item(store)
-    for item in (kept, finished):
+    maildir = tmp_path / "mail"
+    maildir.mkdir()
+    kept, finished, lazily, handed = (_item(store) for _ in range(4))
+    for item in (kept, finished, lazily, handed):
+        asyncio.run(store.put(item, b"Subject: x\r\n\r\nbody\r\n"))
+    queued = store.item_bytes_now(kept.id)
+    asyncio.run(store.remove(finished))  # delivered durably: D
+    assert store.defer_sync(lazily.id, maildir)
+    asyncio.run(store.remove(lazily))  # delivered without fsync: L
+    asyncio.run(store.save_state(handed))  # its file and an F record
+    assert store.item_path(handed.id).exists() and not store.item_path(kept.id).exists()
+    (segment,) = _segments(store)
+    contents = read_segment(segment)
+    assert (contents.done, contents.left, contents.filed) == (
+        {finished.id}, {lazily.id}, {handed.id})
+    dead = _dead_copy(segment, BOOT)
+    asyncio.run(store.close())
+    for item in (kept, handed):  # as the crash left them: `handed` delivered elsewhere
+        store.item_path(item.id).unlink()
+        store.state_path(item.id).unlink(missing_ok=True)
+    again = FilesystemStore(tmp_path / "q", 100)
+    assert asyncio.run(again.recover()) == [kept.id]
+    assert again.item_path(kept.id).read_bytes() == queued
+    assert not dead.exists() and _segments(again) == []
+    asyncio.run(again.close())
+
+
+def test_a_dead_workers_items_only_in_its_log_are_taken_over(tmp_path):
+    """The main process lists the items of a process that died (``ids``): those only in
+    its log are written back first, once (one delivered since is not written back again)."""
+    store = FilesystemStore(tmp_path / "q", 100)
+    first, second = _item(store), _item(store)
+    for item in (first, second):
         asyncio.run(store.put(item, b"Subject: x\r\n\r\nbody\r\n"))
     (segment,) = _segments(store)
     dead = _dead_copy(segment, BOOT)
-    store.item_path(finished.id).unlink()  # delivered and removed before the crash
     asyncio.run(store.close())
-    again = FilesystemStore(tmp_path / "q", 100)
-    assert asyncio.run(again.recover()) == [kept.id]
-    assert not dead.exists() and _segments(again) == []
-    asyncio.run(again.close())
+    for item in (first, second):
+        store.item_path(item.id).unlink()  # as the worker's crash left them: only logged
+    main = FilesystemStore(tmp_path / "q", 100)
+    main.prepare()
+    main._thread()
+    main._adopt = True  # as after recover()
+
+    async def take_over() -> list[str]:
+        ids = await main.ids()
+        await main.remove(await main.load(first.id))  # delivered by the main process
+        return ids + await main.ids()
+
+    assert asyncio.run(take_over()) == sorted([first.id, second.id]) + [second.id]
+    main.checkpoint()  # retires the dead segment
+    assert not dead.exists() and main.ids_now() == [second.id]
+    asyncio.run(main.close())
 
 
 def test_power_loss_replays_the_log(tmp_path):
@@ -216,7 +261,7 @@ def test_power_loss_replays_the_log(tmp_path):
     for item in (lost, cut, whole, done):
         asyncio.run(store.put(item, body))
     asyncio.run(store.remove(done))  # delivered durably: a D record
-    originals = {i.id: store.item_path(i.id).read_bytes() for i in (lost, cut, whole)}
+    originals = {i.id: store.item_bytes_now(i.id) for i in (lost, cut, whole)}
     (segment,) = _segments(store)
     dead = _dead_copy(segment, "f" * 16)  # what this process wrote, as an earlier boot's
     asyncio.run(store.close())

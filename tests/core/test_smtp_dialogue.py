@@ -164,7 +164,7 @@ def test_null_sender_accepted(tampu_server):
         c.send_raw(MSG + b".\r\n")
         code, lines = c.reply()
         assert code == 250, lines
-    _, header, _ = only_queue_item(srv.queue_dir)
+    _, header, _ = only_queue_item(srv)
     assert header["mail_from"] == ""
 
 
@@ -210,7 +210,7 @@ def test_pipelined_commands_raw(tampu_server):
         assert codes == [250, 250, 550, 250, 354]
         c.send_raw(MSG + b".\r\nMAIL FROM:<b@example.org>\r\nQUIT\r\n")
         assert [c.reply()[0] for _ in range(3)] == [250, 250, 221]
-    _, header, _ = only_queue_item(srv.queue_dir)
+    _, header, _ = only_queue_item(srv)
     assert [r["address"] for r in header["recipients"]] == ["user@example.test",
                                                             "postmaster@example.test"]
 
@@ -231,7 +231,7 @@ def test_pipelining_aiosmtplib(tampu_server):
     assert set(refused) == {"nobody@example.test"}
     assert refused["nobody@example.test"][0] == 550
     assert "Queued as" in reply
-    _, header, message = only_queue_item(srv.queue_dir)
+    _, header, message = only_queue_item(srv)
     assert [r["address"] for r in header["recipients"]] == ["user@example.test"]
     assert message.endswith(MSG)
 

@@ -55,7 +55,7 @@ def test_too_big_data_refused_and_nothing_queued(tampu_server):
         body = (b"z" * 98 + b"\r\n") * 15  # 1500 bytes
         c.send_raw(body + b".\r\n")
         assert c.reply()[0] == 250
-    _, _, message = only_queue_item(srv.queue_dir)
+    _, _, message = only_queue_item(srv)
     assert message.endswith(body)
 
 
@@ -68,7 +68,7 @@ def test_too_many_recipients(tampu_server):
         assert c.cmd("DATA")[0] == 354
         c.send_raw(MSG + b".\r\n")
         assert c.reply()[0] == 250
-    _, header, _ = only_queue_item(srv.queue_dir)
+    _, header, _ = only_queue_item(srv)
     assert len(header["recipients"]) == 3
 
 
@@ -101,7 +101,7 @@ def test_text_line_too_long_in_data(tampu_server):
         assert c.cmd("DATA")[0] == 354
         c.send_raw(b"Subject: long\r\n\r\n" + longest + b"." + stuffed + b".\r\n")
         assert c.reply()[0] == 250
-    _, _, message = only_queue_item(srv.queue_dir)
+    _, _, message = only_queue_item(srv)
     assert message.endswith(b"\r\n\r\n" + longest + stuffed)
 
 

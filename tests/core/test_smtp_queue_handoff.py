@@ -10,6 +10,7 @@ import re
 import ssl
 
 from tampu import Reply, hookimpl
+from tampu.queue_log import read_segment
 from tests.helpers import RawClient, only_queue_item, read_queue_item
 
 # 8-bit text, a line that needs dot-stuffing, an empty line, trailing spaces
@@ -51,10 +52,14 @@ def test_plain_smtp_message_is_queued_complete_and_exact(tampu_server):
         c.reply()
         c.cmd("EHLO client.test")
         qid = send_raw(c, "a@example.org", ["user@example.test"], BODY)
-        # the item is durable when the client reads 250: no half-written file left
-        assert sorted(p.name for p in srv.queue_dir.iterdir() if p.is_file()) == [
-            f"{qid}.item"]
-    name, header, message = only_queue_item(srv.queue_dir)
+        # the item is durable when the client reads 250: its record is in the queue log
+        # (its own file waits until it outlives the record), no half-written file left
+        assert [p.name for p in srv.queue_dir.iterdir() if p.is_file()] == []
+        logged = {}
+        for seg in (srv.queue_dir / "log").glob("*.seg"):
+            logged.update(read_segment(seg).puts)
+        assert logged == {qid: srv.queue_item_bytes(qid)}
+    name, header, message = only_queue_item(srv)
     assert name == qid and re.fullmatch(r"[a-z2-7]{18}", qid)
     assert header["v"] == 2 and header["id"] == qid
     assert header["mail_from"] == "a@example.org"
@@ -90,7 +95,7 @@ def test_starttls_auth_message_records_tls_and_user(tampu_server):
         assert isinstance(c.sock, ssl.SSLSocket)
         version = c.sock.version()
         cipher = (c.sock.cipher() or ("",))[0]
-    header, message = read_queue_item(srv.queue_dir / f"{qid}.item")
+    header, message = read_queue_item(srv, qid)
     assert header["auth_user"] == "user@example.test"
     assert [r["address"] for r in header["recipients"]] == ["friend@remote.example",
                                                             "user@example.test"]
@@ -118,7 +123,7 @@ def test_implicit_tls_and_smtputf8(tampu_server):
         c.send_raw(stuffed(BODY) + b".\r\n")
         code, lines = c.reply()
         assert code == 250, lines
-    _, header, message = only_queue_item(srv.queue_dir)
+    _, header, message = only_queue_item(srv)
     assert header["smtputf8"] is True
     assert header["recipients"][0]["address"] == "j\u00fcrgen@m\u00fcnchen.example"
     received, rest = split_received(message)
@@ -164,7 +169,7 @@ def test_plugin_headers_and_notifications(tampu_server):
         c.send_raw(b"Subject: x\r\n\r\nrefuse me\r\n.\r\n")
         code, lines = c.reply()
         assert (code, lines[0]) == (550, "5.7.1 Refused by policy")
-    _, _, message = only_queue_item(srv.queue_dir)  # only the first one
+    _, _, message = only_queue_item(srv)  # only the first one
     _, rest = split_received(message)
     assert rest == b"X-Checked: yes;\r\n folded\r\n" + BODY
     assert rec.enqueued == [qid]

@@ -198,7 +198,7 @@ def test_aiosmtplib_implicit_tls_auth_and_queue(tampu_server, tmp_path, tampu_ca
 
     reply = asyncio.run(send())
     qid = reply.rpartition(" ")[2]
-    header, message = read_queue_item(srv.queue_dir / f"{qid}.item")
+    header, message = read_queue_item(srv, qid)
     assert header["auth_user"] == USER
     assert [r["address"] for r in header["recipients"]] == ["friend@remote.example"]
     assert message.endswith(MSG)
@@ -337,6 +337,6 @@ def test_msmtp_sends_with_tls_and_auth(srv, tmp_path, tampu_ca, listener, startt
     assert done.returncode == 0, done.stdout + done.stderr
     new = set(srv.queue_items()) - before
     assert len(new) == 1
-    header, message = read_queue_item(srv.queue_dir / f"{new.pop()}.item")
+    header, message = read_queue_item(srv, new.pop())
     assert header["auth_user"] == USER
     assert f"Subject: via msmtp {listener}".encode() in message

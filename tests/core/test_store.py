@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tampu import store_files
+from tampu import files, store_files
 from tampu.errors import QueueError
 from tampu.item import QueueItem, Recipient, Route
 from tampu.store import valid_id
@@ -144,6 +144,7 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     queue = _queue(cdir / "data" / "queue")
     good = _submit(queue, recipients=["good@example.test"])
     truncated = _submit(queue, data=b"Subject: t\r\n\r\n" + b"x" * 1000)
+    asyncio.run(queue.close())  # the log segment of this process goes (its items are filed)
     with open(queue.item_path(truncated.id), "r+b") as fh:  # lost its tail
         fh.truncate(queue.item_path(truncated.id).stat().st_size - 10)
     (queue.dir / "zzzzgarbage.item").write_bytes(b"\x00\x01 not json\n")
@@ -155,7 +156,6 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     busy = queue.dir / ".tmp-bbbbbusy.item"  # a reception worker writing right now
     busy.write_bytes(b"{")
     (queue.dir / "orphan0.state").write_text("{}")
-    asyncio.run(queue.close())  # the log segment of this process goes (its items are synced)
 
     rec = Recorder()
     srv = tampu_server(config_dir=cdir, plugins=[rec], deliver=True)
@@ -336,11 +336,34 @@ def test_cli_queue_list_show_retry_delete(mda_server):
     assert os.listdir(qdir / "requests") == []  # the server took every request
 
 
+@pytest.mark.skipif(not files.HAVE_SYNCFS, reason="the queue log needs syncfs (Linux)")
+def test_cli_lists_items_that_are_only_in_a_running_servers_log(tmp_path):
+    """A new item has no file until it outlives its log record: ``tampu queue`` reads the
+    log segments of the running processes too, and stops listing it once it is gone."""
+    cdir = make_config_dir(tmp_path / "conf")
+    queue = _queue(cdir / "data" / "queue")  # this process is the running server
+    item = _submit(queue, recipients=["x@far.test"])
+    assert not queue.item_path(item.id).exists()
+    listed = _tampu(cdir, "queue", "list")
+    assert listed.returncode == 0 and item.id in listed.stdout and "x@far.test" in \
+        listed.stdout, listed.stdout + listed.stderr
+    shown = _tampu(cdir, "queue", "show", item.id)
+    assert shown.returncode == 0 and "Subject: x" in shown.stdout, shown.stdout + shown.stderr
+    observer = FilesystemStore(queue.dir, 10)  # another process's view, as the CLI's
+    assert observer.ids_now() == [item.id] and observer.count() == 1
+    assert observer.read_message_now(item.id) == b"Subject: x\r\n\r\nbody\r\n"
+    asyncio.run(queue.remove(item))  # delivered: a D record
+    assert _tampu(cdir, "queue", "list").stdout.strip() == "queue is empty"
+    assert FilesystemStore(queue.dir, 10).ids_now() == []
+    asyncio.run(queue.close())
+
+
 def test_cli_without_server(tmp_path):
     cdir = make_config_dir(tmp_path / "conf")
     queue = _queue(cdir / "data" / "queue")
     item = _submit(queue)
     other = _submit(queue, recipients=["x@far.test"])
+    asyncio.run(queue.close())  # as a server that stopped: the items are in their files
     res = _tampu(cdir, "queue", "retry", item.id)
     assert res.returncode == 0 and "no running server" in res.stdout
     assert _tampu(cdir, "queue", "retry", "../x").returncode == 1

@@ -34,7 +34,7 @@ def test_51_received_headers_is_a_loop_50_is_not(tampu_server):
     assert srv.queue_items() == []
     code, lines = send(srv, message(50, folded=True))
     assert code == 250, lines
-    _, _, queued = only_queue_item(srv.queue_dir)
+    _, _, queued = only_queue_item(srv)
     assert queued.startswith(b"Received: from [127.0.0.1] (client.test)")  # ours: 51 now
     headers = queued.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
     assert sum(h.startswith(b"Received:") for h in headers) == 51
