@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import email.utils
 import re
+import time
 
 from tampu.authres import header_value, results
 from tampu.envelope import Envelope, Message, Session
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+_date: tuple[int, str] = (0, "")
+"""The last second formatted (RFC 5322 date, UTC) and its text."""
+
+
+def _date_now() -> str:
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, localtime=False))
+    return _date[1]
 
 
 def received_header(session: Session, envelope: Envelope, hostname: str,
@@ -43,7 +54,7 @@ def received_header(session: Session, envelope: Envelope, hostname: str,
     if len(envelope.rcpt_to) == 1 and not session.auth_user:
         lines.append(f"\tfor <{envelope.rcpt_to[0]}>")
     lines[-1] += ";"
-    lines.append(f"\t{email.utils.formatdate(localtime=False)}")
+    lines.append(f"\t{_date_now()}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
