@@ -162,8 +162,9 @@ class FilesystemStore:
     def ids_now(self) -> list[str]:
         """The queued items: the item files and this process's items only in the log."""
         files = queue_files.item_ids(self.dir)
+        elsewhere = self._logged_elsewhere()
         with self._filing:
-            unfiled = [*self._unfiled, *self._logged_elsewhere()]
+            unfiled = [*self._unfiled, *elsewhere]
         return sorted({*files, *unfiled}) if unfiled else files
 
     def _logged_elsewhere(self) -> dict[str, bytes]:
