@@ -13,7 +13,7 @@ hostname), after removing any header that claims that authserv-id (RFC 8601 sect
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tampu.envelope import Envelope, StashKey
 
@@ -32,6 +32,8 @@ class MethodResult:
     """``(ptype.property, value)`` pairs: ``("smtp.mailfrom", "a@b")``, ``("header.d", "b")``."""
     reason: str = ""
     comment: str = ""
+    _text: str = field(default="", init=False, repr=False, compare=False)
+    """The header text, made once (a result is written several times per message)."""
 
     def prop(self, name: str) -> str | None:
         for key, value in self.props:
@@ -40,6 +42,11 @@ class MethodResult:
         return None
 
     def __str__(self) -> str:
+        if not self._text:
+            object.__setattr__(self, "_text", self._format())
+        return self._text
+
+    def _format(self) -> str:
         out = f"{self.method}={self.result}"
         if self.comment:
             out += f" ({_comment(self.comment)})"
@@ -100,9 +107,17 @@ def _authserv_id(value: bytes) -> bytes:
     return text.split(b";", 1)[0].strip().lower()
 
 
+_NOT_IN_COMMENT = str.maketrans("", "", "()\\")
+_NOT_IN_QUOTED = str.maketrans("", "", '"\\')
+
+
 def _comment(text: str) -> str:
+    if text.isprintable():
+        return text.translate(_NOT_IN_COMMENT)[:200]
     return "".join(c for c in text if c.isprintable() and c not in "()\\")[:200]
 
 
 def _quoted(text: str) -> str:
+    if text.isprintable():
+        return text.translate(_NOT_IN_QUOTED)[:200]
     return "".join(c for c in text if c.isprintable() and c not in '"\\')[:200]

@@ -344,8 +344,10 @@ class FilesystemStore:
     async def save_state(self, item: QueueItem) -> None:
         if not await self.exists(item.id):
             return  # deleted by an operator
-        if item.id in self._unfiled:  # a state is only ever beside its item's file
-            await self._thread().submit(self._file_logged, item.id, tag="file")
+        unfiled = self._unfiled.get(item.id)
+        if unfiled is not None:  # a state is only ever beside its item's file
+            await self._thread().submit(self._file_logged, item.id, tag="file",
+                                        inline=len(unfiled[0][2]) <= INLINE_BYTES)
         body = queue_files.state_body(item)
         await _in_queue_thread(self._save_state_now, item.id, body)
 
