@@ -124,8 +124,9 @@ async def _import(config: Config, db: Any, *, keep: bool) -> int:
     except (OSError, ValueError):
         pass
     files = FilesystemStore(config.data_dir / "queue", 1)
-    ids = await files.ids()
+    ids = await files.recover()  # after a crash, items may be only in the queue log
     if not ids:
+        await files.close()
         print(f"nothing to import: {files.dir} holds no item")
         return 0
     await db.open()
@@ -149,6 +150,7 @@ async def _import(config: Config, db: Any, *, keep: bool) -> int:
                     await files.remove(item)
     finally:
         await db.close()
+        await files.close()
     print(f"imported {moved} item(s) into {db.where} in {time.monotonic() - start:.1f}s"
           + (f"; {skipped} skipped (unreadable, or already there)" if skipped else "")
           + ("" if keep else f"; removed from {files.dir}"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -308,11 +309,22 @@ def test_import_queue_moves_a_single_servers_queue(tmp_path, dsn_env, tampu_serv
         return ids
 
     ids = asyncio.run(fill())
+    # one more that a server killed before it had its own file left only in its queue log
+    crashed = FilesystemStore(config.data_dir / "queue", 100)
+    lost = item(crashed.new_id(), "p@example.test", "q@example.test")
+    asyncio.run(crashed.put(lost, b"Subject: lost\r\n\r\n"))
+    (segment,) = [p for p in (crashed.dir / "log").glob("*.seg")
+                  if p.name.startswith(crashed._boot)
+                  and f"-{os.getpid()}-" in p.name and lost.id.encode() in p.read_bytes()]
+    shutil.copy(segment, segment.with_name(f"{crashed._boot}-4194303-1-1.seg"))  # no such PID
+    asyncio.run(crashed.close())
+    crashed.item_path(lost.id).unlink()  # as the crash left it: only in the dead segment
     done = run_tampu("db", "import-queue", "--config-dir", str(root),
                      env={"TAMPU_PG_DSN": dsn_env})
     assert done.returncode == 0, done.stderr
-    assert "imported 5 item(s)" in done.stdout
+    assert "imported 6 item(s)" in done.stdout
     assert files.ids_now() == []
+    ids.append(lost.id)
 
     async def check() -> None:
         stores = await opened(config)
