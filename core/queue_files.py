@@ -1,12 +1,34 @@
 """The files of the filesystem queue: their names in ``<data_dir>/queue/``, the item file
 format, and reading, writing, removing and quarantining them one at a time.
 
-An item file is one line of JSON (the envelope and recipients as enqueued, and ``size``, the
-length of the message), ``\\n``, then the message bytes; its state file is JSON with the
-per-recipient results (:meth:`QueueItem.state_json`). Operator requests are empty files
-``requests/<action>.<id>`` (or ``<action>.all``). When and in which thread these functions
-run, and how writes are made durable (the queue log, checkpoints, crash recovery), is the
-store's: :mod:`tampu.store_files`.
+Layout of ``<data_dir>/queue/``:
+
+* ``<id>.item`` — one line of JSON (the envelope and recipients as enqueued, and ``size``, the
+  length of the message), ``\\n``, then the message bytes. A new item's bytes go to the queue
+  log (:mod:`tampu.queue_log`) and stay in memory: one ``fdatasync`` of the log makes every
+  item of a batch durable — only then do their clients get ``250``. Its file is written
+  (to ``.tmp-<id>.item``, then renamed, without fsync of its own) only when the item
+  outlives its log record: before a state is written for it, or when a checkpoint (one
+  ``syncfs``, every few seconds) retires the log segment while the item is still queued.
+  Most items are delivered before that and never get a file.
+* ``<id>.state`` — JSON with per-recipient results, hold flag and the item's ``extra``,
+  replaced atomically (temporary file, fsync, rename, fsync of the directory) after a
+  delivery attempt that leaves recipients pending.
+* ``<id>.done.<boot>`` — an item that finished after its log record was retired, whose
+  deliveries were written without fsync (:meth:`FilesystemStore.defer_sync`): it is unlinked
+  after the next checkpoint's sync; after a crash it is removed (same boot: the deliveries
+  are in the page cache) or delivered again (an earlier boot: they may be lost).
+* ``log/`` — the log segments (``*.seg``) of the running processes, ``log/roots`` the other
+  filesystems where deliveries are written without fsync.
+* ``.tmp-*`` — half-written files: a write that fails (disk full) removes its own at once;
+  those a crash left before rename are removed at start (those older than this process:
+  reception workers may be writing newer ones).
+* ``corrupt/`` — items that cannot be read are moved here with a log line.
+* ``requests/`` — operator requests (``<action>.<id>`` or ``<action>.all``, empty files) from
+  ``tampu queue``, served by the running server on SIGUSR1.
+
+When and in which thread these functions run, and how writes are made durable (the queue log,
+checkpoints, crash recovery), is the store's: :mod:`tampu.store_files`.
 """
 
 from __future__ import annotations
@@ -66,6 +88,25 @@ def count_items(directory: Path) -> int:
             return sum(1 for e in it if e.name.endswith(ITEM_SUFFIX) and e.name[0] != ".")
     except FileNotFoundError:
         return 0
+
+
+def file_summary(directory: Path) -> tuple[int, float | None]:
+    """(item files in ``directory``, the oldest one's modification time or None)."""
+    n, oldest = 0, None
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        entries = []
+    for entry in entries:
+        if not entry.name.endswith(ITEM_SUFFIX) or entry.name.startswith("."):
+            continue
+        try:
+            mtime = entry.stat().st_mtime
+        except OSError:
+            continue  # delivered meanwhile
+        n += 1
+        oldest = mtime if oldest is None else min(oldest, mtime)
+    return n, oldest
 
 
 def item_ids(directory: Path) -> list[str]:

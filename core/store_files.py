@@ -1,32 +1,7 @@
-"""The filesystem queue store (the embedded default): one file per item, one per state, and a
-log that makes new items durable in batches.
-
-Layout of ``<data_dir>/queue/`` (the names and formats, and reading and writing one file:
-:mod:`tampu.queue_files`):
-
-* ``<id>.item`` — one line of JSON (the envelope and recipients as enqueued, and ``size``, the
-  length of the message), ``\\n``, then the message bytes. A new item's bytes go to the queue
-  log (:mod:`tampu.queue_log`) and stay in memory: one ``fdatasync`` of the log makes every
-  item of a batch durable — only then do their clients get ``250``. Its file is written
-  (to ``.tmp-<id>.item``, then renamed, without fsync of its own) only when the item
-  outlives its log record: before a state is written for it, or when a checkpoint (one
-  ``syncfs``, every few seconds) retires the log segment while the item is still queued.
-  Most items are delivered before that and never get a file.
-* ``<id>.state`` — JSON with per-recipient results, hold flag and the item's ``extra``,
-  replaced atomically (temporary file, fsync, rename, fsync of the directory) after a
-  delivery attempt that leaves recipients pending.
-* ``<id>.done.<boot>`` — an item that finished after its log record was retired, whose
-  deliveries were written without fsync (:meth:`FilesystemStore.defer_sync`): it is unlinked
-  after the next checkpoint's sync; after a crash it is removed (same boot: the deliveries
-  are in the page cache) or delivered again (an earlier boot: they may be lost).
-* ``log/`` — the log segments (``*.seg``) of the running processes, ``log/roots`` the other
-  filesystems where deliveries are written without fsync.
-* ``.tmp-*`` — half-written files: a write that fails (disk full) removes its own at once;
-  those a crash left before rename are removed at start (those older than this process:
-  reception workers may be writing newer ones).
-* ``corrupt/`` — items that cannot be read are moved here with a log line.
-* ``requests/`` — operator requests (``<action>.<id>`` or ``<action>.all``, empty files) from
-  ``tampu queue``, served by the running server on SIGUSR1.
+"""The filesystem queue store (the embedded default): a log that makes new items durable in
+batches, then a file per item that outlives its log record, and one per state. The layout of
+``<data_dir>/queue/``: :mod:`tampu.queue_files`; the log: :mod:`tampu.queue_log`; crash
+recovery: :mod:`tampu.queue_recovery`.
 
 New items and removals go in batches (:class:`BatchThread`: one hand-over per event-loop
 iteration, one ``fdatasync`` per batch) to the event loop itself while a batch takes less
@@ -41,7 +16,6 @@ rename, directory fsync).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import threading
@@ -51,11 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from tampu import queue_files
+from tampu import queue_files, queue_recovery
 from tampu.errors import QueueError
 from tampu.files import (
     HAVE_SYNCFS,
-    TMP_PREFIX,
     BatchThread,
     Job,
     boot_id,
@@ -64,20 +37,16 @@ from tampu.files import (
 )
 from tampu.item import QueueItem
 from tampu.queue_files import CORRUPT_DIR, DONE_INFIX, ITEM_SUFFIX, LOG_DIR, STATE_SUFFIX
-from tampu.queue_log import QueueLog, SegmentName, read_roots, read_segment
+from tampu.queue_log import QueueLog, SegmentName
 from tampu.store import new_queue_id, valid_id
 
 log = logging.getLogger("tampu.queue")
 
 CHECKPOINT_POLL = 1.0
 """Seconds between the checkpoint thread's looks at the log when nothing pokes it."""
-_PROCESS_START = time.time()
-"""Before any reception worker forks: older ``.tmp-*`` files are leftovers of a crash."""
 INLINE_BYTES: Final = 256 * 1024
 """A message bigger than this is written by the I/O thread, never on the event loop (its
 write and fdatasync could hold up every session of the process)."""
-OBSERVE_EVERY: Final = 1.0
-"""Seconds a store that writes no log keeps what it read of the others' log segments."""
 QUEUE_THREADS = 8
 """Threads of the delivery side's queue I/O (one pool per process, made at first use)."""
 _T = TypeVar("_T")
@@ -122,11 +91,8 @@ class FilesystemStore:
         """Items whose bytes are only in the log (and here): ID -> (item file chunks, when
         put). Guarded by ``_filing``, held while one is written out or removed."""
         self._filing = threading.Lock()
-        self._replayed: set[str] = set()
-        """Segments of dead processes whose items were already written back."""
-        self._replay_lock = threading.Lock()
-        self._observed: tuple[float, dict[str, bytes]] | None = None
-        """For a store that writes no log: what :meth:`_logged_elsewhere` last found."""
+        self._replay_dead = queue_recovery.ReplayOnce()
+        self._elsewhere = queue_recovery.LoggedElsewhere(directory / LOG_DIR, self.item_path)
 
     new_id = staticmethod(new_queue_id)
 
@@ -169,32 +135,8 @@ class FilesystemStore:
 
     def _logged_elsewhere(self) -> dict[str, bytes]:
         """For a store that writes no log of its own (``tampu queue``): the items that other
-        processes hold only in their log segments so far (ID -> item file bytes), read at
-        most once a second."""
-        if self._log is not None or not self.logged:
-            return {}
-        now = time.monotonic()
-        if self._observed is not None and now - self._observed[0] < OBSERVE_EVERY:
-            return self._observed[1]
-        puts: dict[str, bytes] = {}
-        gone: set[str] = set()
-        try:
-            names = sorted(os.listdir(self.dir / LOG_DIR))
-        except FileNotFoundError:
-            names = []
-        for name in names:
-            if SegmentName.parse(name) is None:
-                continue
-            try:
-                contents = read_segment(self.dir / LOG_DIR / name)
-            except OSError:
-                continue  # retired meanwhile
-            puts.update(contents.puts)
-            gone |= contents.done | contents.left | contents.filed
-        found = {qid: data for qid, data in puts.items()
-                 if qid not in gone and valid_id(qid) and not self.item_path(qid).exists()}
-        self._observed = (now, found)
-        return found
+        processes hold only in their log segments so far (ID -> item file bytes)."""
+        return {} if self._log is not None or not self.logged else self._elsewhere()
 
     async def ids(self) -> list[str]:
         if self._adopt:  # a worker that died may have left items only in its log
@@ -209,20 +151,7 @@ class FilesystemStore:
     def summary(self) -> tuple[int, float | None]:
         """(items, when the oldest was queued or None) of the whole queue, for metrics: the
         item files' modification times and this process's items only in the log."""
-        n, oldest = 0, None
-        try:
-            entries = list(os.scandir(self.dir))
-        except FileNotFoundError:
-            entries = []
-        for entry in entries:
-            if not entry.name.endswith(ITEM_SUFFIX) or entry.name.startswith("."):
-                continue
-            try:
-                mtime = entry.stat().st_mtime
-            except OSError:
-                continue  # delivered meanwhile
-            n += 1
-            oldest = mtime if oldest is None else min(oldest, mtime)
+        n, oldest = queue_files.file_summary(self.dir)
         with self._filing:
             times = [put for _, put in self._unfiled.values()]
         if times:
@@ -290,15 +219,9 @@ class FilesystemStore:
             self._file_dead(foreign)
 
     def _file_dead(self, segments: list[Path] | None = None) -> None:
-        """Write back the items that dead processes of this boot left only in their log
-        segments (each segment once: its items may be delivered and gone since)."""
+        """Write back the items that dead processes of this boot left only in their log."""
         assert self._log is not None
-        with self._replay_lock:
-            todo = [p for p in (self._log.dead_segments() if segments is None else segments)
-                    if p.name not in self._replayed]
-            if todo:
-                self._replay(todo, durable=False)
-                self._replayed.update(p.name for p in todo)
+        self._replay_dead(self._log, self.item_path, self.remove_now, segments)
 
     def _commit(self, batch: list[Job[Any]]) -> None:
         """After each queue I/O batch: one write and one fdatasync of the log. When
@@ -537,116 +460,20 @@ class FilesystemStore:
         return await _in_queue_thread(self._recover)
 
     def _recover(self) -> list[str]:
-        """After a crash: the log segments and ``.done`` items of processes that are gone
-        (replayed when from an earlier boot), old ``.tmp-*`` files and orphan states; the
-        IDs, oldest first. Items are not read here: the delivery loop loads them as it gets
-        to them. From now on this store also retires the segments of dead processes."""
+        """After a crash (:mod:`tampu.queue_recovery`); the IDs, oldest first. Items are not
+        read here: the delivery loop loads them as it gets to them. From now on this store
+        also retires the segments of dead processes."""
         self.prepare()
         if self.logged:
             self._thread()
-            self._recover_log()
+            assert self._log is not None
+            queue_recovery.recover_log(self._log, self.dir, self.item_path, self.state_path,
+                                       self.remove_now)
             self._adopt = True
-        for entry in list(self.dir.iterdir()):
-            if entry.name.startswith(TMP_PREFIX):
-                try:
-                    if entry.stat().st_mtime >= _PROCESS_START:
-                        continue  # being written right now by a reception worker
-                except FileNotFoundError:
-                    continue
-                log.warning("removing half-written queue file %s", entry.name)
-                entry.unlink(missing_ok=True)
-            elif entry.name.endswith(STATE_SUFFIX) and not self.item_path(
-                    entry.name[: -len(STATE_SUFFIX)]).exists() and not any(
-                    self.dir.glob(f"{entry.name[: -len(STATE_SUFFIX)]}{DONE_INFIX}*")):
-                entry.unlink(missing_ok=True)  # its item is gone (a state is written after)
+        queue_recovery.remove_leftovers(self.dir, self.item_path)
         ids = self.ids_now()  # queue IDs sort by time: oldest first
         self._estimate = len(ids)
         return ids
-
-    def _recover_log(self) -> None:
-        assert self._log is not None
-        boot = self._log.boot
-        dead = self._log.dead_segments()
-        done_now: list[Path] = []
-        for entry in list(os.scandir(self.dir)):
-            item_id, infix, when = entry.name.partition(DONE_INFIX)
-            if not infix or not valid_id(item_id):
-                continue
-            if when == boot:
-                done_now.append(Path(entry.path))  # its deliveries are in the page cache
-            else:  # from an earlier boot: the deliveries may be lost; deliver again
-                log.warning("qid=%s: finished before a restart of the machine; delivered "
-                            "again (its deliveries may not have reached the disk)", item_id)
-                os.replace(entry.path, self.item_path(item_id))
-        if dead:
-            self._replay(dead, durable=True)
-        if not (dead or done_now):
-            return
-        try:
-            self._log.sync_roots(set(read_roots(self._log.dir)))
-        except OSError as exc:
-            log.error("queue log: cannot sync the queue's filesystem (%s); the log segments "
-                      "of the last run are kept", exc.strerror or exc)
-            return
-        for path in done_now:
-            path.unlink(missing_ok=True)
-            self.state_path(path.name.split(".", 1)[0]).unlink(missing_ok=True)
-        for path in dead:
-            path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            fsync_dir(self._log.dir)
-        if dead:
-            log.info("queue log: %d segment(s) of the last run retired", len(dead))
-
-    def _replay(self, segments: list[Path], *, durable: bool) -> None:
-        """Segments of processes that are gone: every item put and not reported gone (``D``;
-        ``L`` too in a segment of this boot: the page cache kept its deliveries) nor filed
-        (``F``, this boot: its file is the item) is written back where its file is missing
-        or not whole (``durable``: with fsync; else the sync that retires the segments
-        covers it)."""
-        assert self._log is not None
-        puts: dict[str, bytes] = {}
-        gone: set[str] = set()
-        filed: set[str] = set()
-        earlier = 0
-        for path in segments:
-            try:
-                contents = read_segment(path)
-            except OSError as exc:
-                log.error("queue log: cannot read %s: %s", path, exc.strerror or exc)
-                continue
-            puts.update(contents.puts)
-            gone |= contents.done
-            if (SegmentName.parse(path.name) or _NO_NAME).boot == self._log.boot:
-                gone |= contents.left
-                filed |= contents.filed
-            else:
-                earlier += 1
-        for item_id in gone:  # its deliveries are safe: a file that is back lost its unlink
-            if valid_id(item_id):
-                self.remove_now(item_id)
-        restored = 0
-        for item_id, data in puts.items():
-            if item_id in gone or item_id in filed or not valid_id(item_id):
-                continue
-            path = self.item_path(item_id)
-            try:
-                if path.read_bytes() == data:
-                    continue
-            except FileNotFoundError:
-                pass
-            if durable:
-                write_durably(path, [data])
-            else:
-                queue_files.write_item_file(path, [data])
-            restored += 1
-        if earlier:
-            log.warning("queue log: the machine restarted since the last run: %d item(s) of "
-                        "%d logged restored from the log (delivered again if they were "
-                        "already)", restored, len(puts))
-        elif restored:
-            log.info("queue log: %d item(s) of a process that ended restored from its log",
-                     restored)
 
     async def quarantine(self, item_id: str, reason: str) -> None:
         await _in_queue_thread(self.quarantine_now, item_id, reason)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tampu import files, store_files
+from tampu import files, queue_recovery
 from tampu.errors import QueueError
 from tampu.item import QueueItem, Recipient, Route
 from tampu.store import valid_id
@@ -151,7 +151,7 @@ def test_recovery_at_start(tampu_server, tmp_path, tampu_ca, caplog):
     half = queue.dir / ".tmp-aaaahalf.item"
     half.write_bytes(b'{"v":1,"id":"aaaahalf"')  # a crash mid-write...
     # ...before this process started (however long ago the test run imported the store)
-    before = store_files._PROCESS_START - 60
+    before = queue_recovery._PROCESS_START - 60
     os.utime(half, (before, before))
     busy = queue.dir / ".tmp-bbbbbusy.item"  # a reception worker writing right now
     busy.write_bytes(b"{")
