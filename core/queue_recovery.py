@@ -3,9 +3,8 @@ hold is written back as item files (:mod:`tampu.queue_log` has the records' mean
 
 :func:`recover_log` and :func:`remove_leftovers` run once in the main process at start
 (:meth:`FilesystemStore.recover`); :func:`replay` also when a reception worker died, before
-its items are taken over;
-:func:`logged_only` is the view of another process (``tampu queue``) of the items that
-running servers hold only in their log so far.
+its items are taken over (:class:`ReplayOnce`); :func:`logged_only` is the view of another
+process (``tampu queue``) of the items that running servers hold only in their log so far.
 """
 
 from __future__ import annotations
