@@ -2,7 +2,8 @@
 
 * Queries go over UDP through one long-lived socket per name server (no socket and no
   ``os.urandom`` per query, unlike dnspython's resolver); a truncated answer is asked again over
-  TCP. IDs come from a generator seeded once from the system's entropy, and the socket is
+  TCP. Queries are built, and TXT answers read, by :mod:`tampu.dns_wire` (dnspython reads the
+  rest). IDs come from a generator seeded once from the system's entropy, and the socket is
   replaced every :data:`SOCKET_ROTATION` queries, so that its source port changes too.
 * Answers are cached for their TTL (at most ``max_ttl``); NXDOMAIN and NODATA are cached per
   RFC 2308 only when the server sent an SOA. Concurrent identical queries share one lookup.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import random
 import secrets
@@ -28,13 +30,20 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar, cast
 
 import dns.exception
-import dns.flags
-import dns.message
-import dns.name
 import dns.rcode
-import dns.rdataclass
 import dns.rdatatype
-import dns.rrset
+
+from tampu.dns_wire import (
+    AD,
+    CLASS_IN,
+    CNAME,
+    QR,
+    TC,
+    Response,
+    decode,
+    make_query,
+    text_form,
+)
 
 log = logging.getLogger("tampu.dns")
 
@@ -55,7 +64,8 @@ class Answer:
     name: str
     rdtype: str
     records: tuple[Any, ...] = ()
-    """dnspython rdata objects (``.address``, ``.exchange``, ``.strings``, ...)."""
+    """dnspython rdata objects (``.address``, ``.exchange``, ...); TXT records are
+    :class:`tampu.dns_wire.TxtRecord` (``.strings`` as dnspython's)."""
     ttl: int = 0
     nxdomain: bool = False
     """The name does not exist (as opposed to existing without records of this type)."""
@@ -258,37 +268,38 @@ class Resolver:
             name = target  # a CNAME whose target the server did not include
         raise DnsTempError(f"too many CNAMEs resolving {qname} {rdtype}")
 
-    def _extract(self, msg: dns.message.Message, name: str, rdtype: str,
+    def _extract(self, msg: Response, name: str, rdtype: str,
                  qname: str) -> tuple[Answer, str | None]:
-        rcode = msg.rcode()
-        authenticated = bool(msg.flags & dns.flags.AD)
-        if rcode == dns.rcode.NXDOMAIN:
+        authenticated = bool(msg.flags & AD)
+        if msg.rcode == dns.rcode.NXDOMAIN:
             return Answer(qname, rdtype, (), self._negative_ttl(msg), True, authenticated), None
-        if rcode != dns.rcode.NOERROR:
-            raise DnsTempError(f"{dns.rcode.to_text(rcode)} looking up {name} {rdtype}")
-        wanted = dns.rdatatype.from_text(rdtype)
-        owner = dns.name.from_text(name)
+        if msg.rcode != dns.rcode.NOERROR:
+            raise DnsTempError(f"{_rcode_text(msg.rcode)} looking up {name} {rdtype}")
+        wanted = _type_code(rdtype)
+        owner = text_form(name)
         seen = 0
         while seen < MAX_CNAME_HOPS:
-            rrset = _find(msg.answer, owner, wanted)
-            if rrset is not None:
-                ttl = min(rrset.ttl, self.max_ttl)
-                return Answer(qname, rdtype, tuple(rrset), ttl, False, authenticated), None
-            cname = _find(msg.answer, owner, dns.rdatatype.CNAME) \
-                if wanted != dns.rdatatype.CNAME else None
-            if cname is None:
+            found = [(ttl, rd) for o, t, c, ttl, rd in msg.answer
+                     if o == owner and t == wanted and c == CLASS_IN]
+            if found:
+                ttl = min(min(t for t, _ in found), self.max_ttl)
+                return Answer(qname, rdtype, tuple(rd for _, rd in found), ttl, False,
+                              authenticated), None
+            target = next((rd for o, t, c, _, rd in msg.answer
+                           if o == owner and t == CNAME and c == CLASS_IN), None) \
+                if wanted != CNAME else None
+            if target is None:
                 break
-            owner = cname[0].target
+            owner = target
             seen += 1
         if seen:  # the chain ended at a name the answer has no records for: ask for it
-            return Answer(qname, rdtype), owner.to_text(omit_final_dot=True)
+            return Answer(qname, rdtype), owner
         return Answer(qname, rdtype, (), self._negative_ttl(msg), False, authenticated), None
 
-    def _negative_ttl(self, msg: dns.message.Message) -> int:
-        for rrset in msg.authority:
-            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
-                return min(rrset.ttl, rrset[0].minimum, self.max_ttl)
-        return 0  # RFC 2308: no SOA, no negative caching
+    def _negative_ttl(self, msg: Response) -> int:
+        if msg.soa is None:
+            return 0  # RFC 2308: no SOA, no negative caching
+        return min(msg.soa[0], msg.soa[1], self.max_ttl)
 
     def _store(self, key: tuple[str, str], answer: Answer) -> None:
         if answer.ttl <= 0:
@@ -300,11 +311,11 @@ class Resolver:
 
     # ------------------------------------------------------------------ transport
 
-    async def _exchange(self, name: str, rdtype: str) -> dns.message.Message:
+    async def _exchange(self, name: str, rdtype: str) -> Response:
         self.stats.queries += 1
         self.stats.by_type[rdtype] += 1
-        query = dns.message.make_query(name, rdtype)
-        query.flags |= dns.flags.AD  # RFC 6840 5.7: ask for the AD bit
+        code = _type_code(rdtype)
+        query = make_query(name, code, 0)  # a name dnspython refuses fails here, at once
         deadline = time.monotonic() + self.timeout
         per_try = self.timeout / max(2, len(self.servers))
         last: Exception | None = None
@@ -315,20 +326,20 @@ class Resolver:
                 break
             server = self.servers[attempt % len(self.servers)]
             attempt += 1
-            query.id = self._random.getrandbits(16)
+            qid = self._random.getrandbits(16)
+            wire = struct.pack("!H", qid) + query[2:]
             try:
-                wire = await self._udp(server, query.to_wire(), query.id,
-                                       min(per_try, remaining))
-                msg = dns.message.from_wire(wire, ignore_trailing=True,
-                                            question_only=False)
-                if not _matches(msg, query):
+                msg = decode(await self._udp(server, wire, qid, min(per_try, remaining)),
+                             code)
+                if not _matches(msg, name, code):
                     last = DnsTempError("answer does not match the question")
                     continue
-                if msg.flags & dns.flags.TC:
-                    msg = await self._tcp(server, query, max(0.1, deadline - time.monotonic()))
-                if msg.rcode() in (dns.rcode.SERVFAIL, dns.rcode.REFUSED) and \
+                if msg.flags & TC:
+                    msg = await self._tcp(server, wire, name, code,
+                                          max(0.1, deadline - time.monotonic()))
+                if msg.rcode in (dns.rcode.SERVFAIL, dns.rcode.REFUSED) and \
                         attempt < 2 * len(self.servers):
-                    last = DnsTempError(f"{dns.rcode.to_text(msg.rcode())} from {server[0]}")
+                    last = DnsTempError(f"{_rcode_text(msg.rcode)} from {server[0]}")
                     continue
                 return msg
             except TimeoutError:
@@ -378,9 +389,8 @@ class Resolver:
         finally:
             proto.waiting.pop(qid, None)
 
-    async def _tcp(self, server: tuple[str, int], query: dns.message.Message,
-                   limit: float) -> dns.message.Message:
-        wire = query.to_wire()
+    async def _tcp(self, server: tuple[str, int], wire: bytes, name: str, code: int,
+                   limit: float) -> Response:
         async with asyncio.timeout(limit):
             reader, writer = await asyncio.open_connection(*server)
             try:
@@ -390,8 +400,8 @@ class Resolver:
                 data = await reader.readexactly(length)
             finally:
                 writer.close()
-        msg = dns.message.from_wire(data, ignore_trailing=True)
-        if not _matches(msg, query):
+        msg = decode(data, code)
+        if not _matches(msg, name, code) or msg.id != struct.unpack_from("!H", wire)[0]:
             raise DnsTempError("TCP answer does not match the question")
         return msg
 
@@ -437,19 +447,21 @@ class DerivedCache(Generic[_K, _V]):
         self._kept[key] = (until, value)
 
 
-def _find(section: list[dns.rrset.RRset], owner: dns.name.Name,
-          rdtype: dns.rdatatype.RdataType) -> dns.rrset.RRset | None:
-    for rrset in section:
-        if rrset.rdtype == rdtype and rrset.name == owner \
-                and rrset.rdclass == dns.rdataclass.IN:
-            return rrset
-    return None
+def _rcode_text(rcode: int) -> str:
+    try:
+        return dns.rcode.to_text(dns.rcode.Rcode(rcode))
+    except ValueError:
+        return f"RCODE{rcode}"
 
 
-def _matches(msg: dns.message.Message, query: dns.message.Message) -> bool:
-    if msg.id != query.id or not msg.flags & dns.flags.QR:
+@functools.cache
+def _type_code(rdtype: str) -> int:
+    return int(dns.rdatatype.from_text(rdtype))
+
+
+def _matches(msg: Response, name: str, code: int) -> bool:
+    if not msg.flags & QR:
         return False
-    if not msg.question:
-        return msg.rcode() != dns.rcode.NOERROR  # some servers drop it on errors
-    q, a = query.question[0], msg.question[0]
-    return q.name == a.name and q.rdtype == a.rdtype
+    if msg.question is None:
+        return msg.rcode != dns.rcode.NOERROR  # some servers drop it on errors
+    return msg.question == (text_form(name), code)
