@@ -28,9 +28,9 @@ JSON line (the owner), then records ``kind | flags | id length | payload length 
 
 After a crash the main process reads the segments of dead processes (:func:`read_segment`):
 every ``P`` record without a ``D`` record (nor an ``L`` or ``F`` record, from the same boot:
-the page cache survived) is written back as its item file if that file is missing or not whole, and
-delivered (again, after a power loss: twice is allowed, never zero times); then the queue's
-filesystem and the roots are synced and the segments retired.
+the page cache survived) is written back as its item file if that file is missing or not
+whole, and delivered (again, after a power loss: twice is allowed, never zero times); then
+the queue's filesystem and the roots are synced and the segments retired.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ class FilesystemStore:
 
     def _commit(self, batch: list[Job[Any]]) -> None:
         """After each queue I/O batch: one write and one fdatasync of the log. When
-        that fails, the batch's new items fail too (their files go: no 250, no delivery)."""
+        that fails, the batch's new items fail too (forgotten: no 250, no delivery)."""
         assert self._log is not None
         try:
             self._log.commit()
@@ -414,47 +414,42 @@ class FilesystemStore:
     async def read_message(self, item_id: str) -> bytes:
         return await _in_queue_thread(self.read_message_now, item_id)
 
-    def read_message_now(self, item_id: str) -> bytes:
+    def _only_logged(self, item_id: str) -> bytes | None:
+        """The item file's bytes of an item that has no file yet: this process's, or one
+        another process holds only in its log; None when it has a file (or is unknown)."""
         entry = self._unfiled.get(item_id)
         if entry is not None:
-            return entry[0][2]
-        try:
-            return queue_files.read_message(self.item_path(item_id), item_id)
-        except QueueError:
-            data = self._logged_elsewhere().get(item_id)
-            if data is None:
-                raise
+            return b"".join(entry[0])
+        elsewhere = self._logged_elsewhere()
+        if elsewhere and not self.item_path(item_id).exists():
+            return elsewhere.get(item_id)
+        return None
+
+    def read_message_now(self, item_id: str) -> bytes:
+        data = self._only_logged(item_id)
+        if data is not None:
             return data.partition(b"\n")[2]
+        return queue_files.read_message(self.item_path(item_id), item_id)
 
     async def load(self, item_id: str) -> QueueItem:
         return await _in_queue_thread(self.load_now, item_id)
 
     def load_now(self, item_id: str) -> QueueItem:
-        entry = self._unfiled.get(item_id)
-        if entry is not None:  # no state yet: one is written only beside the file
-            return queue_files.parse_item(b"".join(entry[0]), item_id)
-        try:
-            return queue_files.read_item(self.item_path(item_id), self.state_path(item_id),
-                                         item_id)
-        except QueueError:
-            data = self._logged_elsewhere().get(item_id)
-            if data is None:
-                raise
+        data = self._only_logged(item_id)
+        if data is not None:  # no state yet: one is written only beside the file
             return queue_files.parse_item(data, item_id)
+        return queue_files.read_item(self.item_path(item_id), self.state_path(item_id), item_id)
 
     def item_bytes_now(self, item_id: str) -> bytes:
         """The item file's contents (header line, ``\\n``, message) as queued, whether
         its file is written yet or not. Raises QueueError."""
-        entry = self._unfiled.get(item_id)
-        if entry is not None:
-            return b"".join(entry[0])
+        data = self._only_logged(item_id)
+        if data is not None:
+            return data
         try:
             return self.item_path(item_id).read_bytes()
         except FileNotFoundError:
-            data = self._logged_elsewhere().get(item_id)
-            if data is None:
-                raise QueueError(f"no queue item {item_id}") from None
-            return data
+            raise QueueError(f"no queue item {item_id}") from None
 
     async def recover(self) -> list[str]:
         return await _in_queue_thread(self._recover)

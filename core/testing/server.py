@@ -227,26 +227,25 @@ class RunningServer:
     def config_dir_data(self) -> Path:
         return self.server.config.data_dir
 
-    def queue_items(self) -> list[str]:
-        """IDs of the items in the queue: the running server's store's (new items are
-        only in its log and memory until they outlive their log record), or after a stop
-        the queue directory's."""
-        from tampu.store_files import FilesystemStore
-
-        store = self.server.runtime.store
-        if not self._stopped and isinstance(store, FilesystemStore):
-            return store.ids_now()
-        return FilesystemStore(self.queue_dir, 1).ids_now()
-
-    def queue_item_bytes(self, qid: str) -> bytes:
-        """An item's file contents as queued (header line, ``\\n``, message), whether the
-        running server has written its file yet or not."""
+    def _queue_store(self) -> Any:  # noqa: ANN401 - a FilesystemStore
+        """The running server's filesystem store (new items are only in its log and
+        memory until they outlive their log record), or after a stop a reader of the queue
+        directory."""
         from tampu.store_files import FilesystemStore
 
         store = self.server.runtime.store
         if self._stopped or not isinstance(store, FilesystemStore):
-            store = FilesystemStore(self.queue_dir, 1)
-        return store.item_bytes_now(qid)
+            return FilesystemStore(self.queue_dir, 1)
+        return store
+
+    def queue_items(self) -> list[str]:
+        """IDs of the items in the queue."""
+        return list(self._queue_store().ids_now())
+
+    def queue_item_bytes(self, qid: str) -> bytes:
+        """An item's file contents as queued (header line, ``\\n``, message), whether the
+        running server has written its file yet or not."""
+        return bytes(self._queue_store().item_bytes_now(qid))
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""
