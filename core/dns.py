@@ -32,18 +32,11 @@ from typing import Any, Final, Generic, TypeVar, cast
 import dns.exception
 import dns.rcode
 import dns.rdatatype
+from dns.flags import AD, QR, TC
+from dns.rdataclass import IN as CLASS_IN
+from dns.rdatatype import CNAME
 
-from tampu.dns_wire import (
-    AD,
-    CLASS_IN,
-    CNAME,
-    QR,
-    TC,
-    Response,
-    decode,
-    make_query,
-    text_form,
-)
+from tampu.dns_wire import Response, decode, make_query, text_form
 
 log = logging.getLogger("tampu.dns")
 
@@ -329,14 +322,14 @@ class Resolver:
             qid = self._random.getrandbits(16)
             wire = struct.pack("!H", qid) + query[2:]
             try:
-                msg = decode(await self._udp(server, wire, qid, min(per_try, remaining)),
-                             code)
-                if not _matches(msg, name, code):
+                data, qid = await self._udp(server, wire, qid, min(per_try, remaining))
+                msg = decode(data, code)
+                if not _matches(msg, qid, name, code):
                     last = DnsTempError("answer does not match the question")
                     continue
                 if msg.flags & TC:
-                    msg = await self._tcp(server, wire, name, code,
-                                          max(0.1, deadline - time.monotonic()))
+                    msg = await self._tcp(server, struct.pack("!H", qid) + wire[2:], name,
+                                          code, max(0.1, deadline - time.monotonic()))
                 if msg.rcode in (dns.rcode.SERVFAIL, dns.rcode.REFUSED) and \
                         attempt < 2 * len(self.servers):
                     last = DnsTempError(f"{_rcode_text(msg.rcode)} from {server[0]}")
@@ -373,7 +366,8 @@ class Resolver:
         return proto
 
     async def _udp(self, server: tuple[str, int], wire: bytes, qid: int,
-                   limit: float) -> bytes:
+                   limit: float) -> tuple[bytes, int]:
+        """The answer to ``wire``, and the ID it went with (another if ``qid`` is in use)."""
         proto = await self._socket(server)
         while qid in proto.waiting:
             qid = (qid + 1) & 0xFFFF
@@ -385,7 +379,7 @@ class Resolver:
         proto.sent += 1
         try:
             async with asyncio.timeout(limit):
-                return await fut
+                return await fut, qid
         finally:
             proto.waiting.pop(qid, None)
 
@@ -401,7 +395,7 @@ class Resolver:
             finally:
                 writer.close()
         msg = decode(data, code)
-        if not _matches(msg, name, code) or msg.id != struct.unpack_from("!H", wire)[0]:
+        if not _matches(msg, struct.unpack_from("!H", wire)[0], name, code):
             raise DnsTempError("TCP answer does not match the question")
         return msg
 
@@ -459,8 +453,8 @@ def _type_code(rdtype: str) -> int:
     return int(dns.rdatatype.from_text(rdtype))
 
 
-def _matches(msg: Response, name: str, code: int) -> bool:
-    if not msg.flags & QR:
+def _matches(msg: Response, qid: int, name: str, code: int) -> bool:
+    if msg.id != qid or not msg.flags & QR:
         return False
     if msg.question is None:
         return msg.rcode != dns.rcode.NOERROR  # some servers drop it on errors

@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import dns.message
 import dns.name
 import dns.rdatatype
+from dns.flags import AD, RD
+from dns.rdataclass import IN as CLASS_IN
+from dns.rdatatype import CNAME, SOA, TXT
 
-QR: Final = 0x8000
-TC: Final = 0x0200
-AD: Final = 0x0020
-RD: Final = 0x0100
-CLASS_IN: Final = 1
-CNAME: Final = 5
-SOA: Final = 6
-TXT: Final = 16
 _HEADER = struct.Struct("!HHHHHH")
 _RR = struct.Struct("!HHIH")
 _SOA_TAIL = struct.Struct("!IIIII")
@@ -63,25 +58,29 @@ class Response:
 def make_query(name: str, rdtype: int, qid: int) -> bytes:
     """A query for ``name`` (ASCII, no final dot) with RD and AD set (as the resolver has
     always asked: RFC 6840 5.7), no EDNS."""
-    out = [_HEADER.pack(qid, RD | AD, 1, 0, 0, 0)]
-    labels = name.split(".")
-    if not name or not name.isascii() or any(not lb or len(lb) > 63 or not _PLAIN.issuperset(
-            lb.encode()) for lb in labels) or len(name) > 253:
+    if not _plain(name):
         query = dns.message.make_query(name, dns.rdatatype.RdataType(rdtype))
         query.flags |= AD
         query.id = qid
         return query.to_wire()
-    for label in labels:
+    out = [_HEADER.pack(qid, RD | AD, 1, 0, 0, 0)]
+    for label in name.split("."):
         out.append(bytes((len(label),)) + label.encode())
     out.append(b"\0" + struct.pack("!HH", rdtype, CLASS_IN))
     return b"".join(out)
 
 
+def _plain(name: str) -> bool:
+    """An ASCII name of letters, digits, ``-``, ``_`` and ``*`` in well-formed labels: sent
+    and spelled as it is (anything else goes through dnspython)."""
+    return bool(name) and len(name) <= 253 and name.isascii() and all(
+        0 < len(label) <= 63 and _PLAIN.issuperset(label.encode())
+        for label in name.split("."))
+
+
 def text_form(name: str) -> str:
     """``name`` as a :class:`Response` spells names (lower case, dnspython's escapes)."""
-    if name.isascii() and _PLAIN.issuperset(name.replace(".", "").encode()):
-        return name.lower()
-    return _text(dns.name.from_text(name))
+    return name.lower() if _plain(name) else _text(dns.name.from_text(name))
 
 
 def decode(wire: bytes, rdtype: int) -> Response:
@@ -109,7 +108,7 @@ def from_message(msg: dns.message.Message) -> Response:
             out.answer.append((owner, int(rrset.rdtype), int(rrset.rdclass), rrset.ttl,
                                record))
     for rrset in msg.authority:
-        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+        if rrset.rdtype == SOA and len(rrset):
             out.soa = (rrset.ttl, rrset[0].minimum)
             break
     return out
