@@ -194,7 +194,11 @@ def test_aiosmtplib_implicit_tls_auth_and_queue(tampu_server, tmp_path, tampu_ca
             await client.login(USER, PASSWORD)
             refused, reply = await client.sendmail(USER, ["friend@remote.example"], MSG)
             assert refused == {}
-            return reply
+        # the TLS shutdown (close_notify) needs a few more turns of this loop before its
+        # socket is closed; without them asyncio.run may close the loop first and leave
+        # the socket to the garbage collector (a ResourceWarning in a later test)
+        await asyncio.sleep(0.1)
+        return reply
 
     reply = asyncio.run(send())
     qid = reply.rpartition(" ")[2]
