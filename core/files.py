@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
 
@@ -430,6 +431,22 @@ class BatchThread:
             self._queue.put(None)
             thread.join(timeout)
         self._thread = None
+
+
+class ProcessPool:
+    """A thread pool made at first use, and again in a forked process."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self.threads, self.name = threads, name
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None
+
+    async def run(self, func: Callable[..., _T], *args: object) -> _T:
+        """``func(*args)`` in the pool."""
+        pool = self._pool
+        if pool is None or pool[0] != os.getpid():
+            pool = self._pool = (os.getpid(), ThreadPoolExecutor(
+                self.threads, thread_name_prefix=self.name))
+        return await asyncio.get_running_loop().run_in_executor(pool[1], func, *args)
 
 
 def _settle(jobs: list[Job[Any]]) -> None:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Final
 
 from tampu.files import boot_id, fsync_dir, process_start, syncfs, write_durably
+from tampu.log_sync import GroupSync
 
 log = logging.getLogger("tampu.queue")
 
@@ -205,7 +206,7 @@ class QueueLog:
     the event loop or in the I/O thread); checkpoints run
     in another thread (:meth:`checkpoint`); :meth:`add_root` from any thread."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, group: bool = False) -> None:
         self.dir = directory
         """The log directory (``<queue>/log``; made by the store)."""
         self.boot = boot_id()[:16] or "0"
@@ -224,8 +225,14 @@ class QueueLog:
         self._buffer: list[bytes] = []
         self._batch: list[str] = []
         self._sync = False
-        self.syncs = 0
+        self.group: GroupSync | None = GroupSync() if group else None
+        """Where the batches' fdatasyncs are done (None: in :meth:`commit`)."""
+        self._syncs = 0
+
+    @property
+    def syncs(self) -> int:
         """fdatasync/syncfs/fsync calls made by this log (the benchmark's count)."""
+        return self._syncs + (self.group.syncs if self.group is not None else 0)
 
     # ---------------------------------------------------------------- the I/O batches
 
@@ -239,7 +246,7 @@ class QueueLog:
             head = MAGIC + json.dumps({"owner": self.owner}).encode() + b"\n"
             write_all(fd, [head])
             fsync_dir(self.dir)  # the segment's name is durable before it protects anything
-            self.syncs += 1
+            self._syncs += 1
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -271,22 +278,27 @@ class QueueLog:
         if self.current is not None:
             self._buffer.extend(record(DONE if durable else LEFT, item_id, []))
 
-    def commit(self) -> None:
-        """Write the batch's records; fdatasync when it holds new items. Raises OSError
-        (the batch's items are then not in the log: their puts must fail)."""
+    def commit(self) -> int:
+        """Write the batch's records; when it holds new items, fdatasync (or, with a
+        :attr:`group`, return the number to wait for: :meth:`GroupSync.wait`). 0: nothing
+        to wait for. Raises OSError (the batch's items are then not in the log: their puts
+        must fail)."""
         seg = self.current
         if not self._buffer or seg is None:
             self._buffer.clear()
             self._batch.clear()
-            return
+            return 0
         chunks, self._buffer = self._buffer, []
         batch, self._batch = self._batch, []
         sync, self._sync = self._sync, False
+        seq = 0
         try:
             written = write_all(seg.fd, chunks)
-            if sync:
+            if sync and self.group is not None:
+                seq = self.group.written(seg.fd)
+            elif sync:
                 os.fdatasync(seg.fd)
-                self.syncs += 1
+                self._syncs += 1
         except OSError:
             try:
                 os.ftruncate(seg.fd, seg.size)  # no damaged record before later ones
@@ -301,6 +313,19 @@ class QueueLog:
         seg.size += written
         seg.last = time.monotonic()
         self.rotate()
+        return seq
+
+    async def durable(self, item_id: str, seq: int) -> None:
+        """Wait for the sync of the batch that logged ``item_id`` (:meth:`commit`'s number).
+        When it fails the item is forgotten and the segment sealed (it takes no more
+        records); the record may still come back after a crash (twice, never zero times)."""
+        assert self.group is not None
+        try:
+            await self.group.wait(seq)
+        except OSError:
+            self.forget(item_id)
+            self.seal()
+            raise
 
     def rotate(self, now: float | None = None) -> bool:
         """Seal the current segment when it is full, old, or idle and empty. True if it
@@ -357,7 +382,7 @@ class QueueLog:
             listed = sorted({*self.roots.values(), str(path), *read_roots(self.dir)})
             write_durably(self.dir / ROOTS_FILE, ["".join(f"{r}\n" for r in listed).encode(
                 "utf-8", "surrogateescape")])
-            self.syncs += 2
+            self._syncs += 2
             with self.lock:
                 self.roots[dev] = str(path)
 
@@ -424,7 +449,7 @@ class QueueLog:
         if retiring or foreign:
             try:
                 fsync_dir(self.dir)
-                self.syncs += 1
+                self._syncs += 1
             except OSError as exc:
                 log.warning("queue log: cannot fsync %s: %s", self.dir, exc.strerror or exc)
         with self.lock:
@@ -447,7 +472,7 @@ class QueueLog:
                 continue
             seen.add(dev)
             syncfs(Path(path))
-            self.syncs += 1
+            self._syncs += 1
 
     def close(self) -> None:
         """After a final checkpoint: close what is left open (its segments stay)."""

@@ -4,9 +4,10 @@ batches, then a file per item that outlives its log record, and one per state. T
 recovery: :mod:`tampu.queue_recovery`.
 
 New items and removals go in batches (:class:`BatchThread`: one hand-over per event-loop
-iteration, one ``fdatasync`` per batch) to the event loop itself while a batch takes less
-than the interpreter's switch interval (5 ms), and to one I/O thread per process when the
-disk is slower or a message is big (:data:`INLINE_BYTES`). States, reads, loads and
+iteration) to the event loop itself while a batch takes less than the interpreter's switch
+interval (5 ms), and to one I/O thread per process when the disk is slower or a message is
+big (:data:`INLINE_BYTES`); the batches' ``fdatasync`` is done by a helper process
+(:mod:`tampu.log_sync`), each put waiting for the one that covers it. States, reads, loads and
 recovery run in a small pool of their own (:data:`QUEUE_THREADS`), so that a busy delivery
 loop never makes a client's ``DATA`` wait for a thread. Without ``syncfs`` (not Linux) or
 with ``fsync=False`` there is no log: each item file is written durably on its own (fsync,
@@ -20,10 +21,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from tampu import queue_files, queue_recovery
 from tampu.errors import QueueError
@@ -31,6 +30,7 @@ from tampu.files import (
     HAVE_SYNCFS,
     BatchThread,
     Job,
+    ProcessPool,
     boot_id,
     fsync_dir,
     write_durably,
@@ -49,17 +49,8 @@ INLINE_BYTES: Final = 256 * 1024
 write and fdatasync could hold up every session of the process)."""
 QUEUE_THREADS = 8
 """Threads of the delivery side's queue I/O (one pool per process, made at first use)."""
-_T = TypeVar("_T")
-_pool: tuple[int, ThreadPoolExecutor] | None = None
 _NO_NAME = SegmentName("", 0, 0, 0)
-
-
-async def _in_queue_thread(func: Callable[..., _T], *args: object) -> _T:
-    """Run ``func(*args)`` in the queue I/O pool (re-made in a forked process)."""
-    global _pool
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(QUEUE_THREADS, thread_name_prefix="tampu-queue"))
-    return await asyncio.get_running_loop().run_in_executor(_pool[1], func, *args)
+_in_queue_thread = ProcessPool(QUEUE_THREADS, "tampu-queue").run
 
 
 class FilesystemStore:
@@ -166,7 +157,7 @@ class FilesystemStore:
         io = self._io
         if io is None:
             self.prepare()
-            self._log = QueueLog(self.dir / LOG_DIR)
+            self._log = QueueLog(self.dir / LOG_DIR, group=True)
             self._boot = self._log.boot
             io = self._io = BatchThread("tampu-queue-io", after=self._commit,
                                         idle=self._idle, idle_every=CHECKPOINT_POLL,
@@ -181,20 +172,30 @@ class FilesystemStore:
         item.size = len(message)
         header = queue_files.item_header(item, len(message))
         if self.logged:
-            await self._thread().submit(self._put_logged, item.id, header, message, tag="put",
-                                        inline=len(message) <= INLINE_BYTES)
+            seq = await self._thread().submit(self._put_logged, item.id, header, message,
+                                              tag="put", inline=len(message) <= INLINE_BYTES)
+            try:
+                if seq and self._log is not None:
+                    await self._log.durable(item.id, seq)
+            except OSError as exc:  # no 250, no delivery
+                log.error("queue log: cannot sync %s: %s", self.dir, exc.strerror or exc)
+                with self._filing:
+                    self._unfiled.pop(item.id, None)
+                raise
         else:
             await asyncio.to_thread(write_durably, self.item_path(item.id),
                                     [header, b"\n", message], self.fsync)
         self._estimate += 1
 
-    def _put_logged(self, item_id: str, header: bytes, message: bytes) -> None:
-        """In a queue I/O batch: the log record (the item file waits: :meth:`_file`)."""
+    def _put_logged(self, item_id: str, header: bytes, message: bytes) -> int:
+        """In a queue I/O batch: the log record (the item file waits: :meth:`_file`); the
+        batch's sync number (set by :meth:`_commit`)."""
         assert self._log is not None
         chunks = [header, b"\n", message]
         self._log.add_put(item_id, chunks)
         with self._filing:
             self._unfiled[item_id] = (chunks, time.time())
+        return 0
 
     def _file(self, item_id: str) -> None:
         """Write the file of an item that is only in the log (no fsync: the log protects it
@@ -228,7 +229,7 @@ class FilesystemStore:
         that fails, the batch's new items fail too (forgotten: no 250, no delivery)."""
         assert self._log is not None
         try:
-            self._log.commit()
+            seq = self._log.commit()
         except OSError as exc:
             log.error("queue log: cannot write %s: %s", self.dir, exc.strerror or exc)
             for job in batch:
@@ -237,6 +238,10 @@ class FilesystemStore:
                     with self._filing:
                         self._unfiled.pop(job.args[0], None)
             return
+        if seq:
+            for job in batch:
+                if job.tag == "put" and job.error is None:
+                    job.value = seq
         if self._log.due():
             self._poke.set()
 
@@ -390,7 +395,12 @@ class FilesystemStore:
         if io is None:
             return
         io.hand_over()
+        group = self._log.group if self._log is not None else None
+        if group is not None:
+            await group.drain()
         await asyncio.to_thread(self._close_now)
+        if group is not None:
+            group.close()
 
     def _close_now(self) -> None:
         io = self._io

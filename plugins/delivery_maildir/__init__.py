@@ -42,6 +42,7 @@ from tampu import (
 )
 from tampu.files import BatchThread, fsync_dir
 from tampu.placeholders import check_placeholders, expand_placeholders
+from tampu.store_files import INLINE_BYTES
 
 PLACEHOLDERS = frozenset({"user", "domain"})
 
@@ -171,8 +172,11 @@ class MaildirWriter:
         return final
 
 
-_WRITER_THREAD = BatchThread("tampu-maildir")
-"""One writer thread per process, for every configuration's Maildir plugin."""
+_WRITER_THREAD = BatchThread("tampu-maildir", inline=True)
+"""One writer thread per process, for every configuration's Maildir plugin. Writes that the
+queue makes durable (no fsync here) run on the event loop itself while they are quick: in a
+thread each system call would wait for the GIL, which a busy loop gives up only every switch
+interval, and delivery would fall behind reception."""
 
 
 def _header_value(value: str) -> str:
@@ -201,6 +205,8 @@ class MaildirPlugin:
     def __init__(self, ctx: PluginContext[MaildirSettings]) -> None:
         self.ctx = ctx
         self.writer = MaildirWriter()
+        self._lazy: dict[Path, bool] = {}
+        """Maildir -> whether the store made its last delivery durable (no fsync here)."""
         self.data_dir = ctx.server.data_dir  # resolved once (it resolves the path each time)
 
     def maildir_for(self, address: str) -> Path | None:
@@ -228,8 +234,11 @@ class MaildirPlugin:
                                for r in recipients if self.claims(r)]
         if not writes:
             return None
+        lazy = self._lazy
+        inline = len(message) <= INLINE_BYTES and all(
+            lazy.get(m, False) for _r, m, _t in writes if m is not None)
         return await _WRITER_THREAD.submit(self._write, item, writes, message,
-                                           self.ctx.server.store.defer_sync)
+                                           self.ctx.server.store.defer_sync, inline=inline)
 
     def _write(self, item: QueueItem, writes: list[Write], message: bytes,
                defer: Callable[[str, Path], bool]) -> list[tuple[Recipient, DeliveryResult]]:
@@ -244,6 +253,9 @@ class MaildirPlugin:
             try:
                 self.writer.ensure(maildir)
                 lazy = defer(item.id, maildir)
+                if len(self._lazy) > 10_000:
+                    self._lazy.clear()
+                self._lazy[maildir] = lazy
                 path = self.writer.deliver(maildir, [top, body], sync=not lazy)
             except OSError as exc:
                 reason = exc.strerror or type(exc).__name__

@@ -132,3 +132,21 @@ def test_path_setting_and_validation(tampu_server, tmp_path):
         """}
     with pytest.raises(ConfigError, match="placeholder"):
         tampu_server(conf=bad, users=USERS)
+
+
+def test_deferred_writes_run_on_the_event_loop_after_the_first(tampu_server):
+    """Writes the queue makes durable (no fsync) run on the loop: a writer thread would wait
+    for the GIL after each system call and delivery would fall behind reception. The first
+    write to a Maildir goes to the thread (whether the store defers is learnt from it)."""
+    from tampu.plugins.delivery_maildir import _WRITER_THREAD
+
+    srv = tampu_server(conf=CONF, users=USERS, deliver=True)
+    send(srv, "sender@example.org", ["user@example.test"], b"Subject: 1\r\n\r\none\r\n")
+    wait_for(lambda: len(maildir_files(srv)) == 1, what="the first message delivered")
+    before = _WRITER_THREAD.inline_batches
+    for n in range(3):
+        send(srv, "sender@example.org", ["user@example.test"], b"Subject: n\r\n\r\nmore\r\n")
+        wait_for(lambda n=n: len(maildir_files(srv)) == n + 2, what="a message delivered")
+    assert _WRITER_THREAD.inline_batches - before == 3
+    plugin = srv.server.runtime.registry.pm.get_plugin("delivery_maildir")
+    assert set(plugin._lazy.values()) == {True}

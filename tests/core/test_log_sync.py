@@ -1,0 +1,187 @@
+"""The queue log's syncs in a helper process (tampu.log_sync): real files, a real helper."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tampu.log_sync import GroupSync
+
+
+def _helper_pid(group: GroupSync) -> int:
+    assert group._proc is not None
+    return group._proc.pid
+
+
+def _gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_batches_written_during_a_sync_share_the_next_one(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
+    group = GroupSync()
+
+    async def main() -> None:
+        os.write(fd, b"first")
+        first = group.written(fd)
+        await group.wait(first)  # starts the helper; one request
+        assert group.syncs == 1
+        os.write(fd, b"second")
+        second = group.written(fd)  # on the loop: sent at once
+        assert group._in_flight == second
+        later = []
+        for _ in range(5):
+            os.write(fd, b"more")
+            later.append(group.written(fd))  # one in flight: these wait for the next
+        await asyncio.gather(group.wait(second), *(group.wait(s) for s in later))
+        assert group.syncs == 7  # one descriptor per batch ...
+        assert group._synced == later[-1]
+        await group.wait(first)  # already durable: returns at once
+
+    try:
+        asyncio.run(main())
+        pid = _helper_pid(group)
+        group.close()
+        assert _gone(pid)
+    finally:
+        os.close(fd)
+
+
+def test_requests_to_the_helper_cover_every_waiting_batch(tmp_path: Path) -> None:
+    """Two requests for six batches: the first batch's, then one for the five written
+    while it was in flight."""
+    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
+    group = GroupSync()
+    sent: list[int] = []
+
+    async def main() -> None:
+        await group.wait(group.written(fd))  # the helper runs
+        real_send = group._send
+
+        def counting_send() -> None:
+            before = len(group._unsynced)
+            real_send()
+            sent.append(before - len(group._unsynced))
+
+        group._send = counting_send  # type: ignore[method-assign]
+        seqs = [group.written(fd) for _ in range(6)]
+        await asyncio.gather(*(group.wait(s) for s in seqs))
+
+    try:
+        asyncio.run(main())
+        assert sent == [1, 5]
+    finally:
+        group.close()
+        os.close(fd)
+
+
+def test_a_failed_sync_fails_its_waiters_and_not_the_next(tmp_path: Path) -> None:
+    """fdatasync of a pipe fails (EINVAL) in the helper: the batch's wait raises that
+    error; a later batch on a real file is synced by the same helper."""
+    read_end, write_end = os.pipe()
+    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
+    group = GroupSync()
+
+    async def main() -> None:
+        bad = group.written(write_end)
+        with pytest.raises(OSError) as info:
+            await group.wait(bad)
+        assert info.value.errno == errno.EINVAL
+        assert group._synced < bad
+        good = group.written(fd)
+        await group.wait(good)
+        assert group._synced == good
+
+    try:
+        asyncio.run(main())
+    finally:
+        group.close()
+        for f in (read_end, write_end, fd):
+            os.close(f)
+
+
+def test_a_dead_helper_is_replaced_by_syncs_on_the_loop(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
+    group = GroupSync()
+
+    async def main() -> None:
+        await group.wait(group.written(fd))
+        pid = _helper_pid(group)
+        os.kill(pid, signal.SIGKILL)  # not SIGTERM: the helper ignores that
+        in_flight = group.written(fd)  # sent (or not) to a helper that is dying
+        await asyncio.wait_for(group.wait(in_flight), 10)
+        assert group._synced >= in_flight and group._sent == []
+        assert await asyncio.to_thread(_gone, pid)
+        seqs = [group.written(fd) for _ in range(3)]
+        await asyncio.wait_for(asyncio.gather(*(group.wait(s) for s in seqs)), 10)
+        assert group._synced == seqs[-1]
+        assert group._broken and group._sock is None
+        after = group.written(fd)
+        await group.wait(after)  # synced here, at once
+        assert group._synced == after
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="tampu.queue"):
+            asyncio.run(main())
+        assert any("the event loop syncs the log itself" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        group.close()
+        os.close(fd)
+
+
+def test_the_helper_ignores_sigterm_and_ends_with_its_socket(tmp_path: Path) -> None:
+    """A service manager's SIGTERM to the whole group must not fail the syncs of a server
+    that is shutting down; the helper ends when the server closes its socket (or exits)."""
+    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
+    group = GroupSync()
+
+    async def main() -> int:
+        await group.wait(group.written(fd))
+        pid = _helper_pid(group)
+        os.kill(pid, signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        os.kill(pid, 0)  # still there
+        await group.wait(group.written(fd))
+        return pid
+
+    try:
+        pid = asyncio.run(main())
+        group.close()
+        assert _gone(pid)
+    finally:
+        os.close(fd)
+
+
+def test_a_new_event_loop_gets_a_helper_of_its_own(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
+    group = GroupSync()
+
+    async def one() -> int:
+        await group.wait(group.written(fd))
+        return _helper_pid(group)
+
+    try:
+        first = asyncio.run(one())
+        second = asyncio.run(one())
+        assert first != second
+        assert _gone(first)  # the first loop's helper was ended, not left behind
+    finally:
+        group.close()
+        os.close(fd)
