@@ -355,8 +355,9 @@ def smtp_verdict(session: Session, envelope: Envelope | None, verdict: Verdict) 
     """A stage of the session was decided: who decided what (after a verdict).
 
     **Fires:** after each connect, HELO/EHLO, AUTH, MAIL FROM, RCPT TO and DATA stage, before
-    the reply is sent, whether it accepted or refused, including what the core decided itself
-    (syntax errors, limits, fail-closed refusals: ``verdict.plugin == "core"``).
+    the reply is sent (for an accepted DATA it may have gone already: the ``250`` goes when
+    the message is durable), whether it accepted or refused, including what the core decided
+    itself (syntax errors, limits, fail-closed refusals: ``verdict.plugin == "core"``).
 
     :param session: the session.
     :param envelope: the transaction (None before MAIL FROM was accepted).
@@ -379,7 +380,7 @@ def smtp_transaction_done(
     """A transaction ended with the final reply to DATA (accepted or refused).
 
     **Fires:** once per DATA command whose data was read (refusals before DATA are told by
-    ``smtp_verdict``).
+    ``smtp_verdict``); for an accepted message, possibly after its ``250`` was sent.
 
     :param session: the session.
     :param envelope: the transaction.
@@ -463,8 +464,9 @@ def queue_add_headers(item: QueueItem, message: bytes) -> list[tuple[str, str]] 
 def queue_enqueued(item: QueueItem) -> None:
     """An item is durable in the store.
 
-    **Fires:** once per new item, after the store made it durable, before the ``250`` (and
-    before its delivery is scheduled).
+    **Fires:** once per new item, after the store made it durable, before its delivery is
+    scheduled. The ``250`` may have gone already (the filesystem store sends it the moment
+    the item is durable).
 
     :param item: the item.
 

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any, Final
 
 log = logging.getLogger("tampu.queue")
@@ -78,6 +79,7 @@ class GroupSync:
         """The batches of the request in flight (their descriptors stay open until the
         reply: when the helper dies first, they are synced here)."""
         self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._then: dict[int, list[Callable[[], None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -88,13 +90,18 @@ class GroupSync:
 
     # ------------------------------------------------------------ the writing side
 
-    def written(self, fd: int) -> int:
-        """A batch was written to ``fd`` (any thread): its sequence number for :meth:`wait`."""
+    def written(self, fd: int, then: list[Callable[[], None]] | None = None) -> int:
+        """A batch was written to ``fd`` (any thread): its sequence number for :meth:`wait`.
+        ``then``: called on the event loop the moment the batch is durable (from the
+        helper's reply: a turn of the loop before :meth:`wait` returns); never when its
+        sync fails."""
         dup = os.dup(fd)
         with self._lock:
             self._seq += 1
             seq = self._seq
             self._unsynced.append((seq, dup))
+            if then:
+                self._then[seq] = then
         if not self._in_flight and self._sock is not None and self._on_loop():
             self._send()  # on the loop: the sync starts now, not when a put waits for it
         return seq
@@ -133,11 +140,12 @@ class GroupSync:
         if self._sock is not None and self._pid == os.getpid() and self._loop is loop:
             return True
         self._drop()  # forked, or a new loop (tests): a helper of our own
+        self._waiters, self._then = {}, {}  # the old loop's
         if self._sent:  # the old helper's unanswered request
             try:
                 self._sync_here(0)
             except OSError:
-                pass  # its waiters were on the old loop
+                pass
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as exc:
@@ -201,6 +209,12 @@ class GroupSync:
     def _settle(self, upto: int, error: OSError | None) -> None:
         if error is None:
             self._synced = max(self._synced, upto)
+        if error is None:
+            self._call_then(upto)
+        else:
+            with self._lock:
+                for seq in [s for s in self._then if s <= upto]:
+                    del self._then[seq]
         for seq in [s for s in self._waiters if s <= upto]:
             future = self._waiters.pop(seq)
             if future.done():
@@ -241,6 +255,17 @@ class GroupSync:
         if error is not None:
             raise error
         self._synced = max(self._synced, seq, *(s for s, _fd in batch))
+        self._call_then(self._synced)
+
+    def _call_then(self, upto: int) -> None:
+        with self._lock:
+            thens = [self._then.pop(seq) for seq in [s for s in self._then if s <= upto]]
+        for callbacks in thens:
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("queue log: a callback after the sync failed")
 
     def _drop(self) -> None:
         sock, proc = self._sock, self._proc

@@ -177,6 +177,15 @@ def _item(header: bytes, total: int, item_id: str) -> QueueItem:
     return item
 
 
+def done_files(directory: Path, boot: str) -> list[Path]:
+    """``.done`` items of this boot (a dead worker's): safe to unlink after a sync."""
+    suffix = f"{DONE_INFIX}{boot}"
+    try:
+        return [directory / n for n in os.listdir(directory) if n.endswith(suffix)]
+    except FileNotFoundError:
+        return []
+
+
 def remove_files(paths: tuple[Path, ...]) -> bool:
     """Unlink ``paths`` (no directory fsync); True if any was there."""
     found = False

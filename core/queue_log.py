@@ -1,8 +1,8 @@
 """The queue log: new queue items become durable with one ``fdatasync`` per batch.
 
 The filesystem store appends each new item's bytes as a record to its process's current log
-segment; one ``fdatasync`` of the segment makes a whole batch of items durable (the group
-commit: the SMTP ``250`` of every message of the batch is sent after it). The item's own file
+segment; one ``fdatasync`` of the segment (:mod:`tampu.log_sync`) makes a whole batch of
+items durable (the group commit: each message's ``250`` is sent after it). The item's own file
 is written only when the item outlives its record: when its first delivery attempt leaves
 recipients waiting (before their state is written), or when the segment is retired while the
 item is still in the queue; an item delivered in the meantime never gets a file. A segment is
@@ -26,11 +26,9 @@ JSON line (the owner), then records ``kind | flags | id length | payload length 
 * ``F`` an item's file was written before its state (from then on, in this boot, the file
   is the item: another process may deliver it and remove it).
 
-After a crash the main process reads the segments of dead processes (:func:`read_segment`):
-every ``P`` record without a ``D`` record (nor an ``L`` or ``F`` record, from the same boot:
-the page cache survived) is written back as its item file if that file is missing or not
-whole, and delivered (again, after a power loss: twice is allowed, never zero times); then
-the queue's filesystem and the roots are synced and the segments retired.
+After a crash the main process reads the dead processes' segments (:func:`read_segment`) and
+writes back every ``P`` record without a ``D`` (nor, in the same boot, an ``L`` or ``F``)
+record whose file is missing or not whole (:mod:`tampu.queue_recovery`).
 """
 
 from __future__ import annotations
@@ -224,6 +222,7 @@ class QueueLog:
         self._queue_dev: int | None = None
         self._buffer: list[bytes] = []
         self._batch: list[str] = []
+        self._then: list[Callable[[], None]] = []
         self._sync = False
         self.group: GroupSync | None = GroupSync() if group else None
         """Where the batches' fdatasyncs are done (None: in :meth:`commit`)."""
@@ -257,9 +256,12 @@ class QueueLog:
             self.current = seg
         return seg
 
-    def add_put(self, item_id: str, chunks: list[bytes]) -> None:
-        """Log a new item (its item file's bytes); durable at the next :meth:`commit`."""
+    def add_put(self, item_id: str, chunks: list[bytes],
+                then: Callable[[], None] | None = None) -> None:
+        """Log a new item (its item file's bytes); durable at the next :meth:`commit` or its
+        sync (``then`` is called at that moment: :meth:`GroupSync.written`)."""
         seg = self._open_segment()
+        self._then += [then] if then is not None else []
         self._buffer.extend(record(PUT, item_id, chunks))
         self._batch.append(item_id)
         self._sync = True
@@ -287,15 +289,17 @@ class QueueLog:
         if not self._buffer or seg is None:
             self._buffer.clear()
             self._batch.clear()
+            self._then.clear()
             return 0
         chunks, self._buffer = self._buffer, []
         batch, self._batch = self._batch, []
         sync, self._sync = self._sync, False
+        thens, self._then = self._then, []
         seq = 0
         try:
             written = write_all(seg.fd, chunks)
             if sync and self.group is not None:
-                seq = self.group.written(seg.fd)
+                seq = self.group.written(seg.fd, thens)
             elif sync:
                 os.fdatasync(seg.fd)
                 self._syncs += 1

@@ -26,6 +26,7 @@ from tampu.smtp_connection import SmtpConnection
 from tampu.smtp_memory import TRIM_AFTER, give_memory_back
 from tampu.smtp_params import check_mail_params, check_rcpt_params, extensions, help_commands
 from tampu.smtp_wire import Closed
+from tampu.store import ON_DURABLE
 
 log = logging.getLogger("tampu.smtp")
 
@@ -36,6 +37,10 @@ NO_MEMORY = Reply(452, "4.3.1", "Insufficient system storage for the message now
 
 class SmtpSession(SmtpConnection):
     """The SMTP dialogue of one connection: the commands."""
+
+    replied_early = False
+    """The store said the message is durable and its ``250`` went then (:data:`ON_DURABLE`),
+    before the hooks that follow the queueing ran."""
 
     def command_table(self) -> dict[bytes, Callable[[str], Awaitable[None]]]:
         return {
@@ -265,7 +270,10 @@ class SmtpSession(SmtpConnection):
         await self._verdict("data", reply, plugin, "", start)
         self._log_transaction(session, env, reply, queue_id, size)
         await self._call(self.hooks.smtp_transaction_done(session, env, reply, queue_id))
-        self.reply(reply)
+        if self.replied_early:
+            self.replied_early = False
+        else:
+            self.reply(reply)
 
     async def _accept(self, session: Session, env: Envelope,
                       message: Message) -> tuple[Reply, str | None, str | None]:
@@ -282,21 +290,36 @@ class SmtpSession(SmtpConnection):
         data = trace_headers(session, env, message, hostname, queue_id) + strip_own(
             message.data, hostname)
         del message  # the bytes as received: only the queued copy stays in memory
+        queued = Reply(250, "2.0.0", f"Queued as {queue_id}")
+
+        def durable(item_id: str) -> None:  # the store's ON_DURABLE: the 250 goes now
+            if item_id == queue_id and not self.replied_early:
+                self.replied_early = True
+                self.reply(queued)
+                self.flush()
+
+        token = ON_DURABLE.set(durable)
         try:
-            item = await self.intake.submit(Submission(
+            await self.intake.submit(Submission(
                 mail_from=env.mail_from, recipients=env.rcpt_to, data=data,
                 envelope=env, auth_user=session.auth_user,
                 trusted_network=session.trusted_network, peer=session.peer_host,
                 helo=session.helo or "", item_id=queue_id,
                 origin="local" if session.local_user is not None else "smtp"))
-        except QueueFull:
-            return R.QUEUE_FULL, None, None
-        except PluginError as exc:
-            return R.PLUGIN_FAILED, None, exc.plugin
-        except (QueueError, OSError) as exc:
+        except (QueueFull, PluginError, QueueError, OSError) as exc:
+            if self.replied_early:  # durable and acknowledged: what failed after is logged
+                log.error("session %s: qid=%s is queued, but then: %s", session.id,
+                          queue_id, exc)
+                return queued, queue_id, None
+            if isinstance(exc, QueueFull):
+                return R.QUEUE_FULL, None, None
+            if isinstance(exc, PluginError):
+                return R.PLUGIN_FAILED, None, exc.plugin
             log.error("session %s: could not queue the message: %s", session.id, exc)
             return R.QUEUE_WRITE_FAILED, None, None
-        return Reply(250, "2.0.0", f"Queued as {item.id}"), item.id, None
+        finally:
+            ON_DURABLE.reset(token)
+        return queued, queue_id, None
 
     def _log_transaction(self, session: Session, env: Envelope, reply: Reply,
                          queue_id: str | None, size: int) -> None:

@@ -8,7 +8,8 @@ embedded default; other stores (PostgreSQL) implement the same methods.
 Rules every store keeps:
 
 * ``put`` returns only once the item survives a crash at any instant (fsync or a committed
-  transaction): the SMTP ``250`` is sent after it;
+  transaction): the SMTP ``250`` is sent after it; a store that learns of it earlier may
+  call :data:`ON_DURABLE` (then the ``250`` goes at once);
 * ``save_state`` is durable before it returns, so a restart never redoes a finished recipient;
 * ``remove`` may lose its effect in a crash (the item is then delivered again: twice is
   allowed, zero times is not).
@@ -22,12 +23,22 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Protocol
 
 from tampu.item import QueueItem
 
 _ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
+
+ON_DURABLE: ContextVar[Callable[[str], None] | None] = ContextVar("on_durable", default=None)
+"""Set by the SMTP session around its submit: a store may call it, on the event loop and
+with the item's ID, the moment a new item is durable, before its ``put`` returns (the
+filesystem store calls it from the completion of the group commit's sync, so the ``250``
+skips a turn of the busy loop). A store that never calls it is correct too: the ``250`` is
+then sent when ``put`` returns. Tasks started meanwhile inherit the variable: the callback
+ignores every ID but its own, and a second call."""
 
 
 class QueueStore(Protocol):

@@ -21,6 +21,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -38,7 +40,7 @@ from tampu.files import (
 from tampu.item import QueueItem
 from tampu.queue_files import CORRUPT_DIR, DONE_INFIX, ITEM_SUFFIX, LOG_DIR, STATE_SUFFIX
 from tampu.queue_log import QueueLog, SegmentName
-from tampu.store import new_queue_id, valid_id
+from tampu.store import ON_DURABLE, new_queue_id, valid_id
 
 log = logging.getLogger("tampu.queue")
 
@@ -173,7 +175,8 @@ class FilesystemStore:
         header = queue_files.item_header(item, len(message))
         if self.logged:
             seq = await self._thread().submit(self._put_logged, item.id, header, message,
-                                              tag="put", inline=len(message) <= INLINE_BYTES)
+                                              ON_DURABLE.get(), tag="put",
+                                              inline=len(message) <= INLINE_BYTES)
             try:
                 if seq and self._log is not None:
                     await self._log.durable(item.id, seq)
@@ -187,12 +190,13 @@ class FilesystemStore:
                                     [header, b"\n", message], self.fsync)
         self._estimate += 1
 
-    def _put_logged(self, item_id: str, header: bytes, message: bytes) -> int:
+    def _put_logged(self, item_id: str, header: bytes, message: bytes,
+                    told: Callable[[str], None] | None) -> int:
         """In a queue I/O batch: the log record (the item file waits: :meth:`_file`); the
-        batch's sync number (set by :meth:`_commit`)."""
+        batch's sync number (set by :meth:`_commit`). ``told``: :data:`ON_DURABLE`."""
         assert self._log is not None
         chunks = [header, b"\n", message]
-        self._log.add_put(item_id, chunks)
+        self._log.add_put(item_id, chunks, told and partial(told, item_id))
         with self._filing:
             self._unfiled[item_id] = (chunks, time.time())
         return 0
@@ -225,7 +229,7 @@ class FilesystemStore:
         self._replay_dead(self._log, self.item_path, self.remove_now, segments)
 
     def _commit(self, batch: list[Job[Any]]) -> None:
-        """After each queue I/O batch: one write and one fdatasync of the log. When
+        """After each queue I/O batch: one write of the log (its sync: :meth:`put`). When
         that fails, the batch's new items fail too (forgotten: no 250, no delivery)."""
         assert self._log is not None
         try:
@@ -364,7 +368,8 @@ class FilesystemStore:
         with self._lock:
             done, self._done = self._done, []
         adopt = self._adopt
-        others = self._foreign_done() if adopt and log_.dead_segments() else []
+        others = queue_files.done_files(self.dir, self._boot) \
+            if adopt and log_.dead_segments() else []
         if not log_.checkpoint(adopt=adopt, force=bool(done or others),
                                before_sync=self._file_retiring):
             with self._lock:
@@ -376,14 +381,6 @@ class FilesystemStore:
         for path in others:
             path.unlink(missing_ok=True)
             self.state_path(path.name.split(".", 1)[0]).unlink(missing_ok=True)
-
-    def _foreign_done(self) -> list[Path]:
-        """``.done`` items of this boot (a dead worker's): safe to unlink after a sync."""
-        suffix = f"{DONE_INFIX}{self._boot}"
-        try:
-            return [self.dir / n for n in os.listdir(self.dir) if n.endswith(suffix)]
-        except FileNotFoundError:
-            return []
 
     def closing(self) -> bool:
         return self._closing

@@ -185,3 +185,33 @@ def test_a_new_event_loop_gets_a_helper_of_its_own(tmp_path: Path) -> None:
     finally:
         group.close()
         os.close(fd)
+
+
+def test_callbacks_run_at_the_sync_before_wait_returns_and_never_on_failure(tmp_path: Path
+                                                                          ) -> None:
+    """The SMTP session's 250 goes from these callbacks (tampu.store.ON_DURABLE)."""
+    read_end, write_end = os.pipe()
+    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
+    group = GroupSync()
+    calls: list[str] = []
+
+    async def main() -> None:
+        await group.wait(group.written(fd))  # the helper runs
+        seq = group.written(fd, [lambda: calls.append("a"), lambda: calls.append("b")])
+        waiting = asyncio.ensure_future(group.wait(seq))
+        while not calls:
+            assert not waiting.done()  # the callbacks come first
+            await asyncio.sleep(0)
+        assert calls == ["a", "b"]
+        await waiting
+        bad = group.written(write_end, [lambda: calls.append("bad")])
+        with pytest.raises(OSError):
+            await group.wait(bad)
+        assert calls == ["a", "b"] and group._then == {}
+
+    try:
+        asyncio.run(main())
+    finally:
+        group.close()
+        for f in (read_end, write_end, fd):
+            os.close(f)

@@ -11,6 +11,7 @@ import ssl
 
 from tampu import Reply, hookimpl
 from tampu.queue_log import read_segment
+from tampu.testing import wait_for
 from tests.helpers import RawClient, only_queue_item, read_queue_item
 
 # 8-bit text, a line that needs dot-stuffing, an empty line, trailing spaces
@@ -186,3 +187,50 @@ def test_queue_full_refused_at_mail(tampu_server):
         code, lines = c.cmd("MAIL FROM:<a@example.org>")
         assert code == 452 and lines[0].startswith("4.3.1"), lines
     assert len(srv.queue_items()) == 1
+
+
+class FailingObserver:
+    """queue_enqueued raises: the item is durable by then."""
+
+    name = "failing_observer"
+
+    @hookimpl
+    def queue_enqueued(self, item):
+        raise RuntimeError("observer broke")
+
+
+def test_a_failing_queue_enqueued_neither_refuses_nor_strands_the_message(tampu_server,
+                                                                          caplog):
+    """The item is durable when queue_enqueued runs (its 250 may have gone): the client
+    gets one 250, the failure is logged, and the item is delivered all the same."""
+    srv = tampu_server(users={"user@example.test": "secret"}, plugins=[FailingObserver()],
+                       conf={"40-maildir.toml": "[plugins.delivery_maildir]\nenabled = true\n"},
+                       deliver=True)
+    with caplog.at_level("ERROR"), RawClient(srv.port("smtp")) as c:
+        c.reply()
+        c.cmd("EHLO client.test")
+        qid = send_raw(c, "a@example.org", ["user@example.test"], BODY)
+        assert c.cmd("NOOP") == (250, ["2.0.0 OK"])  # nothing else was sent after the 250
+    new = srv.server.config.data_dir / "mail" / "example.test" / "user" / "new"
+    wait_for(lambda: new.is_dir() and len(list(new.iterdir())) == 1, what="delivered")
+    assert any("failing_observer failed in queue_enqueued: observer broke"
+               in r.getMessage() for r in caplog.records)
+    assert qid
+
+
+def test_commands_pipelined_after_the_data_are_answered_after_its_250(tampu_server):
+    """The 250 may go from the store's sync completion, before the session task resumes:
+    the replies keep their order."""
+    srv = tampu_server(users={"user@example.test": "secret"})
+    with RawClient(srv.port("smtp")) as c:
+        c.reply()
+        assert "PIPELINING" in c.cmd("EHLO client.test")[1]
+        for _ in range(3):
+            c.send_raw(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n")
+            assert [c.reply()[0] for _ in range(3)] == [250, 250, 354]
+            c.send_raw(stuffed(BODY) + b".\r\nRSET\r\nNOOP\r\n")
+            code, lines = c.reply()
+            assert code == 250 and lines[0].startswith("2.0.0 Queued as "), lines
+            assert c.reply() == (250, ["2.0.0 OK"])  # RSET
+            assert c.reply() == (250, ["2.0.0 OK"])  # NOOP
+    assert len(srv.queue_items()) <= 3
