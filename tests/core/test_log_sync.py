@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,31 @@ def _gone(pid: int, within: float = 5.0) -> bool:
     return False
 
 
-def test_batches_written_during_a_sync_share_the_next_one(tmp_path: Path) -> None:
+@pytest.fixture
+def fd(tmp_path: Path) -> Iterator[int]:
+    """A segment-like file, open for writing."""
     fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
-    group = GroupSync()
+    yield fd
+    os.close(fd)
 
+
+@pytest.fixture
+def pipe_end() -> Iterator[int]:
+    """The write end of a pipe: fdatasync of it fails with EINVAL."""
+    read_end, write_end = os.pipe()
+    yield write_end
+    os.close(read_end)
+    os.close(write_end)
+
+
+@pytest.fixture
+def group() -> Iterator[GroupSync]:
+    group = GroupSync()
+    yield group
+    group.close()
+
+
+def test_batches_written_during_a_sync_share_the_next_one(fd: int, group: GroupSync) -> None:
     async def main() -> None:
         os.write(fd, b"first")
         first = group.written(fd)
@@ -52,20 +74,15 @@ def test_batches_written_during_a_sync_share_the_next_one(tmp_path: Path) -> Non
         assert group._synced == later[-1]
         await group.wait(first)  # already durable: returns at once
 
-    try:
-        asyncio.run(main())
-        pid = _helper_pid(group)
-        group.close()
-        assert _gone(pid)
-    finally:
-        os.close(fd)
+    asyncio.run(main())
+    pid = _helper_pid(group)
+    group.close()
+    assert _gone(pid)
 
 
-def test_requests_to_the_helper_cover_every_waiting_batch(tmp_path: Path) -> None:
+def test_requests_to_the_helper_cover_every_waiting_batch(fd: int, group: GroupSync) -> None:
     """Two requests for six batches: the first batch's, then one for the five written
     while it was in flight."""
-    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
-    group = GroupSync()
     sent: list[int] = []
 
     async def main() -> None:
@@ -81,23 +98,16 @@ def test_requests_to_the_helper_cover_every_waiting_batch(tmp_path: Path) -> Non
         seqs = [group.written(fd) for _ in range(6)]
         await asyncio.gather(*(group.wait(s) for s in seqs))
 
-    try:
-        asyncio.run(main())
-        assert sent == [1, 5]
-    finally:
-        group.close()
-        os.close(fd)
+    asyncio.run(main())
+    assert sent == [1, 5]
 
 
-def test_a_failed_sync_fails_its_waiters_and_not_the_next(tmp_path: Path) -> None:
+def test_a_failed_sync_fails_its_waiters_and_not_the_next(fd: int, pipe_end: int,
+                                                          group: GroupSync) -> None:
     """fdatasync of a pipe fails (EINVAL) in the helper: the batch's wait raises that
     error; a later batch on a real file is synced by the same helper."""
-    read_end, write_end = os.pipe()
-    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
-    group = GroupSync()
-
     async def main() -> None:
-        bad = group.written(write_end)
+        bad = group.written(pipe_end)
         with pytest.raises(OSError) as info:
             await group.wait(bad)
         assert info.value.errno == errno.EINVAL
@@ -106,20 +116,12 @@ def test_a_failed_sync_fails_its_waiters_and_not_the_next(tmp_path: Path) -> Non
         await group.wait(good)
         assert group._synced == good
 
-    try:
-        asyncio.run(main())
-    finally:
-        group.close()
-        for f in (read_end, write_end, fd):
-            os.close(f)
+    asyncio.run(main())
 
 
-def test_a_dead_helper_is_replaced_by_syncs_on_the_loop(tmp_path: Path,
+def test_a_dead_helper_is_replaced_by_syncs_on_the_loop(fd: int, group: GroupSync,
                                                         caplog: pytest.LogCaptureFixture
                                                         ) -> None:
-    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
-    group = GroupSync()
-
     async def main() -> None:
         await group.wait(group.written(fd))
         pid = _helper_pid(group)
@@ -136,22 +138,16 @@ def test_a_dead_helper_is_replaced_by_syncs_on_the_loop(tmp_path: Path,
         await group.wait(after)  # synced here, at once
         assert group._synced == after
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="tampu.queue"):
-            asyncio.run(main())
-        assert any("the event loop syncs the log itself" in r.getMessage()
-                   for r in caplog.records)
-    finally:
-        group.close()
-        os.close(fd)
+    with caplog.at_level(logging.WARNING, logger="tampu.queue"):
+        asyncio.run(main())
+    assert any("the event loop syncs the log itself" in r.getMessage()
+               for r in caplog.records)
 
 
-def test_the_helper_ignores_sigterm_and_ends_with_its_socket(tmp_path: Path) -> None:
+def test_the_helper_ignores_sigterm_and_ends_with_its_socket(fd: int, group: GroupSync
+                                                             ) -> None:
     """A service manager's SIGTERM to the whole group must not fail the syncs of a server
     that is shutting down; the helper ends when the server closes its socket (or exits)."""
-    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
-    group = GroupSync()
-
     async def main() -> int:
         await group.wait(group.written(fd))
         pid = _helper_pid(group)
@@ -161,38 +157,25 @@ def test_the_helper_ignores_sigterm_and_ends_with_its_socket(tmp_path: Path) -> 
         await group.wait(group.written(fd))
         return pid
 
-    try:
-        pid = asyncio.run(main())
-        group.close()
-        assert _gone(pid)
-    finally:
-        os.close(fd)
+    pid = asyncio.run(main())
+    group.close()
+    assert _gone(pid)
 
 
-def test_a_new_event_loop_gets_a_helper_of_its_own(tmp_path: Path) -> None:
-    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
-    group = GroupSync()
-
+def test_a_new_event_loop_gets_a_helper_of_its_own(fd: int, group: GroupSync) -> None:
     async def one() -> int:
         await group.wait(group.written(fd))
         return _helper_pid(group)
 
-    try:
-        first = asyncio.run(one())
-        second = asyncio.run(one())
-        assert first != second
-        assert _gone(first)  # the first loop's helper was ended, not left behind
-    finally:
-        group.close()
-        os.close(fd)
+    first = asyncio.run(one())
+    second = asyncio.run(one())
+    assert first != second
+    assert _gone(first)  # the first loop's helper was ended, not left behind
 
 
-def test_callbacks_run_at_the_sync_before_wait_returns_and_never_on_failure(tmp_path: Path
-                                                                          ) -> None:
+def test_callbacks_run_at_the_sync_before_wait_returns_and_never_on_failure(
+        fd: int, pipe_end: int, group: GroupSync) -> None:
     """The SMTP session's 250 goes from these callbacks (tampu.store.ON_DURABLE)."""
-    read_end, write_end = os.pipe()
-    fd = os.open(tmp_path / "seg", os.O_WRONLY | os.O_CREAT, 0o600)
-    group = GroupSync()
     calls: list[str] = []
 
     async def main() -> None:
@@ -204,14 +187,9 @@ def test_callbacks_run_at_the_sync_before_wait_returns_and_never_on_failure(tmp_
             await asyncio.sleep(0)
         assert calls == ["a", "b"]
         await waiting
-        bad = group.written(write_end, [lambda: calls.append("bad")])
+        bad = group.written(pipe_end, [lambda: calls.append("bad")])
         with pytest.raises(OSError):
             await group.wait(bad)
         assert calls == ["a", "b"] and group._then == {}
 
-    try:
-        asyncio.run(main())
-    finally:
-        group.close()
-        for f in (read_end, write_end, fd):
-            os.close(f)
+    asyncio.run(main())
