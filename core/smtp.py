@@ -298,6 +298,7 @@ class SmtpSession(SmtpConnection):
                 self.reply(queued)
                 self.flush()
 
+        self.replied_early = False
         token = ON_DURABLE.set(durable)
         try:
             await self.intake.submit(Submission(
