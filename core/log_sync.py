@@ -36,7 +36,7 @@ log = logging.getLogger("tampu.queue")
 _REPLY: Final = struct.Struct("<i")
 MAX_FDS: Final = 64
 """Descriptors in one request (more segments than this wait for the next sync)."""
-HELPER: Final = f"""
+HELPER: Final = f"""# tampu queue log sync helper (tampu.log_sync)
 import os, signal, socket, struct, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
