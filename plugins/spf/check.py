@@ -148,6 +148,9 @@ class SpfChecker:
         if kept is not None:
             return kept
         answers: dict[tuple[str, str], Answers | spf.TempError] = {}
+        first = _first_lookup(sender, helo)
+        if first is not None:  # pyspf's first question, asked before it runs: it runs once
+            answers[first] = await self._lookup_async(*first)
         evaluation = await self._evaluate_async(ip, sender, helo, answers)
         if evaluation.result.result != "temperror" and \
                 not any(isinstance(a, spf.TempError) for a in answers.values()):
@@ -245,6 +248,16 @@ class SpfChecker:
                                domain=domain)
         return Evaluation(result=spf_result, received_spf=header,
                           scope="mailfrom" if sender else "helo")
+
+
+def _first_lookup(sender: str, helo: str) -> tuple[str, str] | None:
+    """The lookup pyspf makes first (the identity's domain's TXT records, spelled as pyspf
+    spells it), or None when it may make none (not a plain DNS name)."""
+    name = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
+    labels = name.split(".")
+    if len(labels) < 2 or not all(0 < len(label) < 64 and label.isascii() for label in labels):
+        return None
+    return name, "TXT"
 
 
 def _plain_ip(ip: str) -> str:

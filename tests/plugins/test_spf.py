@@ -207,3 +207,37 @@ def test_answers_with_ttl_0_keep_no_evaluation(make_dns):
     first, second, _ = _twice(
         checker, lambda: dns.set("_spf.include.test", "TXT", ['"v=spf1 -all"']))
     assert (first.result.result, second.result.result) == ("pass", "fail")
+
+
+@pytest.mark.parametrize(("sender", "helo", "asked"), [
+    ("x@Pass.Test", "h.test", [("pass.test.", "TXT")]),  # asked in pyspf's spelling
+    ("x@include.test", "h.test", [("include.test.", "TXT"), ("_spf.include.test.", "TXT")]),
+    ("", "helo-ok.test", [("helo-ok.test.", "TXT")]),  # the null sender: the HELO's record
+])
+def test_each_name_is_asked_once_and_a_plain_record_runs_pyspf_once(make_dns, sender, helo,
+                                                                      asked):
+    """With TTL 0 nothing is cached: every evaluation asks DNS. The identity's TXT record is
+    looked up before pyspf runs (it is always pyspf's first question, asked in pyspf's
+    spelling), so a record that needs nothing more is evaluated in one run."""
+    dns = make_dns(ZONE, ttl=0)
+    checker = SpfChecker([f"127.0.0.1:{dns.port}"], 1.0, 5.0, "mx.test")
+    runs: list[str] = []
+    real_check = checker.check
+
+    def counting_check(ip: str, s: str, h: str) -> Evaluation:
+        runs.append(s)
+        return real_check(ip, s, h)
+
+    checker.check = counting_check  # type: ignore[method-assign]
+
+    async def run() -> Evaluation:
+        try:
+            return await checker.check_async("127.0.0.1", sender, helo)
+        finally:
+            checker.dns.close()
+
+    before = len(dns.queries)
+    evaluation = asyncio.run(run())
+    assert evaluation.result.result == "pass"
+    assert dns.queries[before:] == asked
+    assert len(runs) == len(asked)  # one run, and one more per name looked up after it
