@@ -204,7 +204,7 @@ class QueueLog:
     the event loop or in the I/O thread); checkpoints run
     in another thread (:meth:`checkpoint`); :meth:`add_root` from any thread."""
 
-    def __init__(self, directory: Path, *, group: bool = False) -> None:
+    def __init__(self, directory: Path) -> None:
         self.dir = directory
         """The log directory (``<queue>/log``; made by the store)."""
         self.boot = boot_id()[:16] or "0"
@@ -224,14 +224,14 @@ class QueueLog:
         self._batch: list[str] = []
         self._then: list[Callable[[], None]] = []
         self._sync = False
-        self.group: GroupSync | None = GroupSync() if group else None
-        """Where the batches' fdatasyncs are done (None: in :meth:`commit`)."""
+        self.group = GroupSync()
+        """Where the batches' fdatasyncs are done (its helper starts at the first wait)."""
         self._syncs = 0
 
     @property
     def syncs(self) -> int:
         """fdatasync/syncfs/fsync calls made by this log (the benchmark's count)."""
-        return self._syncs + (self.group.syncs if self.group is not None else 0)
+        return self._syncs + self.group.syncs
 
     # ---------------------------------------------------------------- the I/O batches
 
@@ -281,10 +281,9 @@ class QueueLog:
             self._buffer.extend(record(DONE if durable else LEFT, item_id, []))
 
     def commit(self) -> int:
-        """Write the batch's records; when it holds new items, fdatasync (or, with a
-        :attr:`group`, return the number to wait for: :meth:`GroupSync.wait`). 0: nothing
-        to wait for. Raises OSError (the batch's items are then not in the log: their puts
-        must fail)."""
+        """Write the batch's records; when it holds new items, the number to wait for
+        (:meth:`durable`; 0: nothing to wait for). Raises OSError (the batch's items are
+        then not in the log: their puts must fail)."""
         seg = self.current
         if not self._buffer or seg is None:
             self._buffer.clear()
@@ -298,11 +297,8 @@ class QueueLog:
         seq = 0
         try:
             written = write_all(seg.fd, chunks)
-            if sync and self.group is not None:
+            if sync:
                 seq = self.group.written(seg.fd, thens)
-            elif sync:
-                os.fdatasync(seg.fd)
-                self._syncs += 1
         except OSError:
             try:
                 os.ftruncate(seg.fd, seg.size)  # no damaged record before later ones
@@ -323,7 +319,6 @@ class QueueLog:
         """Wait for the sync of the batch that logged ``item_id`` (:meth:`commit`'s number).
         When it fails the item is forgotten and the segment sealed (it takes no more
         records); the record may still come back after a crash (twice, never zero times)."""
-        assert self.group is not None
         try:
             await self.group.wait(seq)
         except OSError:

@@ -159,7 +159,7 @@ class FilesystemStore:
         io = self._io
         if io is None:
             self.prepare()
-            self._log = QueueLog(self.dir / LOG_DIR, group=True)
+            self._log = QueueLog(self.dir / LOG_DIR)
             self._boot = self._log.boot
             io = self._io = BatchThread("tampu-queue-io", after=self._commit,
                                         idle=self._idle, idle_every=CHECKPOINT_POLL,
@@ -397,7 +397,7 @@ class FilesystemStore:
             await group.drain()
         await asyncio.to_thread(self._close_now)
         if group is not None:
-            group.close()
+            group.close()  # on the loop: it stops watching the helper's socket
 
     def _close_now(self) -> None:
         io = self._io
