@@ -5,7 +5,9 @@ server's own) and the read-only console (``GET /``, ``GET /why``: :mod:`.console
 default: the console shows addresses and configuration details, so keep it private.
 
 State (the metrics, the HTTP listener) lives in the server stash, so a reload keeps the counters
-and the listener; the new plugin instance takes them over in ``tampu_reload``.
+and the listener; the new plugin instance takes them over in ``tampu_reload``. With
+``[server] workers`` > 1 only the main process listens; the workers share what they count
+through files that it adds to its own (:mod:`.shared`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -41,6 +44,15 @@ from tampu.config import split_hostport
 from tampu.envelope import Verdict
 from tampu.plugins.metrics.console import Console
 from tampu.plugins.metrics.http import HttpServer, Request, Response
+from tampu.plugins.metrics.shared import (
+    SHARE_DIR,
+    Share,
+    Sharer,
+    clear,
+    encode,
+    exposed,
+    read_shares,
+)
 from tampu.plugins.metrics.status import QueueSummary, RecentErrors
 from tampu.workers import current_worker
 
@@ -128,11 +140,27 @@ class MetricsState:
         self.hook_failures = Counter("tampu_hook_failures", "Hook implementations that "
                                      "raised or timed out.", ["hook", "plugin", "outcome"],
                                      registry=r)
-        r.register(_QueueCollector(self))
+        self.worker = current_worker()
+        self.share_dir = context.data_dir / SHARE_DIR
+        self.sharer: Sharer | None = None
+        if self.worker:  # the queue gauges are the main process's
+            self.sharer = Sharer(self.share_dir / f"worker-{self.worker}.json", self._share)
+        else:
+            r.register(_QueueCollector(self))
+            clear(self.share_dir)
+        self.exposed = exposed(r, self.shares)
         self.errors = RecentErrors(errors)
         self.console = Console(self)
         self.http = HttpServer({"/metrics": self._metrics, **self.console.routes()})
         self.address = ""
+
+    def shares(self) -> list[Share]:
+        """What the reception workers counted (none in a worker)."""
+        return [] if self.worker else read_shares(self.share_dir)
+
+    def _share(self) -> bytes:
+        ring = self.console.ring
+        return encode(os.getpid(), self.registry.collect(), ring.slots, self.console.verdicts)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -143,11 +171,11 @@ class MetricsState:
             context.hook_observers.append(self.observe)
 
     async def listen(self, address: str) -> None:
-        if current_worker():
-            # With [server] workers > 1 only the main process serves the endpoint: it is
-            # the one that delivers, and no two processes race for the address.
-            log.debug("metrics: reception worker %d does not serve %s", current_worker(),
-                      address)
+        if self.sharer is not None:
+            # With [server] workers > 1 only the main process serves the endpoint (no two
+            # processes race for the address); a worker shares its counts with it.
+            log.debug("metrics: reception worker %d does not serve %s", self.worker, address)
+            self.sharer.start()
             return
         if address == self.address and self.http.server is not None:
             return
@@ -165,6 +193,8 @@ class MetricsState:
         log.info("metrics: serving /metrics and / on %s:%d", *(self.http.bound or ("?", 0)))
 
     async def close(self) -> None:
+        if self.sharer is not None:
+            await self.sharer.stop()
         await self.http.stop()
         logging.getLogger("tampu").removeHandler(self.errors)
 
@@ -214,7 +244,7 @@ class MetricsState:
     # ------------------------------------------------------------------ HTTP
 
     async def _metrics(self, request: Request) -> Response:
-        body = await asyncio.to_thread(generate_latest, self.registry)
+        body = await asyncio.to_thread(generate_latest, self.exposed)
         return 200, CONTENT_TYPE_LATEST, body
 
 

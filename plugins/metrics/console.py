@@ -1,9 +1,9 @@
 """The admin console (``GET /`` and ``GET /why`` of the metrics listener): read-only.
 
 ``/`` shows the version and uptime; throughput, delivery and reply-code charts of the last
-hours (per-minute counters of this process, drawn as inline SVG); the recent transactions with
-their verdicts, from the decision journal; the queue (``tampu queue list``'s rows); each
-plugin's verdicts and hook latency; the recent errors, listeners and plugin order.
+hours (per-minute counters of every process of the server, drawn as inline SVG); the recent
+transactions with their verdicts, from the decision journal; the queue (``tampu queue list``'s
+rows); each plugin's verdicts and hook latency; the recent errors, listeners and plugin order.
 ``?q=`` searches transactions and the queue by address, queue ID or client address. ``/why``
 tells one story, exactly as ``tampu why`` does (``?qid=`` or ``?session=``).
 
@@ -49,6 +49,7 @@ from tampu.plugins.metrics.render import (
     time_of,
     transaction_row,
 )
+from tampu.plugins.metrics.shared import Merged, Share, merge_minutes, merge_verdicts
 from tampu.plugins.metrics.status import RecentErrors, server_sections
 from tampu.store import format_age, valid_id
 
@@ -79,6 +80,10 @@ class Source(Protocol):
     hook_seconds: Histogram
     hook_failures: Counter
     errors: RecentErrors
+
+    def shares(self) -> list[Share]:
+        """What the other processes counted (:mod:`.shared`)."""
+        ...
 
 
 class Console:
@@ -150,14 +155,15 @@ class Console:
         store = self.source.context.store
         rows, queued = await queue_rows(store, QUEUE_SEARCH if q else QUEUE_ROWS)
         live = set(await store.ids()) if queued <= 100_000 else {r.id for r in rows}
+        shares = self.source.shares()
         body = "".join((
             self._summary(rows, queued),
             self._search(q, hours, complete, since),
-            self._charts(hours),
+            self._charts(hours, shares),
             self._transactions(records, q, live,
                                self.source.context.settings.journal_max_size > 0),
             self._queue(rows, queued, q),
-            self._plugins(),
+            self._plugins(shares),
             server_sections(self.source.context, list(self.source.errors.records)),
         ))
         head = f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""
@@ -230,13 +236,14 @@ class Console:
                 f'<span class="quiet"> {"searched" if q else "reading"} {e(scope)}</span>'
                 "</form>")
 
-    def _charts(self, hours: int) -> str:
+    def _charts(self, hours: int, shares: list[Share]) -> str:
         first, counts = self.ring.window(hours * 60)
+        counts = merge_minutes(first, counts, shares)
         codes = sorted({k[5:] for c in counts for k in c if k.startswith("code:")})
         choose = " · ".join(f"<b>{h}h</b>" if h == hours else
                             f'<a href="{link("/", hours=h)}#charts">{h}h</a>' for h in HOURS)
         return (f'<section id="charts"><h2>The last {hours} hour(s), per minute</h2>'
-                f'<p class="quiet">{choose} — counted by this process since it started</p>'
+                f'<p class="quiet">{choose} — counted by every process since it started</p>'
                 '<div class="charts">'
                 + stacked_bars("Reception", first, counts, _THROUGHPUT)
                 + stacked_bars("Delivery attempts", first, counts, _DELIVERY)
@@ -294,14 +301,16 @@ class Console:
                 "<th>from</th><th>recipients</th><th>attempts</th><th>next attempt</th>"
                 f"<th>last error</th></tr></thead><tbody>{body}</tbody></table></section>")
 
-    def _plugins(self) -> str:
+    def _plugins(self, shares: list[Share]) -> str:
         verdicts = "".join(
             f"<tr><td>{e(plugin)}</td><td>{e(stage)}</td><td class=\"n\">{ok}</td>"
             f'<td class="n">{no}</td></tr>'
-            for (plugin, stage), (ok, no) in sorted(self.verdicts.items()))
+            for (plugin, stage), (ok, no) in sorted(merge_verdicts(self.verdicts,
+                                                                   shares).items()))
         if not verdicts:
             verdicts = '<tr><td colspan="4" class="quiet">none yet</td></tr>'
-        timing = latencies(self.source.hook_seconds, self.source.hook_failures)
+        timing = latencies(Merged(self.source.hook_seconds, lambda: shares),
+                           Merged(self.source.hook_failures, lambda: shares))
         lat = "".join(
             f"<tr><td>{e(plugin)}</td><td>{e(hook)}</td><td class=\"n\">{count}</td>"
             f'<td class="n">{ms(total / count) if count else "-"}</td>'

@@ -12,11 +12,10 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import Any, Final
 
-from prometheus_client import Counter, Histogram
-
 from tampu.commands.queue import QueueRow
 from tampu.commands.why import Line, decision_line
 from tampu.item import Recipient
+from tampu.plugins.metrics.shared import Collecting
 
 _TONE_OF_STATUS = {"sent": "ok", "temporary": "deferred", "permanent": "failed"}
 
@@ -167,7 +166,7 @@ def story(lines: list[Line]) -> str:
     return f'<ol class="story">{items}</ol>'
 
 
-def latencies(histogram: Histogram, failures: Counter,
+def latencies(histogram: Collecting, failures: Collecting,
                ) -> dict[tuple[str, str], tuple[int, float, str, int]]:
     """(plugin, hook) -> (samples, total seconds, the 95th percentile's bucket, failures)."""
     counts: dict[tuple[str, str], int] = {}
