@@ -160,7 +160,8 @@ class MetricsState:
 
     def _share(self) -> bytes:
         ring = self.console.ring
-        return encode(os.getpid(), self.registry.collect(), ring.slots, self.console.verdicts)
+        return encode(os.getpid(), self.registry.collect(), ring.slots, self.console.verdicts,
+                      [(r.when, r.logger, r.message) for r in self.errors.records])
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -50,7 +50,7 @@ from tampu.plugins.metrics.render import (
     transaction_row,
 )
 from tampu.plugins.metrics.shared import Merged, Share, merge_minutes, merge_verdicts
-from tampu.plugins.metrics.status import RecentErrors, server_sections
+from tampu.plugins.metrics.status import ErrorRecord, RecentErrors, server_sections
 from tampu.store import format_age, valid_id
 
 RECENT_BYTES: Final = 1024 * 1024
@@ -164,7 +164,7 @@ class Console:
                                self.source.context.settings.journal_max_size > 0),
             self._queue(rows, queued, q),
             self._plugins(shares),
-            server_sections(self.source.context, list(self.source.errors.records)),
+            server_sections(self.source.context, self._errors(shares)),
         ))
         head = f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""
         return 200, "text/html; charset=utf-8", page(
@@ -300,6 +300,15 @@ class Console:
                 '<table class="queue"><thead><tr><th>queue ID</th><th>age</th><th>size</th>'
                 "<th>from</th><th>recipients</th><th>attempts</th><th>next attempt</th>"
                 f"<th>last error</th></tr></thead><tbody>{body}</tbody></table></section>")
+
+    def _errors(self, shares: list[Share]) -> list[ErrorRecord]:
+        """The recent errors of every process, oldest first (as many as one process keeps)."""
+        mine = list(self.source.errors.records)
+        theirs = [ErrorRecord(*e) for share in shares for e in share.errors]
+        if not theirs:
+            return mine
+        keep = self.source.errors.records.maxlen or len(mine) + len(theirs)
+        return sorted(mine + theirs, key=lambda r: r.when)[-keep:]
 
     def _plugins(self, shares: list[Share]) -> str:
         verdicts = "".join(

@@ -2,9 +2,10 @@
 
 Only the main process serves the metrics listener, but every process receives and delivers.
 Each reception worker writes what it counted — its Prometheus samples, the console's
-per-minute counters and verdict counts — to ``<data_dir>/metrics/worker-<N>.json`` every
-:data:`SHARE_EVERY` seconds when something changed (and once more when it stops); the main
-process adds the files to its own counts whenever it answers ``/metrics`` or the console.
+per-minute counters, verdict counts and recent errors — to
+``<data_dir>/metrics/worker-<N>.json`` every :data:`SHARE_EVERY` seconds when something changed
+(and once more when it stops); the main process adds the files to its own counts whenever it
+answers ``/metrics`` or the console.
 
 The files hold totals, not increments, so a late or lost write loses nothing: the next one
 carries it. They are not synced (counters do not survive a crash, as in any process). A
@@ -53,16 +54,20 @@ class Share:
     """The console's per-minute counters: (minute, series -> count)."""
     verdicts: list[tuple[str, str, int, int]] = field(default_factory=list)
     """The console's verdict counts: (plugin, stage, accepted, refused)."""
+    errors: list[tuple[float, str, str]] = field(default_factory=list)
+    """The worker's recent ERROR lines: (time, logger, message)."""
 
 
 def encode(pid: int, families: Iterable[Metric], minutes: Sequence[tuple[int, dict[str, int]]],
-           verdicts: dict[tuple[str, str], list[int]]) -> bytes:
+           verdicts: dict[tuple[str, str], list[int]],
+           errors: Iterable[tuple[float, str, str]] = ()) -> bytes:
     """One worker's file."""
     return json.dumps({
         "pid": pid,
         "samples": {f.name: [[s.name, s.labels, s.value] for s in f.samples] for f in families},
         "minutes": [[m, c] for m, c in minutes if m >= 0 and c],
         "verdicts": [[p, s, ok, no] for (p, s), (ok, no) in sorted(verdicts.items())],
+        "errors": [list(e) for e in errors],
     }, separators=(",", ":")).encode()
 
 
@@ -92,7 +97,8 @@ def read_shares(directory: Path) -> list[Share]:
                 {str(k): [(str(n), dict(labels), float(v)) for n, labels, v in samples]
                  for k, samples in raw["samples"].items()},
                 [(int(m), {str(k): int(v) for k, v in c.items()}) for m, c in raw["minutes"]],
-                [(str(p), str(s), int(ok), int(no)) for p, s, ok, no in raw["verdicts"]]))
+                [(str(p), str(s), int(ok), int(no)) for p, s, ok, no in raw["verdicts"]],
+                [(float(t), str(n), str(m)) for t, n, m in raw.get("errors", ())]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.debug("metrics: %s skipped: %s", name, exc)
     return shares

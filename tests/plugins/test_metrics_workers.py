@@ -12,11 +12,15 @@ import textwrap
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import cast
 
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from tampu.plugins.metrics.console import Console, Source
 from tampu.plugins.metrics.shared import Share, merge
+from tampu.plugins.metrics.status import ErrorRecord, RecentErrors
 from tampu.testing import make_config_dir
 from tests.helpers import serving
 from tests.recording import fixed_port
@@ -109,3 +113,13 @@ def test_merge_adds_counters_keeps_the_earliest_created_and_drops_dead_gauges():
               for f in merge([counter, gauge], [live, dead]) for s in f.samples}
     assert merged == {("c_total", (("l", "a"),)): 15.0, ("c_created", (("l", "a"),)): 50.0,
                       ("c_total", (("l", "b"),)): 4.0, ("g", ()): 6.0}
+
+
+def test_the_console_shows_the_recent_errors_of_every_process_newest_last():
+    errors = RecentErrors(3)
+    errors.records.extend([ErrorRecord(10.0, "tampu.a", "main old"),
+                           ErrorRecord(30.0, "tampu.a", "main new")])
+    console = Console(cast("Source", SimpleNamespace(errors=errors)))
+    worker = Share(10, False, errors=[(20.0, "tampu.b", "worker"), (5.0, "tampu.b", "oldest")])
+    assert [r.message for r in console._errors([worker])] == ["main old", "worker", "main new"]
+    assert [r.message for r in console._errors([])] == ["main old", "main new"]
