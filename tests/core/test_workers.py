@@ -1,8 +1,8 @@
 """``[server] workers``: several reception processes share the listener (SO_REUSEPORT).
 
 A real ``tampu serve`` with three processes; many short connections are spread over them; every
-accepted message is delivered (the workers hand their new items to the main process, which
-runs the delivery loop); SIGTERM to the main process stops all of them.
+accepted message is delivered (each process delivers what it accepted; items that wait for a
+retry go to the main process); SIGTERM to the main process stops all of them.
 """
 
 from __future__ import annotations
