@@ -9,7 +9,7 @@
   hand-over per loop iteration), with an optional step after each batch (the queue's one
   ``fdatasync``): the group commit. A batch runs on the loop itself while batches are fast
   (``inline``), in one thread of its own otherwise.
-* :func:`boot_id`, :func:`boot_time`, :func:`process_start`: what tells a process crash (the
+* :func:`boot_id`, :func:`process_start`: what tells a process crash (the
   page cache survived) from a power loss, and a live process from a dead one.
 """
 
@@ -187,14 +187,6 @@ def boot_id() -> str:
     return _read_text("/proc/sys/kernel/random/boot_id").strip().replace("-", "")
 
 
-def boot_time() -> float:
-    """When this boot started (seconds since the epoch; 0.0 when unknown)."""
-    for line in _read_text("/proc/stat").splitlines():
-        if line.startswith("btime "):
-            return float(line.split()[1])
-    return 0.0
-
-
 def process_start(pid: int) -> int | None:
     """The start time of process ``pid`` (clock ticks since boot), None if it does not exist
     (or is a zombie). With :func:`boot_id` it names a process for good (PIDs are reused)."""
@@ -358,16 +350,6 @@ class BatchThread:
             self._running = threading.Lock()  # ... and so may this one
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
-
-    def run_now(self, func: Callable[..., _T], *args: Any) -> _T:  # noqa: ANN401
-        """Run ``func`` in the calling thread as a batch of one (``after`` included): for
-        callers without an event loop (commands, tests)."""
-        job: Job[_T] = Job(func, args, "", None, None)  # type: ignore[arg-type]
-        with self._running:
-            self._run_batch([job])
-        if job.error is not None:
-            raise job.error
-        return job.value  # type: ignore[return-value]
 
     def _run(self) -> None:
         while True:

@@ -224,9 +224,6 @@ class Wire(asyncio.Protocol):
         finally:
             self._waiter = None
 
-    def pending_input(self) -> bool:
-        return bool(self._buf)
-
     def discard_input(self) -> int:
         n = len(self._buf)
         self._buf.clear()

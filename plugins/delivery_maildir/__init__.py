@@ -190,11 +190,6 @@ def maildir_top(item: QueueItem, recipient: Recipient) -> bytes:
                 "utf-8", "surrogateescape")
 
 
-def maildir_bytes(item: QueueItem, recipient: Recipient, message: bytes) -> bytes:
-    """The message as stored: Return-Path and Delivered-To on top, LF line endings."""
-    return maildir_top(item, recipient) + message.replace(b"\r\n", b"\n")
-
-
 Write = tuple[Recipient, Path | None, bytes]
 """One recipient's delivery: its Maildir (None: no usable name) and the top lines."""
 

@@ -132,13 +132,6 @@ class ConnectionPool:
         """Open connections, busy and idle."""
         return self._open
 
-    def open_to(self, dest: Destination) -> int:
-        found = self._dests.get(dest)
-        return found.open if found is not None else 0
-
-    def idle_count(self) -> int:
-        return sum(len(d.idle) for d in self._dests.values())
-
     def configure(self, *, per_destination: int, total: int, idle_timeout: float,
                   max_messages: int) -> None:
         """New limits (a reload); idle connections are closed, since the TLS settings they

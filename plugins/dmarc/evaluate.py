@@ -52,10 +52,6 @@ class PolicyLookup:
     reason: str = ""
 
     @property
-    def org_domain(self) -> str:
-        return organizational_domain(self.domain)
-
-    @property
     def subdomain_policy(self) -> bool:
         """The record came from the organizational domain of a subdomain: ``sp`` applies."""
         return bool(self.source) and self.source != self.domain
