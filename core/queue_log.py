@@ -219,6 +219,8 @@ class QueueLog:
         """Filesystem (st_dev) -> a directory on it where deliveries were written lazily
         (other than the queue's filesystem, which every checkpoint syncs)."""
         self._roots_lock = threading.Lock()
+        self._noted: set[Path] = set()
+        """Paths :meth:`add_root` already checked (a stat per delivery is saved)."""
         self._queue_dev: int | None = None
         self._buffer: list[bytes] = []
         self._batch: list[str] = []
@@ -368,22 +370,33 @@ class QueueLog:
         """Deliveries are written without fsync under ``path``: sync its filesystem at each
         checkpoint. A filesystem other than the queue's is also written to
         :data:`ROOTS_FILE` (durably, once), for a process recovering after a crash."""
+        if path in self._noted:
+            return
         try:
             dev = os.stat(path).st_dev
             if dev == self._dev():
+                self._note(path)
                 return
         except OSError:
             return
         with self._roots_lock:  # one writer of the file at a time
             with self.lock:
-                if dev in self.roots:
-                    return
+                known = dev in self.roots
+            if known:
+                self._note(path)
+                return
             listed = sorted({*self.roots.values(), str(path), *read_roots(self.dir)})
             write_durably(self.dir / ROOTS_FILE, ["".join(f"{r}\n" for r in listed).encode(
                 "utf-8", "surrogateescape")])
             self._syncs += 2
             with self.lock:
                 self.roots[dev] = str(path)
+        self._note(path)
+
+    def _note(self, path: Path) -> None:
+        if len(self._noted) >= 10_000:  # bounded: many users' Maildirs
+            self._noted.clear()
+        self._noted.add(path)
 
     def _dev(self) -> int:
         if self._queue_dev is None:
