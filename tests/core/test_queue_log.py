@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -20,7 +21,7 @@ import pytest
 from tampu import files
 from tampu.files import HAVE_SYNCFS, BatchThread, boot_id, process_start
 from tampu.item import QueueItem, Recipient
-from tampu.queue_log import SUFFIX, QueueLog, SegmentName, read_segment, record
+from tampu.queue_log import SUFFIX, QueueLog, SegmentName, read_roots, read_segment, record
 from tampu.store_files import INLINE_BYTES, FilesystemStore
 
 pytestmark = pytest.mark.skipif(not HAVE_SYNCFS, reason="the queue log needs syncfs (Linux)")
@@ -391,3 +392,27 @@ def test_segments_of_live_processes_are_left_alone(tmp_path):
     assert json.loads(header)["owner"] == other._log.owner
     asyncio.run(store.close())
     asyncio.run(other.close())
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second filesystem")
+def test_lazy_deliveries_on_another_filesystem_are_listed_once(tmp_path):
+    """A Maildir on another filesystem than the queue goes into the roots file (durably,
+    once), so that recovery after a power loss syncs it; one on the queue's filesystem does
+    not (every checkpoint syncs that one); asking again costs no write."""
+    (tmp_path / "log").mkdir()
+    log = QueueLog(tmp_path / "log")
+    same = tmp_path / "mail" / "u"
+    same.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        if Path(other).stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("/dev/shm is on the same filesystem here")
+        log.add_root(same)
+        assert read_roots(log.dir) == []
+        log.add_root(Path(other))
+        assert read_roots(log.dir) == [other]
+        syncs = log.syncs
+        for _ in range(3):
+            log.add_root(Path(other))
+            log.add_root(same)
+        assert log.syncs == syncs and read_roots(log.dir) == [other]
+        assert str(Path(other)) in log.roots.values()
