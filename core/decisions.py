@@ -41,6 +41,9 @@ FLUSH_RECORDS: Final = 256
 MAX_DECISIONS: Final = 200
 """Decisions kept per transaction (a client sending thousands of RCPTs gets a summary)."""
 
+_ENCODE: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+"""``json.dumps`` with these arguments makes a new encoder per call."""
+
 _CURRENT: StashKey[list[dict[str, Any]]] = StashKey()
 _SESSION: StashKey[list[dict[str, Any]]] = StashKey()
 
@@ -146,8 +149,7 @@ class Journal:
 
     @staticmethod
     def _line(record: dict[str, Any]) -> bytes:
-        return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode(
-            "utf-8", "backslashreplace")
+        return (_ENCODE(record) + "\n").encode("utf-8", "backslashreplace")
 
     def _open(self) -> tuple[Any, int]:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -55,14 +55,18 @@ LOG_DIR = "log"
 ACTIONS = ("retry", "delete", "hold", "release")
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+"""``json.dumps`` with a separator argument makes a new encoder per call."""
+
+
 def item_header(item: QueueItem, size: int) -> bytes:
     """The first line of an item file (without its ``\\n``)."""
-    return json.dumps({**item.header_json(), "size": size}, separators=(",", ":")).encode()
+    return _ENCODE({**item.header_json(), "size": size}).encode()
 
 
 def state_body(item: QueueItem) -> bytes:
     """The contents of an item's state file."""
-    return json.dumps(item.state_json(), separators=(",", ":")).encode()
+    return _ENCODE(item.state_json()).encode()
 
 
 def write_item_file(path: Path, chunks: list[bytes]) -> None:
