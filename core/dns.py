@@ -372,15 +372,17 @@ class Resolver:
         while qid in proto.waiting:
             qid = (qid + 1) & 0xFFFF
             wire = struct.pack("!H", qid) + wire[2:]
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
         proto.waiting[qid] = fut
         assert proto.transport is not None
         proto.transport.sendto(wire)
         proto.sent += 1
+        timer = loop.call_later(limit, _expire, fut)  # cheaper than asyncio.timeout
         try:
-            async with asyncio.timeout(limit):
-                return await fut, qid
+            return await fut, qid
         finally:
+            timer.cancel()
             proto.waiting.pop(qid, None)
 
     async def _tcp(self, server: tuple[str, int], wire: bytes, name: str, code: int,
@@ -439,6 +441,11 @@ class DerivedCache(Generic[_K, _V]):
             if len(self._kept) >= self.limit:
                 self._kept.clear()
         self._kept[key] = (until, value)
+
+
+def _expire(fut: asyncio.Future[bytes]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _rcode_text(rcode: int) -> str:
