@@ -91,6 +91,8 @@ class MailLog:
         self.handler: logging.Handler | None = None
         self.thread: threading.Thread | None = None
         self.failing = False
+        self._second = -1
+        self._date = ""
 
     def open(self) -> None:
         """Open the file or the syslog socket (blocking: run in a thread). Raises OSError."""
@@ -106,8 +108,7 @@ class MailLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # reopened when logrotate moves the file away
             target = logging.handlers.WatchedFileHandler(self.path, encoding="utf-8")
-            fmt = "%(message)s" if self.settings.format == "json" else "%(asctime)s %(message)s"
-            target.setFormatter(logging.Formatter(fmt))
+            # (its lines are formatted by _write: the time as logging.Formatter's default)
         target.handleError = self._failed  # type: ignore[method-assign]
         self.handler = target
         self.thread = threading.Thread(target=self._write_lines, name="tampu-maillog",
@@ -131,39 +132,59 @@ class MailLog:
             if batch is None:
                 return
             stop = drain_into(self.queue, batch)  # whatever else waits goes in the same write
-            records = []
-            for created, line in batch:
-                record = logging.LogRecord("tampu.maillog", logging.INFO, "", 0, line, None,
-                                           None)
-                record.created, record.msecs = created, (created % 1) * 1000
-                records.append(record)
             was_failing = self.failing
-            self._write(records)
-            if was_failing and self.failing and self._wrote(records[-1]):
+            self._write(batch)
+            if was_failing and self.failing and self._wrote():
                 self.failing = False
                 log.warning("maillog: writing to %s again", self.path)
             if stop:
                 return
 
-    def _write(self, records: list[logging.LogRecord]) -> None:
+    @staticmethod
+    def _record(created: float, line: str) -> logging.LogRecord:
+        record = logging.LogRecord("tampu.maillog", logging.INFO, "", 0, line, None, None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        return record
+
+    def _stamp(self, created: float) -> str:
+        """``logging.Formatter``'s default time (``2026-12-01 09:30:01,042``), the
+        ``strftime`` made once per second."""
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._date},{int((created - second) * 1000):03d} "
+
+    def _write(self, batch: list[tuple[float, str]]) -> None:
         """A file gets the batch in one write; syslog one datagram per line."""
         handler = self.handler
         assert handler is not None
         if not isinstance(handler, logging.handlers.WatchedFileHandler):
-            for record in records:
-                handler.handle(record)
+            for created, line in batch:
+                handler.handle(self._record(created, line))
             return
+        if self.settings.format == "json":
+            text = "".join(line + "\n" for _, line in batch)
+        else:
+            text = "".join(self._stamp(created) + line + "\n" for created, line in batch)
         with handler.lock or contextlib.nullcontext():
             try:
                 handler.reopenIfNeeded()  # one stat per batch, not per line
                 if handler.stream is None:
                     handler.stream = handler._open()
-                handler.stream.write("".join(handler.format(r) + "\n" for r in records))
+                    handler._statstream()
+                handler.stream.write(text)
                 handler.stream.flush()
             except Exception:  # noqa: BLE001 - reported once by _failed
-                handler.handleError(records[0])
+                handler.handleError(self._record(*batch[0]))
+                # Drop the file and the lines it could not take: kept, they would fail
+                # every later flush, and logging's reopen after a rotation with them.
+                stream, handler.stream = handler.stream, None
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
 
-    def _wrote(self, record: logging.LogRecord) -> bool:
+    def _wrote(self) -> bool:
         """After a failure: whether the stream takes lines again (flushes it)."""
         stream = getattr(self.handler, "stream", None)
         try:

@@ -123,3 +123,36 @@ def test_missing_syslog_socket_stops_start_up(tampu_server, tmp_path):
     conf = maillog("text", f'syslog = true\nsyslog_socket = "{tmp_path}/nope"')
     with pytest.raises(PluginError, match="syslog socket .* does not exist"):
         tampu_server(conf={"61-maillog.toml": conf})
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_is_one_error_and_writing_resumes_by_itself(tmp_path, caplog):
+    """Lines to a file that cannot take them (``/dev/full``: ENOSPC) are lost with one
+    ERROR, not one per line; when the path works again (logrotate, space freed) the
+    writer reopens it and says so."""
+    from tampu.plugins.maillog import MailLog, MailLogSettings
+
+    link = tmp_path / "mail.log"
+    link.symlink_to("/dev/full")
+    mail_log = MailLog(MailLogSettings(path=str(link)), tmp_path)
+    mail_log.open()
+    try:
+        with caplog.at_level("WARNING", logger="tampu.plugins.maillog"):
+            for n in range(3):
+                mail_log.event("queued", f"lost {n}", {})
+            deadline = time.monotonic() + 10
+            while not any("cannot write" in r.message for r in caplog.records):
+                assert time.monotonic() < deadline, "no error reported"
+                time.sleep(0.02)
+            link.unlink()
+            (tmp_path / "real.log").touch()
+            link.symlink_to(tmp_path / "real.log")
+            mail_log.event("queued", "kept\nline", {})
+            text = read_until(tmp_path / "real.log", lambda t: "kept line" in t)
+    finally:
+        mail_log.close()
+    errors = [r for r in caplog.records if "cannot write" in r.message]
+    assert len(errors) == 1 and "No space left" in errors[0].message
+    assert any("writing to" in r.message and "again" in r.message for r in caplog.records)
+    assert "lost" not in text
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} kept line\n", text)
