@@ -17,6 +17,7 @@ expansion), ``attempt`` (one delivery attempt), ``done`` (the item left the queu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -107,24 +108,31 @@ class Journal:
                 self._wake.wait(FLUSH_INTERVAL)
                 self._wake.clear()
                 closing = self._closing
-                batch = self._take()
-                file_limit = max(1024, self.max_bytes // 10)
-                chunk: list[bytes] = []
-                size = 0
-                for record in batch:  # one write per file: a file never passes its limit
-                    line = self._line(record)
-                    if chunk and written + size + len(line) > file_limit:
-                        handle, written = self._put(handle, written, chunk, file_limit)
-                        chunk, size = [], 0
-                    chunk.append(line)
-                    size += len(line)
-                if chunk:
-                    handle, written = self._put(handle, written, chunk, file_limit)
+                try:
+                    handle, written = self._write_batch(self._take(), handle, written)
+                except Exception:  # a bug (a record JSON cannot encode): this batch only
+                    log.exception("decision journal: records lost")
                 if closing:
                     return
         finally:
             if handle is not None:
                 handle.close()
+
+    def _write_batch(self, batch: list[dict[str, Any]], handle: Any,  # noqa: ANN401 - a file
+                     written: int) -> tuple[Any, int]:
+        file_limit = max(1024, self.max_bytes // 10)
+        chunk: list[bytes] = []
+        size = 0
+        for record in batch:  # one write per file: a file never passes its limit
+            line = self._line(record)
+            if chunk and written + size + len(line) > file_limit:
+                handle, written = self._put(handle, written, chunk, file_limit)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            handle, written = self._put(handle, written, chunk, file_limit)
+        return handle, written
 
     def _put(self, handle: Any, written: int, chunk: list[bytes],  # noqa: ANN401 - a file
              file_limit: int) -> tuple[Any, int]:
@@ -145,6 +153,9 @@ class Journal:
                 log.error("decision journal: cannot write to %s: %s; records are lost until "
                           "it works again", self.dir, exc.strerror or exc)
             self.failing = True
+            if handle is not None:  # with the bytes it could not take; the next gets a new file
+                with contextlib.suppress(OSError):
+                    handle.close()
             return None, 0
 
     @staticmethod
