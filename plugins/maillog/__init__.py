@@ -133,7 +133,10 @@ class MailLog:
                 return
             stop = drain_into(self.queue, batch)  # whatever else waits goes in the same write
             was_failing = self.failing
-            self._write(batch)
+            try:
+                self._write(batch)
+            except Exception:  # a bug: this batch is lost, not the writer
+                log.exception("maillog: lines lost")
             if was_failing and self.failing and self._wrote():
                 self.failing = False
                 log.warning("maillog: writing to %s again", self.path)
