@@ -262,6 +262,8 @@ def _first_lookup(sender: str, helo: str) -> tuple[str, str] | None:
 
 def _plain_ip(ip: str) -> str:
     """IPv4-mapped IPv6 (``::ffff:192.0.2.1``) as IPv4; zone index removed."""
+    if ":" not in ip:  # IPv4 as the socket gives it: already plain (no parse per message)
+        return ip
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
