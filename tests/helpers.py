@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +192,24 @@ def serving(root: Path, port: int) -> Iterator[tuple[subprocess.Popen[bytes], Pa
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def maildir_conf(port: int, server: str = "", more: str = "", *,
+                 shutdown_timeout: float = 2) -> str:
+    """A conf.d file: one SMTP listener on 127.0.0.1:``port`` delivering to the Maildirs of
+    example.test's users; ``server``: more ``[server]`` keys (lines), ``more``: more
+    sections."""
+    return textwrap.dedent(f"""\
+        [server]
+        hostname = "localhost"
+        local_domains = ["example.test"]
+        shutdown_timeout = {shutdown_timeout:g}
+        """) + server + textwrap.dedent(f"""\
+        [server.listeners.smtp]
+        kind = "smtp"
+        addresses = ["127.0.0.1:{port}"]
+        [plugins.localusers]
+        enabled = true
+        [plugins.delivery_maildir]
+        enabled = true
+        """) + textwrap.dedent(more)

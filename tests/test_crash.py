@@ -14,7 +14,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tampu.testing import make_config_dir
+from tests.helpers import maildir_conf
 from tests.recording import fixed_port
 
 KILLS = 5
@@ -99,21 +99,9 @@ def _delivered(maildir: Path) -> list[int]:
 
 def test_sigkill_loses_no_acknowledged_message(tmp_path):
     port = fixed_port()
-    cdir = make_config_dir(tmp_path / "conf", base=textwrap.dedent(f"""\
-        [server]
-        hostname = "localhost"
-        local_domains = ["example.test"]
-        retry_schedule = [0.5]
-        shutdown_timeout = 1
-        log_level = "warning"
-        [server.listeners.smtp]
-        kind = "smtp"
-        addresses = ["127.0.0.1:{port}"]
-        [plugins.localusers]
-        enabled = true
-        [plugins.delivery_maildir]
-        enabled = true
-        """), users={"user@example.test": "pw"})
+    cdir = make_config_dir(tmp_path / "conf", base=maildir_conf(
+        port, 'retry_schedule = [0.5]\nlog_level = "warning"\n', shutdown_timeout=1),
+        users={"user@example.test": "pw"})
     queue = cdir / "data" / "queue"
     maildir = cdir / "data" / "mail" / "example.test" / "user"
     server = ServerProcess(cdir, port, tmp_path / "server.log")

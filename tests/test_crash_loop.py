@@ -18,7 +18,6 @@ import re
 import signal
 import smtplib
 import subprocess
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tampu.testing import make_config_dir
+from tests.helpers import maildir_conf
 from tests.recording import fixed_port
 from tests.test_crash import ServerProcess
 
@@ -116,22 +116,9 @@ def _kill_all(server: ServerProcess) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_kill9_loop_under_load(tmp_path, workers):
     port = fixed_port()
-    cdir = make_config_dir(tmp_path / "conf", base=textwrap.dedent(f"""\
-        [server]
-        hostname = "localhost"
-        local_domains = ["example.test"]
-        retry_schedule = [0.5]
-        shutdown_timeout = 1
-        log_level = "warning"
-        workers = {workers}
-        [server.listeners.smtp]
-        kind = "smtp"
-        addresses = ["127.0.0.1:{port}"]
-        [plugins.localusers]
-        enabled = true
-        [plugins.delivery_maildir]
-        enabled = true
-        """), users={"user@example.test": "pw"})
+    cdir = make_config_dir(tmp_path / "conf", base=maildir_conf(
+        port, f'retry_schedule = [0.5]\nlog_level = "warning"\nworkers = {workers}\n',
+        shutdown_timeout=1), users={"user@example.test": "pw"})
     queue = cdir / "data" / "queue"
     maildir = cdir / "data" / "mail" / "example.test" / "user"
     server = ServerProcess(cdir, port, tmp_path / "server.log")

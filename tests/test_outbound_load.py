@@ -7,7 +7,6 @@ Figures are printed (``pytest -s``); the assertions are bounds with room for a b
 from __future__ import annotations
 
 import asyncio
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from tampu import DeliveryResult, QueueItem, Recipient, hookimpl
 from tampu.testing import make_config_dir, server_toml
 from tests.dnsserver import DNSServer
+from tests.helpers import maildir_conf
 from tests.load_kit import CountingSink, fill_queue, first_transaction, tampu_serve, wait_until
 from tests.plugins.remote_kit import free_port
 from tests.recording import fixed_port
@@ -28,24 +28,10 @@ ITEMS = 5000
 
 
 def _serve_config(root: Path, dns_port: int, mx_port: int, port: int) -> Path:
-    return make_config_dir(root, base=textwrap.dedent(f"""\
-        [server]
-        hostname = "localhost"
-        local_domains = ["example.test"]
-        dns_servers = ["127.0.0.1:{dns_port}"]
-        max_queue_items = 20000
-        shutdown_timeout = 1
-        [server.listeners.smtp]
-        kind = "smtp"
-        addresses = ["127.0.0.1:{port}"]
-        [plugins.localusers]
-        enabled = true
-        [plugins.delivery_maildir]
-        enabled = true
-        [plugins.delivery_smtp]
-        enabled = true
-        port = {mx_port}
-        """), users={"user@example.test": "pw"})
+    return make_config_dir(root, base=maildir_conf(
+        port, f'dns_servers = ["127.0.0.1:{dns_port}"]\nmax_queue_items = 20000\n',
+        f"[plugins.delivery_smtp]\nenabled = true\nport = {mx_port}\n", shutdown_timeout=1),
+        users={"user@example.test": "pw"})
 
 
 def test_restart_with_5000_queued_items(tmp_path):

@@ -9,10 +9,10 @@ import signal
 import smtplib
 import subprocess
 import sys
-import textwrap
 import time
 
 from tampu.testing import make_config_dir
+from tests.helpers import maildir_conf
 from tests.load_kit import wait_until
 from tests.recording import fixed_port
 
@@ -34,19 +34,8 @@ def _send(port: int, body: bytes) -> tuple[int, bytes]:
 
 def test_a_failed_queue_write_leaves_no_temporary_file(tmp_path):
     port = fixed_port()
-    cdir = make_config_dir(tmp_path / "conf", base=textwrap.dedent(f"""\
-        [server]
-        hostname = "localhost"
-        local_domains = ["example.test"]
-        shutdown_timeout = 1
-        [server.listeners.smtp]
-        kind = "smtp"
-        addresses = ["127.0.0.1:{port}"]
-        [plugins.localusers]
-        enabled = true
-        [plugins.delivery_maildir]
-        enabled = true
-        """), users={"user@example.test": "pw"})
+    cdir = make_config_dir(tmp_path / "conf", base=maildir_conf(port, shutdown_timeout=1),
+                           users={"user@example.test": "pw"})
     queue = cdir / "data" / "queue"
     proc = subprocess.Popen([sys.executable, "-m", "tampu.cli", "serve", "--config-dir",
                              str(cdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

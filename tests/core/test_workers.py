@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tampu.testing import make_config_dir
-from tests.helpers import serving
+from tests.helpers import maildir_conf, serving
 from tests.recording import fixed_port
 
 MESSAGES = 60
@@ -34,23 +34,9 @@ def _children(pid: int) -> set[int]:
 
 def test_workers_share_the_listener_and_every_message_is_delivered(tmp_path):
     port = fixed_port()
-    cdir = make_config_dir(tmp_path / "conf", users={"user@example.test": "pw"}, base=(
-        textwrap.dedent(f"""\
-        [server]
-        hostname = "localhost"
-        local_domains = ["example.test"]
-        workers = 3
-        retry_schedule = [0.5]
-        shutdown_timeout = 2
-        log_level = "info"
-        [server.listeners.smtp]
-        kind = "smtp"
-        addresses = ["127.0.0.1:{port}"]
-        [plugins.localusers]
-        enabled = true
-        [plugins.delivery_maildir]
-        enabled = true
-        """)))
+    cdir = make_config_dir(tmp_path / "conf", users={"user@example.test": "pw"},
+                           base=maildir_conf(port, 'workers = 3\nretry_schedule = [0.5]\n'
+                                                   'log_level = "info"\n'))
     with serving(cdir, port) as (proc, log):
         workers = _children(proc.pid)
         assert len(workers) == 2, f"expected 2 reception workers, found {workers}"

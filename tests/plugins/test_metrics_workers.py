@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import smtplib
-import textwrap
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from tampu.plugins.metrics.console import Console, Source
 from tampu.plugins.metrics.shared import Share, merge
 from tampu.plugins.metrics.status import ErrorRecord, RecentErrors
 from tampu.testing import make_config_dir
-from tests.helpers import serving
+from tests.helpers import maildir_conf, serving
 from tests.recording import fixed_port
 
 MESSAGES = 40
@@ -37,24 +36,12 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_the_endpoint_counts_the_traffic_of_every_process(tmp_path):
     port, metrics_port = fixed_port(), fixed_port()
-    cdir = make_config_dir(tmp_path / "conf", users={"user@example.test": "pw"}, base=(
-        textwrap.dedent(f"""\
-        [server]
-        hostname = "localhost"
-        local_domains = ["example.test"]
-        workers = 2
-        shutdown_timeout = 2
-        [server.listeners.smtp]
-        kind = "smtp"
-        addresses = ["127.0.0.1:{port}"]
-        [plugins.localusers]
-        enabled = true
-        [plugins.delivery_maildir]
-        enabled = true
-        [plugins.metrics]
-        enabled = true
-        address = "127.0.0.1:{metrics_port}"
-        """)))
+    cdir = make_config_dir(tmp_path / "conf", users={"user@example.test": "pw"},
+                           base=maildir_conf(port, "workers = 2\n", f"""\
+                               [plugins.metrics]
+                               enabled = true
+                               address = "127.0.0.1:{metrics_port}"
+                               """))
     stale = cdir / "data" / "metrics"
     stale.mkdir(parents=True)
     (stale / "worker-7.json").write_text('{"pid": 1, "samples": {"tampu_connections": '
