@@ -140,11 +140,14 @@ class MetricsState:
         self.hook_failures = Counter("tampu_hook_failures", "Hook implementations that "
                                      "raised or timed out.", ["hook", "plugin", "outcome"],
                                      registry=r)
+        self.changes = 0
+        """Bumped by every observation: a worker's share is built only when it moved."""
         self.worker = current_worker()
         self.share_dir = context.data_dir / SHARE_DIR
         self.sharer: Sharer | None = None
         if self.worker:  # the queue gauges are the main process's
-            self.sharer = Sharer(self.share_dir / f"worker-{self.worker}.json", self._share)
+            self.sharer = Sharer(self.share_dir / f"worker-{self.worker}.json", self._share,
+                                 self._moved)
         else:
             r.register(_QueueCollector(self))
             clear(self.share_dir)
@@ -157,6 +160,10 @@ class MetricsState:
     def shares(self) -> list[Share]:
         """What the reception workers counted (none in a worker)."""
         return [] if self.worker else read_shares(self.share_dir)
+
+    def _moved(self) -> tuple[int, int, float]:
+        records = self.errors.records
+        return self.changes, len(records), records[-1].when if records else 0.0
 
     def _share(self) -> bytes:
         ring = self.console.ring
@@ -204,6 +211,7 @@ class MetricsState:
     def child(self, metric: Any, *labels: str) -> Any:  # noqa: ANN401 - prometheus types
         """``metric.labels(*labels)``, looked up once (label values are few: listeners,
         plugins, reply classes, results)."""
+        self.changes += 1
         key = (metric, labels)
         found = self._bound.get(key)
         if found is None:
@@ -212,6 +220,7 @@ class MetricsState:
 
     def observe(self, hook: str, plugin: str, seconds: float, outcome: str) -> None:
         # Called for every hook call of every plugin: look each histogram child up once.
+        self.changes += 1
         child = self._hook_children.get((hook, plugin))
         if child is None:
             child = self._hook_children[(hook, plugin)] = self.hook_seconds.labels(hook, plugin)
@@ -310,6 +319,7 @@ class MetricsPlugin:
     def smtp_verdict(self, envelope: Envelope | None, verdict: Verdict) -> None:
         if self.state is None:
             return
+        self.state.changes += 1
         self.state.console.verdict(verdict)
         if verdict.refused:
             self.state.child(self.state.refusals, verdict.stage, verdict.plugin,

@@ -188,12 +188,15 @@ def clear(directory: Path) -> None:
 
 
 class Sharer:
-    """A worker's side: writes its file every :data:`SHARE_EVERY` seconds when it changed."""
+    """A worker's side: writes its file every :data:`SHARE_EVERY` seconds when it changed
+    (``moved``: a cheap fingerprint of the counts; the file is built only when it moves)."""
 
-    def __init__(self, path: Path, build: Callable[[], bytes]) -> None:
+    def __init__(self, path: Path, build: Callable[[], bytes],
+                 moved: Callable[[], object]) -> None:
         self.path = path
         self.build = build
-        self.last = b""
+        self.moved = moved
+        self.seen: object = None
         self.failing = False
         self.task: asyncio.Task[None] | None = None
 
@@ -210,9 +213,10 @@ class Sharer:
                 log.exception("metrics: cannot share this worker's counts")
 
     def write(self) -> None:
-        data = self.build()
-        if data == self.last and self.path.exists():  # the main process may have cleared it
+        seen = self.moved()
+        if seen == self.seen and self.path.exists():  # the main process may have cleared it
             return
+        data = self.build()
         try:
             self.path.parent.mkdir(mode=0o700, exist_ok=True)
             tmp = self.path.with_name(f".tmp-{self.path.name}")
@@ -228,7 +232,7 @@ class Sharer:
                             "counts until it works again", self.path, exc.strerror)
             self.failing = True
             return
-        self.last, self.failing = data, False
+        self.seen, self.failing = seen, False
 
     async def stop(self) -> None:
         if self.task is not None:
