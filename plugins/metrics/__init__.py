@@ -58,6 +58,8 @@ from tampu.workers import current_worker
 
 log = logging.getLogger("tampu.plugins.metrics")
 
+TIMING_SHARE_EVERY = 10.0
+"""Seconds between a worker's shares of its hook timing (its counts: every second)."""
 HOOK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0, 30.0)
 
@@ -131,9 +133,11 @@ class MetricsState:
                             registry=r)
         self.attempts = Counter("tampu_delivery_attempts", "Delivery attempts by backend "
                                 "plugin and result.", ["backend", "result"], registry=r)
+        self.timing_registry = CollectorRegistry(auto_describe=True)
+        """The hook timing histogram alone: a worker shares it less often (it costs ms)."""
         self.hook_seconds = Histogram("tampu_hook_duration_seconds", "Time spent in each "
                                       "plugin's hook implementations.", ["hook", "plugin"],
-                                      buckets=HOOK_BUCKETS, registry=r)
+                                      buckets=HOOK_BUCKETS, registry=self.timing_registry)
         self._hook_children: dict[tuple[str, str], Any] = {}
         self._bound: dict[tuple[object, tuple[str, ...]], Any] = {}
         """(metric, label values) -> its child: ``labels()`` once per combination."""
@@ -142,6 +146,8 @@ class MetricsState:
                                      registry=r)
         self.changes = 0
         """Bumped by every observation: a worker's share is built only when it moved."""
+        self._timing: list[Any] = []
+        self._timing_due = 0.0
         self.worker = current_worker()
         self.share_dir = context.data_dir / SHARE_DIR
         self.sharer: Sharer | None = None
@@ -151,7 +157,7 @@ class MetricsState:
         else:
             r.register(_QueueCollector(self))
             clear(self.share_dir)
-        self.exposed = exposed(r, self.shares)
+        self.exposed = exposed([r, self.timing_registry], self.shares)
         self.errors = RecentErrors(errors)
         self.console = Console(self)
         self.http = HttpServer({"/metrics": self._metrics, **self.console.routes()})
@@ -166,8 +172,13 @@ class MetricsState:
         return self.changes, len(records), records[-1].when if records else 0.0
 
     def _share(self) -> bytes:
+        now = time.monotonic()
+        if now >= self._timing_due:  # collecting the histogram costs ms: at most every 10 s
+            self._timing = list(self.timing_registry.collect())
+            self._timing_due = now + TIMING_SHARE_EVERY
         ring = self.console.ring
-        return encode(os.getpid(), self.registry.collect(), ring.slots, self.console.verdicts,
+        return encode(os.getpid(), [*self.registry.collect(), *self._timing], ring.slots,
+                      self.console.verdicts,
                       [(r.when, r.logger, r.message) for r in self.errors.records])
 
     # ------------------------------------------------------------------ lifecycle
@@ -202,6 +213,7 @@ class MetricsState:
 
     async def close(self) -> None:
         if self.sharer is not None:
+            self._timing_due, self.changes = 0.0, self.changes + 1  # the last share: all new
             await self.sharer.stop()
         await self.http.stop()
         logging.getLogger("tampu").removeHandler(self.errors)

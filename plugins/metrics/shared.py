@@ -142,10 +142,12 @@ class Merged(Collector):
         return merge(self.source.collect(), self.shares())
 
 
-def exposed(registry: CollectorRegistry, shares: Callable[[], list[Share]]) -> CollectorRegistry:
-    """The registry that ``/metrics`` serves: ``registry`` with the shares added."""
+def exposed(registries: Sequence[Collecting], shares: Callable[[], list[Share]],
+            ) -> CollectorRegistry:
+    """The registry that ``/metrics`` serves: ``registries`` with the shares added."""
     out = CollectorRegistry(auto_describe=False)
-    out.register(Merged(registry, shares))
+    for registry in registries:
+        out.register(Merged(registry, shares))
     return out
 
 
