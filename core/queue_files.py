@@ -41,7 +41,7 @@ from pathlib import Path
 from tampu.errors import QueueError
 from tampu.files import TMP_PREFIX
 from tampu.item import QueueItem
-from tampu.queue_log import write_all
+from tampu.log_format import write_all
 from tampu.store import valid_id
 
 log = logging.getLogger("tampu.queue")  # the store's logger

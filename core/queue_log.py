@@ -13,20 +13,20 @@ other filesystem where deliveries were written without fsync (the *roots*, liste
 fsync'd. Segments are retired when they reach :data:`SEGMENT_BYTES` or :data:`SEGMENT_AGE`
 seconds, or :data:`IDLE_RETIRE` seconds after their last item left.
 
-Segment files: ``<queue>/log/<boot>-<pid>-<start>-<seq>.seg``: the boot they were written in
-(``/proc/sys/kernel/random/boot_id``), the writing process (its PID and start time: a live
-process is never mistaken for a dead one) and a sequence number. Content: :data:`MAGIC`, one
-JSON line (the owner), then records ``kind | flags | id length | payload length | crc32``
-(``<cBHII``), the ID and the payload:
+Under load a new segment comes ready-made: its file is written full of zeros beforehand (a
+*spare*, ``.spare-<owner>-<n>``, made by the checkpoint thread and renamed into place; one
+left waiting is removed when the process stops, or a dead process's by the main process's
+next checkpoint), so that
+the records overwrite blocks that already exist and each ``fdatasync`` writes data only — no
+journal commit for a growing file, as PostgreSQL does with its WAL (about half the CPU and
+a third of the latency of each sync here). A spare is made only when the segment before held
+at least :data:`SPARE_MIN` bytes, and twice as big as that one held (up to
+:data:`SEGMENT_BYTES`): a quiet server writes no zeros.
 
-* ``P`` an item was put: the payload is its whole item file (header line and message);
-* ``D`` an item left the queue and every delivery made for it was durable before;
-* ``L`` an item left the queue after deliveries written without fsync (durable at the
-  segment's retirement: they count only while the machine has not restarted);
-* ``F`` an item's file was written before its state (from then on, in this boot, the file
-  is the item: another process may deliver it and remove it).
+The files and records are :mod:`tampu.log_format`'s.
 
-After a crash the main process reads the dead processes' segments (:func:`read_segment`) and
+After a crash the main process reads the dead processes' segments
+(:func:`tampu.log_format.read_segment`) and
 writes back every ``P`` record without a ``D`` (nor, in the same boot, an ``L`` or ``F``)
 record whose file is missing or not whole (:mod:`tampu.queue_recovery`).
 """
@@ -37,151 +37,44 @@ import itertools
 import json
 import logging
 import os
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from tampu.files import boot_id, fsync_dir, process_start, syncfs, write_durably
+from tampu.log_format import (
+    DONE,
+    FILED,
+    LEFT,
+    MAGIC,
+    PUT,
+    ROOTS_FILE,
+    SPARE_PREFIX,
+    SUFFIX,
+    SegmentName,
+    read_roots,
+    record,
+    write_all,
+)
 from tampu.log_sync import GroupSync
 
 log = logging.getLogger("tampu.queue")
 
-SUFFIX: Final = ".seg"
-ROOTS_FILE: Final = "roots"
-"""Other filesystems where deliveries are written without fsync, one path per line."""
-MAGIC: Final = b"tampu queue log 1\n"
 SEGMENT_BYTES: Final = 16 * 1024 * 1024
 """A segment this big is sealed and retired (a new one takes the next items)."""
 SEGMENT_AGE: Final = 10.0
 """Seconds after which a segment is sealed and retired: after a power loss, deliveries of
 about this long are repeated."""
+SPARE_MIN: Final = 256 * 1024
+"""A segment that held this much (or more) has its successor written with zeros beforehand."""
+SPARE_STEP: Final = 1024 * 1024
 IDLE_RETIRE: Final = 2.0
 """Seconds after its last item left (and nothing came) that a segment is retired."""
-_REC: Final = struct.Struct("<cBHII")
-PUT: Final = b"P"
-DONE: Final = b"D"
-LEFT: Final = b"L"
-FILED: Final = b"F"
-IOV_MAX: Final = 512
 _SEQ = itertools.count(1)
 """Segment numbers, unique in the process (tests run several stores in one process)."""
-
-
-def write_all(fd: int, chunks: list[bytes]) -> int:
-    """Write every chunk (``writev``, short writes continued); the bytes written."""
-    total = 0
-    pending = [memoryview(c) for c in chunks if c]
-    while pending:
-        n = os.writev(fd, pending[:IOV_MAX])
-        total += n
-        while n and pending:
-            if n >= len(pending[0]):
-                n -= len(pending[0])
-                pending.pop(0)
-            else:
-                pending[0] = pending[0][n:]
-                n = 0
-    return total
-
-
-def record(kind: bytes, item_id: str, payload: list[bytes]) -> list[bytes]:
-    """The chunks of one record (header, ID, payload)."""
-    ident = item_id.encode()
-    size = sum(len(p) for p in payload)
-    crc = zlib.crc32(kind + ident)
-    for part in payload:
-        crc = zlib.crc32(part, crc)
-    return [_REC.pack(kind, 0, len(ident), size, crc), ident, *payload]
-
-
-@dataclass(frozen=True)
-class SegmentName:
-    """What a segment's file name says."""
-
-    boot: str
-    pid: int
-    start: int
-    seq: int
-
-    @property
-    def owner(self) -> str:
-        return f"{self.boot}-{self.pid}-{self.start}"
-
-    @classmethod
-    def parse(cls, name: str) -> SegmentName | None:
-        if not name.endswith(SUFFIX):
-            return None
-        parts = name[: -len(SUFFIX)].split("-")
-        if len(parts) != 4:
-            return None
-        try:
-            return cls(parts[0], int(parts[1]), int(parts[2]), int(parts[3]))
-        except ValueError:
-            return None
-
-    def alive(self, boot: str) -> bool:
-        """Whether the process that writes this segment is running now."""
-        return self.boot == boot and process_start(self.pid) == self.start
-
-
-@dataclass
-class Contents:
-    """What a segment holds (:func:`read_segment`)."""
-
-    puts: dict[str, bytes] = field(default_factory=dict)
-    """Item ID -> its item file's bytes."""
-    done: set[str] = field(default_factory=set)
-    left: set[str] = field(default_factory=set)
-    """Items that left after deliveries written without fsync (``L`` records)."""
-    filed: set[str] = field(default_factory=set)
-    """Items whose file was written before their state (``F`` records)."""
-    torn: bool = False
-    """The segment ends with an incomplete or damaged record (written, never synced)."""
-
-
-def read_segment(path: Path) -> Contents:
-    """The records of one segment, up to the first incomplete or damaged one."""
-    out = Contents()
-    data = path.read_bytes()
-    if not data.startswith(MAGIC):
-        out.torn = bool(data)
-        return out
-    end = data.find(b"\n", len(MAGIC))
-    if end < 0:
-        out.torn = True
-        return out
-    pos = end + 1
-    while pos < len(data):
-        if pos + _REC.size > len(data):
-            out.torn = True
-            break
-        kind, _flags, id_len, size, crc = _REC.unpack_from(data, pos)
-        start = pos + _REC.size
-        stop = start + id_len + size
-        if stop > len(data):
-            out.torn = True
-            break
-        ident = data[start:start + id_len]
-        payload = data[start + id_len:stop]
-        if zlib.crc32(payload, zlib.crc32(kind + ident)) != crc:
-            out.torn = True
-            break
-        item_id = ident.decode("ascii", "replace")
-        if kind == PUT:
-            out.puts[item_id] = payload
-        elif kind == DONE:
-            out.done.add(item_id)
-        elif kind == LEFT:
-            out.left.add(item_id)
-        elif kind == FILED:
-            out.filed.add(item_id)
-        pos = stop
-    return out
 
 
 @dataclass(eq=False)
@@ -226,6 +119,10 @@ class QueueLog:
         self._batch: list[str] = []
         self._then: list[Callable[[], None]] = []
         self._sync = False
+        self._spare: tuple[Path, int, int] | None = None
+        """The next segment's file, written with zeros and synced: (path, fd, size)."""
+        self._used = 0
+        """Bytes the last sealed segment held (whether the next one gets a spare)."""
         self.group = GroupSync()
         """Where the batches' fdatasyncs are done (its helper starts at the first wait)."""
         self._syncs = 0
@@ -237,20 +134,33 @@ class QueueLog:
 
     # ---------------------------------------------------------------- the I/O batches
 
+    def _head(self) -> bytes:
+        return MAGIC + json.dumps({"owner": self.owner}).encode() + b"\n"
+
     def _open_segment(self) -> Segment:
         seg = self.current
         if seg is not None:
             return seg
         path = self.dir / f"{self.owner}-{next(_SEQ)}{SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        head = self._head()
+        with self.lock:
+            spare, self._spare = self._spare, None
+        fd = -1
         try:
-            head = MAGIC + json.dumps({"owner": self.owner}).encode() + b"\n"
-            write_all(fd, [head])
+            if spare is not None:  # written with zeros and synced beforehand
+                spare_path, fd, _ = spare
+                os.rename(spare_path, path)
+            else:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                write_all(fd, [head])
             fsync_dir(self.dir)  # the segment's name is durable before it protects anything
             self._syncs += 1
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             path.unlink(missing_ok=True)
+            if spare is not None:
+                spare[0].unlink(missing_ok=True)
             raise
         seg = Segment(path, fd, len(head), time.monotonic())
         with self.lock:
@@ -298,7 +208,7 @@ class QueueLog:
         thens, self._then = self._then, []
         seq = 0
         try:
-            written = write_all(seg.fd, chunks)
+            written = write_all(seg.fd, chunks, seg.size)
             if sync:
                 seq = self.group.written(seg.fd, thens)
         except OSError:
@@ -348,6 +258,59 @@ class QueueLog:
             if seg is not None:
                 seg.state = "sealed"
                 self.current = None
+                self._used = seg.size
+
+    # ---------------------------------------------------------------- spares
+
+    def prepare_spare(self) -> None:
+        """Write the next segment's file full of zeros and sync it, if the last segment held
+        :data:`SPARE_MIN` bytes or more and there is no spare yet (the checkpoint thread).
+        A failure only means the next segment is made the plain way."""
+        with self.lock:
+            used, ready = self._used, self._spare is not None
+        if ready or used < SPARE_MIN:
+            return
+        size = min(SEGMENT_BYTES, -(-2 * used // SPARE_STEP) * SPARE_STEP)
+        path = self.dir / f"{SPARE_PREFIX}{self.owner}-{next(_SEQ)}"
+        fd = -1
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            head = self._head()
+            zeros = bytes(SPARE_STEP)
+            write_all(fd, [head])
+            for offset in range(len(head), size, SPARE_STEP):
+                write_all(fd, [zeros[:min(SPARE_STEP, size - offset)]], offset)
+            os.fsync(fd)
+            self._syncs += 1
+        except OSError as exc:
+            log.debug("queue log: no spare segment: %s", exc.strerror or exc)
+            if fd >= 0:
+                os.close(fd)
+            path.unlink(missing_ok=True)
+            return
+        with self.lock:
+            self._spare, self._used = (path, fd, size), 0
+
+    def _drop_spare(self) -> None:
+        with self.lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            os.close(spare[1])
+            spare[0].unlink(missing_ok=True)
+
+    def _dead_spares(self) -> list[Path]:
+        """Spares of processes that are gone (they were never used: removed at once)."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if name.startswith(SPARE_PREFIX):
+                seg = SegmentName.parse(name[len(SPARE_PREFIX):] + SUFFIX)
+                if seg is not None and seg.owner != self.owner and not seg.alive(self.boot):
+                    out.append(self.dir / name)
+        return out
 
     def forget(self, item_id: str) -> bool:
         """An item is leaving. True when its record is in a segment not yet being retired
@@ -437,6 +400,8 @@ class QueueLog:
                 seg.state = "syncing"
             roots = set(self.roots.values())
         foreign = self.dead_segments() if adopt else []
+        for spare in self._dead_spares() if adopt else []:
+            spare.unlink(missing_ok=True)
         if foreign:
             roots |= set(read_roots(self.dir))
         if not (retiring or foreign or force):
@@ -488,6 +453,7 @@ class QueueLog:
 
     def close(self) -> None:
         """After a final checkpoint: close what is left open (its segments stay)."""
+        self._drop_spare()
         with self.lock:
             for seg in self.segments:
                 try:
@@ -496,12 +462,3 @@ class QueueLog:
                     pass
             self.segments.clear()
             self.current = None
-
-
-def read_roots(directory: Path) -> list[str]:
-    """The roots listed in ``directory``'s :data:`ROOTS_FILE`."""
-    try:
-        text = (directory / ROOTS_FILE).read_bytes().decode("utf-8", "surrogateescape")
-    except OSError:
-        return []
-    return [line for line in text.splitlines() if line]

@@ -21,8 +21,9 @@ from typing import Final
 
 from tampu import queue_files
 from tampu.files import TMP_PREFIX, boot_id, fsync_dir, write_durably
+from tampu.log_format import SegmentName, read_roots, read_segment
 from tampu.queue_files import DONE_INFIX, STATE_SUFFIX
-from tampu.queue_log import QueueLog, SegmentName, read_roots, read_segment
+from tampu.queue_log import QueueLog
 from tampu.store import valid_id
 
 log = logging.getLogger("tampu.queue")  # the store's logger

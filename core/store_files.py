@@ -38,8 +38,9 @@ from tampu.files import (
     write_durably,
 )
 from tampu.item import QueueItem
+from tampu.log_format import SegmentName
 from tampu.queue_files import CORRUPT_DIR, DONE_INFIX, ITEM_SUFFIX, LOG_DIR, STATE_SUFFIX
-from tampu.queue_log import QueueLog, SegmentName
+from tampu.queue_log import QueueLog
 from tampu.store import ON_DURABLE, new_queue_id, valid_id
 
 log = logging.getLogger("tampu.queue")
@@ -358,6 +359,8 @@ class FilesystemStore:
                 return
             try:
                 self.checkpoint()
+                if self._log is not None:
+                    self._log.prepare_spare()
             except Exception:
                 log.exception("queue log: checkpoint failed")
 

@@ -21,7 +21,8 @@ import pytest
 from tampu import files
 from tampu.files import HAVE_SYNCFS, BatchThread, boot_id, process_start
 from tampu.item import QueueItem, Recipient
-from tampu.queue_log import SUFFIX, QueueLog, SegmentName, read_roots, read_segment, record
+from tampu.log_format import SPARE_PREFIX, SUFFIX, SegmentName, read_roots, read_segment, record
+from tampu.queue_log import SPARE_MIN, SPARE_STEP, QueueLog
 from tampu.store_files import INLINE_BYTES, FilesystemStore
 
 pytestmark = pytest.mark.skipif(not HAVE_SYNCFS, reason="the queue log needs syncfs (Linux)")
@@ -416,3 +417,53 @@ def test_lazy_deliveries_on_another_filesystem_are_listed_once(tmp_path):
             log.add_root(same)
         assert log.syncs == syncs and read_roots(log.dir) == [other]
         assert str(Path(other)) in log.roots.values()
+
+
+def test_a_busy_segment_gets_its_successor_written_with_zeros_beforehand(tmp_path):
+    """After a segment that held SPARE_MIN bytes or more, the next one is a spare: written
+    full of zeros and synced before it is needed (fdatasyncs then write data only). Its
+    records are read back up to the zeros, which are no damage; a quiet log makes none."""
+    (tmp_path / "log").mkdir()
+    log = QueueLog(tmp_path / "log")
+
+    async def run() -> None:
+        async def put(prefix: str, n: int, size: int) -> None:
+            for i in range(n):
+                log.add_put(f"{prefix}{i}", [b"x" * size])
+                await log.durable(f"{prefix}{i}", log.commit())
+
+        await put("q", 3, 100)  # a quiet segment: no spare after it
+        log.seal()
+        log.prepare_spare()
+        assert not list(log.dir.glob(f"{SPARE_PREFIX}*"))
+        await put("a", (SPARE_MIN // 4096) + 2, 4096)
+        log.seal()
+        log.prepare_spare()
+        spares = list(log.dir.glob(f"{SPARE_PREFIX}*"))
+        assert len(spares) == 1 and spares[0].stat().st_size == SPARE_STEP
+        await put("b", 3, 100)
+        await log.group.drain()
+        log.group.close()
+
+    asyncio.run(run())
+    assert not list(log.dir.glob(f"{SPARE_PREFIX}*"))  # renamed into place
+    newest = max(_log_segments(log.dir), key=lambda p: SegmentName.parse(p.name).seq)
+    assert newest.stat().st_size == SPARE_STEP  # the records overwrote zeros
+    contents = read_segment(newest)
+    assert set(contents.puts) == {"b0", "b1", "b2"} and not contents.torn
+    assert contents.puts["b2"] == b"x" * 100
+
+
+def test_spares_of_dead_processes_are_removed(tmp_path):
+    (tmp_path / "log").mkdir()
+    log = QueueLog(tmp_path / "log")
+    dead = log.dir / f"{SPARE_PREFIX}{BOOT}-999999999-1-1"
+    mine = log.dir / f"{SPARE_PREFIX}{log.owner}-1"
+    dead.write_bytes(b"\0" * 10)
+    mine.write_bytes(b"\0" * 10)
+    assert log.checkpoint(adopt=True)
+    assert not dead.exists() and mine.exists()
+
+
+def _log_segments(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if SegmentName.parse(p.name) is not None]

@@ -10,7 +10,7 @@ import re
 import ssl
 
 from tampu import Reply, hookimpl
-from tampu.queue_log import read_segment
+from tampu.log_format import read_segment
 from tampu.testing import wait_for
 from tests.helpers import RawClient, only_queue_item, read_queue_item
 
