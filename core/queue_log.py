@@ -19,8 +19,8 @@ left waiting is removed when the process stops, or a dead process's by the main 
 next checkpoint), so that
 the records overwrite blocks that already exist and each ``fdatasync`` writes data only — no
 journal commit for a growing file, as PostgreSQL does with its WAL (about half the CPU and
-a third of the latency of each sync here). A spare is made only when the segment before held
-at least :data:`SPARE_MIN` bytes, and twice as big as that one held (up to
+a third of the latency of each sync here). A spare is made only when the segment before, or
+the current one, holds at least :data:`SPARE_MIN` bytes, and twice as big as that (up to
 :data:`SEGMENT_BYTES`): a quiet server writes no zeros.
 
 The files and records are :mod:`tampu.log_format`'s.
@@ -263,11 +263,12 @@ class QueueLog:
     # ---------------------------------------------------------------- spares
 
     def prepare_spare(self) -> None:
-        """Write the next segment's file full of zeros and sync it, if the last segment held
-        :data:`SPARE_MIN` bytes or more and there is no spare yet (the checkpoint thread).
-        A failure only means the next segment is made the plain way."""
+        """Write the next segment's file full of zeros and sync it, if the last segment or
+        the current one holds :data:`SPARE_MIN` bytes or more and there is no spare yet (the
+        checkpoint thread). A failure only means the next segment is made the plain way."""
         with self.lock:
-            used, ready = self._used, self._spare is not None
+            current = self.current.size if self.current is not None else 0
+            used, ready = max(self._used, current), self._spare is not None
         if ready or used < SPARE_MIN:
             return
         size = min(SEGMENT_BYTES, -(-2 * used // SPARE_STEP) * SPARE_STEP)

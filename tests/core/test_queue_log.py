@@ -467,3 +467,27 @@ def test_spares_of_dead_processes_are_removed(tmp_path):
 
 def _log_segments(directory: Path) -> list[Path]:
     return [p for p in directory.iterdir() if SegmentName.parse(p.name) is not None]
+
+
+def test_a_busy_current_segment_has_its_successor_prepared(tmp_path):
+    """Under sustained load the second segment is already a spare: the spare is prepared
+    while the first one is still taking records."""
+    (tmp_path / "log").mkdir()
+    log = QueueLog(tmp_path / "log")
+
+    async def run() -> None:
+        for i in range(SPARE_MIN // 4096 + 2):
+            log.add_put(f"a{i}", [b"x" * 4096])
+            await log.durable(f"a{i}", log.commit())
+        log.prepare_spare()  # the current segment is not sealed
+        assert len(list(log.dir.glob(f"{SPARE_PREFIX}*"))) == 1
+        log.seal()
+        log.add_put("b", [b"y"])
+        await log.durable("b", log.commit())
+        assert not list(log.dir.glob(f"{SPARE_PREFIX}*"))  # the new segment is the spare
+        await log.group.drain()
+        log.group.close()
+
+    asyncio.run(run())
+    newest = max(_log_segments(log.dir), key=lambda p: SegmentName.parse(p.name).seq)
+    assert newest.stat().st_size == SPARE_STEP and set(read_segment(newest).puts) == {"b"}
