@@ -209,7 +209,6 @@ class GroupSync:
     def _settle(self, upto: int, error: OSError | None) -> None:
         if error is None:
             self._synced = max(self._synced, upto)
-        if error is None:
             self._call_then(upto)
         else:
             with self._lock:

@@ -119,8 +119,8 @@ class QueueLog:
         self._batch: list[str] = []
         self._then: list[Callable[[], None]] = []
         self._sync = False
-        self._spare: tuple[Path, int, int] | None = None
-        """The next segment's file, written with zeros and synced: (path, fd, size)."""
+        self._spare: tuple[Path, int] | None = None
+        """The next segment's file, written with zeros and synced: (path, fd)."""
         self._used = 0
         """Bytes the last sealed segment held (whether the next one gets a spare)."""
         self.group = GroupSync()
@@ -148,7 +148,7 @@ class QueueLog:
         fd = -1
         try:
             if spare is not None:  # written with zeros and synced beforehand
-                spare_path, fd, _ = spare
+                spare_path, fd = spare
                 os.rename(spare_path, path)
             else:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -280,7 +280,7 @@ class QueueLog:
             zeros = bytes(SPARE_STEP)
             write_all(fd, [head])
             for offset in range(len(head), size, SPARE_STEP):
-                write_all(fd, [zeros[:min(SPARE_STEP, size - offset)]], offset)
+                write_all(fd, [zeros[:size - offset]], offset)
             os.fsync(fd)
             self._syncs += 1
         except OSError as exc:
@@ -290,7 +290,7 @@ class QueueLog:
             path.unlink(missing_ok=True)
             return
         with self.lock:
-            self._spare, self._used = (path, fd, size), 0
+            self._spare, self._used = (path, fd), 0
 
     def _drop_spare(self) -> None:
         with self.lock:
@@ -299,19 +299,6 @@ class QueueLog:
             os.close(spare[1])
             spare[0].unlink(missing_ok=True)
 
-    def _dead_spares(self) -> list[Path]:
-        """Spares of processes that are gone (they were never used: removed at once)."""
-        try:
-            names = os.listdir(self.dir)
-        except FileNotFoundError:
-            return []
-        out = []
-        for name in names:
-            if name.startswith(SPARE_PREFIX):
-                seg = SegmentName.parse(name[len(SPARE_PREFIX):] + SUFFIX)
-                if seg is not None and seg.owner != self.owner and not seg.alive(self.boot):
-                    out.append(self.dir / name)
-        return out
 
     def forget(self, item_id: str) -> bool:
         """An item is leaving. True when its record is in a segment not yet being retired
@@ -375,16 +362,22 @@ class QueueLog:
 
     def dead_segments(self) -> list[Path]:
         """Segments of processes that are gone (not this one's)."""
-        out = []
+        return self._dead()[0]
+
+    def _dead(self) -> tuple[list[Path], list[Path]]:
+        """(segments, spares) of processes that are gone: one listing of the folder."""
+        segments: list[Path] = []
+        spares: list[Path] = []
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
-            return []
+            return [], []
         for name in names:
-            seg = SegmentName.parse(name)
+            spare = name.startswith(SPARE_PREFIX)
+            seg = SegmentName.parse(name[len(SPARE_PREFIX):] + SUFFIX if spare else name)
             if seg is not None and seg.owner != self.owner and not seg.alive(self.boot):
-                out.append(self.dir / name)
-        return sorted(out)
+                (spares if spare else segments).append(self.dir / name)
+        return sorted(segments), spares
 
     def checkpoint(self, *, adopt: bool = False, force: bool = False,
                    before_sync: Callable[[list[Segment], list[Path]], None] | None = None
@@ -400,8 +393,8 @@ class QueueLog:
             for seg in retiring:
                 seg.state = "syncing"
             roots = set(self.roots.values())
-        foreign = self.dead_segments() if adopt else []
-        for spare in self._dead_spares() if adopt else []:
+        foreign, dead_spares = self._dead() if adopt else ([], [])
+        for spare in dead_spares:  # never used: removed at once
             spare.unlink(missing_ok=True)
         if foreign:
             roots |= set(read_roots(self.dir))

@@ -29,6 +29,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from tampu.files import TMP_PREFIX, write_durably
+
 log = logging.getLogger("tampu.plugins.metrics")
 
 SHARE_DIR: Final = "metrics"
@@ -182,7 +184,7 @@ def clear(directory: Path) -> None:
     except OSError:
         return
     for name in names:
-        if name.endswith(".json") or name.startswith(".tmp-"):
+        if name.endswith(".json") or name.startswith(TMP_PREFIX):
             try:
                 os.unlink(directory / name)
             except OSError as exc:
@@ -221,13 +223,7 @@ class Sharer:
         data = self.build()
         try:
             self.path.parent.mkdir(mode=0o700, exist_ok=True)
-            tmp = self.path.with_name(f".tmp-{self.path.name}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            write_durably(self.path, [data], fsync=False)  # a whole file, never synced
         except OSError as exc:
             if not self.failing:  # once, not every second
                 log.warning("metrics: cannot write %s: %s; /metrics lacks this worker's "
