@@ -191,7 +191,8 @@ class DeliveryRunner:
 
     def _enqueue(self, ids: list[str]) -> None:
         for qid in ids:
-            if qid not in self._backlogged and qid not in self.tasks:
+            if qid not in self._backlogged and qid not in self.tasks \
+                    and qid not in self.intake.in_hand:  # the intake schedules it
                 self._backlogged.add(qid)
                 self._backlog.append(qid)
         if self._backlog:

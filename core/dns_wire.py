@@ -115,7 +115,9 @@ def from_message(msg: dns.message.Message) -> Response:
 
 
 def _text(name: Any) -> str:  # noqa: ANN401 - a dns.name.Name
-    return str(name.to_text(omit_final_dot=True)).lower()
+    """As :func:`_name` spells it: the root is ``""`` (dnspython's short form says ``.``)."""
+    text = str(name.to_text()).lower()
+    return text[:-1] if text.endswith(".") else text
 
 
 def parse_txt(wire: bytes) -> Response:

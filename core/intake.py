@@ -59,6 +59,10 @@ class Intake:
         self.state = state
         self.schedulers: list[Scheduler] = []
         """Called with each new item and its bytes once it is durable (delivery, workers)."""
+        self.in_hand: set[str] = set()
+        """Items from being stored until they are handed to the schedulers. A listing of the
+        queue meanwhile (the recovery at start, a rescan) leaves them to this intake: were
+        the listing's copy delivered first, the intake's hand-off would deliver it again."""
 
     async def submit(self, sub: Submission, *, check_full: bool = True) -> QueueItem:
         """Expand, sign, store durably, notify, schedule. Raises QueueFull, QueueError,
@@ -99,10 +103,14 @@ class Intake:
         if added:
             data = b"".join(f"{n}: {v}\r\n".encode("utf-8", "surrogateescape")
                             for n, v in added) + data
-        await store.put(item, data)
-        await hooks.queue_enqueued(item)
-        for schedule in self.schedulers:
-            schedule(item, data)
+        self.in_hand.add(item.id)
+        try:
+            await store.put(item, data)
+            await hooks.queue_enqueued(item)
+            for schedule in self.schedulers:
+                schedule(item, data)
+        finally:
+            self.in_hand.discard(item.id)
         return item
 
 

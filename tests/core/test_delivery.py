@@ -7,10 +7,11 @@ import logging
 import statistics
 import threading
 import time
+from typing import Any
 
 import pytest
 
-from tampu import DeliveryResult
+from tampu import DeliveryResult, hookimpl
 from tampu.delivery_outcome import DEFAULT_SCHEDULE, schedule_delay
 from tampu.testing import make_config_dir
 from tests.recording import Recorder, send
@@ -216,6 +217,34 @@ def test_operator_delete_ends_waiting_item(tampu_server):
     rec.wait(lambda: qid not in runner.tasks, 5, "the task to end")
     rec.wait(lambda: list(srv.queue_dir.glob(f"{qid}*")) == [], 5, "the files to go")
     assert rec.dsns() == [] and rec.done == []
+
+
+class ListsEarly:
+    """Lists the queue while each new item is still in the intake's hands, between its
+    durable write and its hand-off to delivery (what the recovery at start or a rescan does
+    when its listing sees an item just written), then gives the feeder time to deliver."""
+
+    def __init__(self) -> None:
+        self.runner: Any = None
+        self.listed: list[int] = []
+
+    @hookimpl
+    async def queue_enqueued(self, item: Any) -> None:
+        self.listed.append(await self.runner.rescan())
+        await asyncio.sleep(0.3)
+
+
+def test_an_item_listed_while_the_intake_holds_it_is_delivered_once(tampu_server):
+    rec = Recorder()
+    lister = ListsEarly()
+    srv = tampu_server(plugins=[rec, lister], deliver=True)
+    lister.runner = srv.server.runner
+    qid = send(srv, "sender@example.org", ["once@example.test"])
+    rec.wait_done(qid)
+    time.sleep(0.3)  # room for a second delivery
+    assert lister.listed == [0]  # the rescan left it to the intake
+    assert rec.attempts_for("once@example.test") == ["sent"]
+    assert rec.done == [qid]
 
 
 @pytest.mark.parametrize("requested", ["all", "one"])

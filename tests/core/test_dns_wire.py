@@ -129,6 +129,16 @@ def test_a_damaged_message_is_left_to_dnspython(spec, data):
         assert decode(damaged, TXT) == theirs
 
 
+def test_the_root_name_is_spelt_alike_by_both_readers():
+    """Found by the property above: a question for the root (a damaged label length)."""
+    wire = bytearray(_wire({"qname": "a", "id": 7, "ad": False, "cnames": [], "txt": None,
+                            "kind": "records", "soa": None}))
+    wire[12:15] = b"\0"  # the question's name, one label ``a``, becomes the root
+    ours = parse_txt(bytes(wire))
+    assert ours.question == ("", TXT)
+    assert ours == from_message(dns.message.from_wire(bytes(wire))) == decode(bytes(wire), TXT)
+
+
 def test_other_record_types_are_left_to_dnspython():
     msg = dns.message.make_response(dns.message.make_query("example.org", "TXT", id=1))
     msg.answer.append(dns.rrset.from_text("example.org.", 60, "IN", "A", "192.0.2.1"))
