@@ -157,6 +157,9 @@ class DeliveryRunner:
         self._backlog: deque[str] = deque()
         """Items to load and schedule (recovery at start, rescans), oldest first."""
         self._backlogged: set[str] = set()
+        self._holds = 0
+        """Operator holds and releases saved so far: a feeder's copy read while one was
+        saved may say "not held" of an item just held, so it is read again."""
         self._fed = asyncio.Event()
         self._room = asyncio.Semaphore(self.slots.limit * ADMIT_AHEAD)
         """Items the feeder scheduled that have not reached a slot yet: a bounded number."""
@@ -213,7 +216,10 @@ class DeliveryRunner:
                 if qid in self.tasks:
                     continue
                 try:
-                    item = await self.store.load(qid)
+                    holds = -1
+                    while holds != self._holds:  # an operator's hold meanwhile: read again
+                        holds = self._holds
+                        item = await self.store.load(qid)
                 except QueueError as exc:
                     if await self.store.exists(qid):  # else: finished meanwhile
                         await self.store.quarantine(qid, str(exc))
@@ -306,6 +312,7 @@ class DeliveryRunner:
                 continue
             item.held = held
             await self.store.save_state(item)
+            self._holds += 1
             task = self.tasks.get(qid)
             if task is not None and not held:
                 self.retry_soon.add(qid)

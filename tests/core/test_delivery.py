@@ -13,6 +13,7 @@ import pytest
 
 from tampu import DeliveryResult, hookimpl
 from tampu.delivery_outcome import DEFAULT_SCHEDULE, schedule_delay
+from tampu.store_files import FilesystemStore
 from tampu.testing import make_config_dir
 from tests.recording import Recorder, send
 
@@ -202,6 +203,44 @@ def test_results_survive_restart(tampu_server, tmp_path, tampu_ca):
     assert second.attempts_for("later@example.test") == ["sent"]
     assert second.attempts_for("now@example.test") == []  # written result: not redone
     assert srv2.queue_items() == []
+
+
+def test_an_item_held_while_the_resumed_queue_reads_it_stays_held(tampu_server, tmp_path,
+                                                                   tampu_ca, monkeypatch):
+    """The feeder's copy, read before an operator's hold was saved, says "not held": it is
+    read again, and the item waits until released."""
+    cdir = make_config_dir(tmp_path / "conf", conf=DSN_CONF, ca=tampu_ca)
+    first = Recorder({"later@example.test": [DeliveryResult.temporary("not now")]},
+                     retry_delay=3600)
+    srv = tampu_server(config_dir=cdir, plugins=[first], deliver=True)
+    qid = send(srv, "sender@example.org", ["later@example.test"])
+    first.wait(lambda: len(first.attempts) == 1, 5, "the first attempt")
+    srv.stop()
+
+    reading, gate = threading.Event(), threading.Event()
+    load = FilesystemStore.load
+
+    async def slow_first_load(self: FilesystemStore, item_id: str) -> Any:
+        item = await load(self, item_id)
+        if not reading.is_set():  # the feeder's, at start: returned after the hold
+            reading.set()
+            await asyncio.to_thread(gate.wait, 5)
+        return item
+
+    monkeypatch.setattr(FilesystemStore, "load", slow_first_load)
+    second = Recorder()
+    srv2 = tampu_server(config_dir=cdir, plugins=[second], deliver=True)
+    second.wait(reading.is_set, 5, "the feeder to read the item")
+    asyncio.run(srv2.store.request("hold", [qid]))
+    srv2.loop.call_soon_threadsafe(srv2.server.handle_requests)
+    second.wait(lambda: srv2.store.load_now(qid).held, 5, "the hold to be saved")
+    gate.set()
+    time.sleep(0.5)  # room for an attempt, if the stale copy were scheduled
+    assert second.attempts_for("later@example.test") == []
+    asyncio.run(srv2.store.request("release", [qid]))
+    srv2.loop.call_soon_threadsafe(srv2.server.handle_requests)
+    second.wait_done(qid)
+    assert second.attempts_for("later@example.test") == ["sent"]
 
 
 def test_operator_delete_ends_waiting_item(tampu_server):
