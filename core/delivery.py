@@ -158,8 +158,8 @@ class DeliveryRunner:
         """Items to load and schedule (recovery at start, rescans), oldest first."""
         self._backlogged: set[str] = set()
         self._holds = 0
-        """Operator holds and releases saved so far: a feeder's copy read while one was
-        saved may say "not held" of an item just held, so it is read again."""
+        """Operator holds and releases saved so far (:meth:`_load` reads again when one was
+        saved meanwhile)."""
         self._fed = asyncio.Event()
         self._room = asyncio.Semaphore(self.slots.limit * ADMIT_AHEAD)
         """Items the feeder scheduled that have not reached a slot yet: a bounded number."""
@@ -216,10 +216,7 @@ class DeliveryRunner:
                 if qid in self.tasks:
                     continue
                 try:
-                    holds = -1
-                    while holds != self._holds:  # an operator's hold meanwhile: read again
-                        holds = self._holds
-                        item = await self.store.load(qid)
+                    item = await self._load(qid)
                 except QueueError as exc:
                     if await self.store.exists(qid):  # else: finished meanwhile
                         await self.store.quarantine(qid, str(exc))
@@ -234,6 +231,15 @@ class DeliveryRunner:
             finally:
                 if not ticket:
                     self._room.release()
+
+    async def _load(self, qid: str) -> QueueItem:
+        """The item as stored, read again when an operator's hold or release was saved
+        while it was read (that copy may say "not held" of an item just held)."""
+        while True:
+            holds = self._holds
+            item = await self.store.load(qid)
+            if holds == self._holds:
+                return item
 
     def _release_ticket(self, qid: str) -> None:
         if qid in self._tickets:
@@ -265,7 +271,7 @@ class DeliveryRunner:
             return
         if qid and qid not in self.tasks:
             try:
-                item = await self.store.load(qid)
+                item = await self._load(qid)
             except QueueError as exc:
                 log.error("qid=%s: cannot load item from a worker: %s", qid, exc)
                 return
