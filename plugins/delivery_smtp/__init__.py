@@ -25,7 +25,6 @@ MTA-STS, DANE (``tls_policy.py``, ``mta_sts.py``, ``dane.py``) and smarthosts
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Hashable
 from typing import Any
 
@@ -99,22 +98,16 @@ class DeliverySmtpPlugin:
     def __init__(self, ctx: PluginContext[DeliverySmtpSettings]) -> None:
         self.ctx = ctx
         settings = ctx.settings
-        verified = ssl.create_default_context()
-        if settings.tls_ca_file:
-            verified.load_verify_locations(cafile=str(ctx.path(settings.tls_ca_file)))
-        unverified = ssl.create_default_context()
-        unverified.check_hostname = False
-        unverified.verify_mode = ssl.CERT_NONE
+        self.outbound = build(settings, ctx.server, name=ctx.name, ca_file=ctx.path(
+            settings.tls_ca_file) if settings.tls_ca_file else None)
         self.client = ClientConfig(
             helo=settings.helo or ctx.server.hostname,
             connect_timeout=settings.connect_timeout,
             command_timeout=settings.command_timeout,
             data_timeout=settings.data_timeout,
-            verified_tls=verified,
-            unverified_tls=unverified,
+            verified_tls=self.outbound.security.verified,
+            unverified_tls=self.outbound.security.unverified,
         )
-        self.outbound = build(settings, ctx.server, name=ctx.name, ca_file=ctx.path(
-            settings.tls_ca_file) if settings.tls_ca_file else None)
         self.pool = self._pool()
 
     @property

@@ -282,15 +282,6 @@ Fetch = Callable[[str], Awaitable[str]]
 """``fetch(domain)`` → the policy text of ``domain``; raises FetchError."""
 
 
-def policy_context(ca_file: Path | None = None) -> ssl.SSLContext:
-    """Certificate and host name verification against the system's CAs (plus ``ca_file``)."""
-    ctx = ssl.create_default_context()
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if ca_file is not None:
-        ctx.load_verify_locations(cafile=str(ca_file))
-    return ctx
-
-
 class PolicyFetcher:
     """Fetches ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` with httpx.
 

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from tampu import ConfigError, PluginSettings, ServerContext, StashKey
 from tampu.dns import Resolver
-from tampu.plugins.delivery_smtp.mta_sts import MtaSts, PolicyCache, PolicyFetcher, policy_context
+from tampu.plugins.delivery_smtp.mta_sts import MtaSts, PolicyCache, PolicyFetcher
 from tampu.plugins.delivery_smtp.smarthost import Smarthosts, SmarthostSettings
 from tampu.plugins.delivery_smtp.tls_policy import OutboundSecurity
 
@@ -69,10 +69,10 @@ def build(settings: OutboundSettings, server: ServerContext, *, name: str,
     except ValueError as exc:
         raise ConfigError([f"{where}: key plugins.{name}.{exc}"]) from None
     resolver = server.dns  # the server's one DNS client
-    mta_sts = None
+    security = OutboundSecurity(resolver, dane=settings.dane, ca_file=ca_file)
     if settings.mta_sts:
-        fetch = PolicyFetcher(resolver, tls=policy_context(ca_file), port=settings.mta_sts_port,
+        fetch = PolicyFetcher(resolver, tls=security.verified, port=settings.mta_sts_port,
                               timeout=settings.mta_sts_timeout)
-        mta_sts = MtaSts(resolver, PolicyCache(server.data_dir / MTA_STS_DIRECTORY), fetch)
-    security = OutboundSecurity(resolver, mta_sts=mta_sts, dane=settings.dane, ca_file=ca_file)
+        security.mta_sts = MtaSts(resolver, PolicyCache(server.data_dir / MTA_STS_DIRECTORY),
+                                  fetch)
     return Outbound(resolver=resolver, security=security, smarthosts=relays)

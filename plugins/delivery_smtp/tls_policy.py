@@ -192,9 +192,11 @@ class DomainPlan:
 
 
 class OutboundSecurity:
-    """MTA-STS and DANE for the MX deliveries of one plugin instance."""
+    """MTA-STS and DANE for the MX deliveries of one plugin instance, and its two TLS
+    client contexts: every connection of the instance (MX, smarthost, MTA-STS policy
+    fetch) uses them, so the system's CAs are loaded once."""
 
-    def __init__(self, resolver: Resolver, *, mta_sts: MtaSts | None, dane: bool,
+    def __init__(self, resolver: Resolver, *, mta_sts: MtaSts | None = None, dane: bool,
                  ca_file: Path | None = None) -> None:
         self.resolver = resolver
         self.mta_sts = mta_sts

@@ -31,8 +31,8 @@ from tampu.plugins.delivery_smtp.mta_sts import (
     PolicyFetcher,
     parse_policy,
     parse_txt,
-    policy_context,
 )
+from tampu.plugins.delivery_smtp.tls_policy import verified_context
 from tampu.plugins.dkim.keys import DkimKey, KeyFileError, domain_folder, key_files, load_key
 from tampu.plugins.dmarc.evaluate import discover_policy
 from tampu.plugins.doctor.cert import check_certificate
@@ -368,7 +368,7 @@ class Doctor:
     def _fetcher(self) -> PolicyFetcher:
         ca = self.settings.tls_ca_file
         ca_file = self.config.config_dir / Path(ca) if ca else None
-        return PolicyFetcher(self.dns, tls=policy_context(ca_file),
+        return PolicyFetcher(self.dns, tls=verified_context(ca_file),
                              port=self.settings.mta_sts_port,
                              timeout=self.settings.fetch_timeout)
 

@@ -26,8 +26,8 @@ from tampu.plugins.delivery_smtp.mta_sts import (
     mx_matches,
     parse_policy,
     parse_txt,
-    policy_context,
 )
+from tampu.plugins.delivery_smtp.tls_policy import verified_context
 from tampu.testing import wait_for
 from tests.plugins.delivery_kit import Recorder
 from tests.plugins.outbound_kit import PolicyServer, policy_text, start_dns
@@ -164,7 +164,7 @@ def lookups(dns, policy_server, ca_file, directory, clock, *steps):
 
     async def run():
         resolver = Resolver([("127.0.0.1", dns.port)], timeout=2)
-        fetch = PolicyFetcher(resolver, tls=policy_context(ca_file), port=policy_server.port,
+        fetch = PolicyFetcher(resolver, tls=verified_context(ca_file), port=policy_server.port,
                               timeout=5)
         sts = MtaSts(resolver, PolicyCache(directory), fetch, clock=clock)
         out = []
