@@ -69,24 +69,43 @@ def server_context(contexts: dict[str, ssl.SSLContext], hostname: str) -> ssl.SS
     return default
 
 
+_MAKE = ("import sys, pathlib, tampu.tls; "
+         "tampu.tls.make_self_signed(pathlib.Path(sys.argv[1]), sys.argv[2])")
+
+
 def ensure_self_signed(directory: Path, hostname: str) -> None:
     """Make the self-signed certificate once: before reception workers fork, and written
-    atomically (a folder renamed into place), so that no process sees half of it."""
+    atomically (a folder renamed into place), so that no process sees half of it. It is
+    made by a short-lived interpreter: ``cryptography`` (8 MiB) stays out of the server's
+    memory and out of the workers it forks. Raises ConfigError."""
     if (directory / hostname / "fullchain.pem").exists():
         return
+    import subprocess
+    import sys
     import tempfile
 
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
-        made = make_self_signed(Path(tmp), hostname)
         try:
-            made.rename(directory / hostname)
+            done = subprocess.run([sys.executable, "-c", _MAKE, tmp, hostname],
+                                  capture_output=True, text=True, timeout=120, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError([f"{directory}: cannot make a self-signed certificate: "
+                               f"{exc}"]) from None
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            raise ConfigError([f"{directory}: cannot make a self-signed certificate: {why}"])
+        try:
+            (Path(tmp) / hostname).rename(directory / hostname)
         except OSError:  # another process made it meanwhile: keep theirs
-            pass
+            return
+    log.warning("made a self-signed certificate for %s in %s (for testing only)", hostname,
+                directory / hostname)
 
 
 def make_self_signed(directory: Path, hostname: str) -> Path:
-    """Write a self-signed certificate for ``hostname`` into ``directory/<hostname>/``."""
+    """Write a self-signed certificate for ``hostname`` into ``directory/<hostname>/``
+    (:func:`ensure_self_signed` runs it in a child interpreter)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -112,5 +131,4 @@ def make_self_signed(directory: Path, hostname: str) -> Path:
                                           serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
     (target / "fullchain.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    log.warning("made a self-signed certificate for %s in %s (for testing only)", hostname, target)
     return target

@@ -152,6 +152,11 @@ def test_serve_default_configuration_accepts_mail_for_postmaster(tmp_path):
             capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stdout + done.stderr + log.read_text()
         assert "<-  250 2.0.0 Queued as" in done.stdout
+        # the self-signed certificate was made by a child interpreter: cryptography is not
+        # in the server's memory
+        assert "made a self-signed certificate for" in log.read_text()
+        assert list((root / "data" / "selfsigned").glob("*/fullchain.pem"))
+        assert "cryptography" not in Path(f"/proc/{proc.pid}/maps").read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
 
