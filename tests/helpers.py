@@ -194,11 +194,10 @@ def serving(root: Path, port: int) -> Iterator[tuple[subprocess.Popen[bytes], Pa
         proc.wait(10)
 
 
-def maildir_conf(port: int, server: str = "", more: str = "", *,
-                 shutdown_timeout: float = 2) -> str:
-    """A conf.d file: one SMTP listener on 127.0.0.1:``port`` delivering to the Maildirs of
-    example.test's users; ``server``: more ``[server]`` keys (lines), ``more``: more
-    sections."""
+def smtp_conf(port: int, server: str = "", more: str = "", *,
+              shutdown_timeout: float = 2) -> str:
+    """A conf.d file: one SMTP listener on 127.0.0.1:``port`` for example.test's users;
+    ``server``: more ``[server]`` keys (lines), ``more``: more sections (the delivery)."""
     return textwrap.dedent(f"""\
         [server]
         hostname = "localhost"
@@ -210,6 +209,11 @@ def maildir_conf(port: int, server: str = "", more: str = "", *,
         addresses = ["127.0.0.1:{port}"]
         [plugins.localusers]
         enabled = true
-        [plugins.delivery_maildir]
-        enabled = true
         """) + textwrap.dedent(more)
+
+
+def maildir_conf(port: int, server: str = "", more: str = "", *,
+                 shutdown_timeout: float = 2) -> str:
+    """:func:`smtp_conf` delivering to the Maildirs of example.test's users."""
+    return smtp_conf(port, server, "[plugins.delivery_maildir]\nenabled = true\n"
+                     + textwrap.dedent(more), shutdown_timeout=shutdown_timeout)

@@ -23,6 +23,7 @@ from tampu.item import QueueItem, Recipient, Route
 from tampu.store import valid_id
 from tampu.store_files import FilesystemStore
 from tampu.testing import make_config_dir
+from tests.helpers import smtp_conf
 from tests.recording import Recorder, fixed_port, send
 
 
@@ -216,22 +217,12 @@ def mda_server(tmp_path):
     script.chmod(0o755)
     cdir = tmp_path / "conf"
     port = fixed_port()
-    make_config_dir(cdir, base=textwrap.dedent(f"""\
-        [server]
-        hostname = "localhost"
-        local_domains = ["example.test"]
-        retry_schedule = [3600.0]
-        shutdown_timeout = 1
-        [server.listeners.smtp]
-        kind = "smtp"
-        addresses = ["127.0.0.1:{port}"]
-        [plugins.localusers]
-        enabled = true
+    make_config_dir(cdir, base=smtp_conf(port, "retry_schedule = [3600.0]\n", f"""\
         [plugins.delivery_mda]
         enabled = true
         command = "{script}"
         args = []
-        """), users={"user@example.test": "pw"})
+        """, shutdown_timeout=1), users={"user@example.test": "pw"})
     proc = subprocess.Popen([sys.executable, "-m", "tampu.cli", "serve", "--config-dir",
                              str(cdir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tampu.testing import make_config_dir
-from tests.helpers import maildir_conf, serving
+from tests.helpers import maildir_conf, serving, smtp_conf
 from tests.recording import fixed_port
 
 MESSAGES = 60
@@ -123,32 +123,22 @@ def _alive(pid: int) -> bool:
 
 # ------------------------------------------------------------------ who delivers what
 
-MDA_CONF = """\
-    [server]
-    hostname = "localhost"
-    local_domains = ["example.test"]
-    workers = 2
-    retry_schedule = [0.5]
-    shutdown_timeout = 2
-    log_level = "info"
-    [server.listeners.smtp]
-    kind = "smtp"
-    addresses = ["127.0.0.1:{port}"]
-    [plugins.localusers]
-    enabled = true
-    [plugins.delivery_maildir]
-    enabled = false
-    [plugins.delivery_mda]
-    enabled = true
-    command = "/bin/sh"
-    args = ["-c", '{script}', "mda"]
-    """
+def mda_conf(port: int, script: str) -> str:
+    """Two workers delivering with delivery_mda: ``/bin/sh -c script``."""
+    return smtp_conf(port, 'workers = 2\nretry_schedule = [0.5]\nlog_level = "info"\n', f"""\
+        [plugins.delivery_maildir]
+        enabled = false
+        [plugins.delivery_mda]
+        enabled = true
+        command = "/bin/sh"
+        args = ["-c", '{script}', "mda"]
+        """)
 
 
 def _mda_server(tmp_path: Path, script: str) -> tuple[Path, int]:
     port = fixed_port()
     cdir = make_config_dir(tmp_path / "conf", users={"user@example.test": "pw"},
-                           base=textwrap.dedent(MDA_CONF.format(port=port, script=script)))
+                           base=mda_conf(port, script))
     return cdir, port
 
 

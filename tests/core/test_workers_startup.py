@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tampu.testing import make_config_dir
-from tests.helpers import free_ports, tampu_command
+from tests.helpers import free_ports, smtp_conf, tampu_command
 
 PROBE = '''\
 """A start-up probe for the tests: slow or failing start-up in chosen processes."""
@@ -88,22 +88,12 @@ def probe_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(root: Path, port: int, *, workers: int = 3, probe: str = "",
            extra: str = "") -> Path:
-    return make_config_dir(root, users={"user@example.test": "pw"}, base=textwrap.dedent(f"""\
-        [server]
-        hostname = "localhost"
-        local_domains = ["example.test"]
-        workers = {workers}
-        shutdown_timeout = 5
-        [server.listeners.smtp]
-        kind = "smtp"
-        addresses = ["127.0.0.1:{port}"]
-        [plugins.localusers]
-        enabled = true
-        """) + (textwrap.dedent(f"""
+    return make_config_dir(root, users={"user@example.test": "pw"}, base=smtp_conf(
+        port, f"workers = {workers}\n", (textwrap.dedent(f"""
         [plugins.startprobe]
         enabled = true
         {probe}
-        """) if probe else "") + textwrap.dedent(extra))
+        """) if probe else "") + textwrap.dedent(extra), shutdown_timeout=5))
 
 
 class Poller:
