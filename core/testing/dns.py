@@ -225,7 +225,7 @@ def make_dkim_key(domain: str, selector: str = "tampu", algorithm: Literal["rsa"
 class DNSServer:
     def __init__(self, zone: Zone | None = None, host: str = "127.0.0.1",
                  timeout: set[str] | None = None, authenticated: bool = False,
-                 ttl: int = 60) -> None:
+                 ttl: int = 60, negative_ttl: int | None = None) -> None:
         self.zone: Zone = {}
         for name, records in (zone or {}).items():
             for rtype, values in records.items():
@@ -234,6 +234,10 @@ class DNSServer:
         self.authenticated = authenticated
         """Set the AD bit on answers, as a validating resolver does for signed zones."""
         self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        """None: NXDOMAIN and NODATA answers carry no SOA, so resolvers do not cache them
+        (RFC 2308 5). A number: they carry the SOA of the name's parent zone (the last two
+        labels) with that TTL and MINIMUM, as a real authoritative server's do (RFC 2308 3)."""
         self.servfail: set[str] = set()
         self.host = host
         self.queries: list[tuple[str, str]] = []
@@ -369,6 +373,11 @@ class DNSServer:
             if values:
                 rrset = dns.rrset.from_text_list(q.name, self.ttl, "IN", rtype, values)
                 resp.answer.append(rrset)
+        if not resp.answer and self.negative_ttl is not None:
+            apex = dns.name.Name(q.name.labels[-3:]) if len(q.name.labels) > 3 else q.name
+            resp.authority.append(dns.rrset.from_text(
+                apex, self.negative_ttl, "IN", "SOA",
+                f"ns.{apex} hostmaster.{apex} 1 3600 600 86400 {self.negative_ttl}"))
         out = resp.to_wire()
         if udp and len(out) > 512:  # too big for plain UDP: truncated, ask again over TCP
             resp.answer.clear()

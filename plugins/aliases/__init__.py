@@ -116,8 +116,8 @@ class AliasesPlugin:
         if len(finals) == 1 and not finals[0].aliased:
             return None
         out = [self.to_recipient(final, recipient, item.mail_from) for final in finals]
-        self.ctx.log.info("qid=%s <%s> expanded to %s", item.id, recipient,
-                          ", ".join(describe(r) for r in out) or "nothing")
+        self.ctx.log.debug("qid=%s <%s> expanded to %s", item.id, recipient,
+                           ", ".join(describe(r) for r in out) or "nothing")
         return out
 
     def to_recipient(self, final: Final, original: str, mail_from: str) -> Recipient:

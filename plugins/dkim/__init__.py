@@ -127,8 +127,8 @@ class DkimPlugin:
         except SigningError as exc:  # the message still goes out, unsigned
             self.ctx.log.warning("qid=%s not DKIM-signed: %s", item.id, exc)
             return []
-        self.ctx.log.info("qid=%s DKIM-signed for %s with %s", item.id, domain,
-                          ", ".join(f"{k.selector} ({k.algorithm})" for k in keys))
+        self.ctx.log.debug("qid=%s DKIM-signed for %s with %s", item.id, domain,
+                           ", ".join(f"{k.selector} ({k.algorithm})" for k in keys))
         return fields
 
     @hookimpl
@@ -153,7 +153,7 @@ class DkimPlugin:
             return None
         for res in results:
             add_result(envelope, res.method_result())
-        self.ctx.log.info("session=%s DKIM %s", session.id, "; ".join(map(str, results)))
+        self.ctx.log.debug("session=%s DKIM %s", session.id, "; ".join(map(str, results)))
         return None
 
     # ------------------------------------------------------------------ lifecycle

@@ -130,9 +130,9 @@ class DmarcPlugin:
         envelope.stash[DMARC_OUTCOME] = outcome
         for verdict, decision in outcome.checked:
             add_result(envelope, method_result(verdict, decision))
-            self.ctx.log.info("session=%s DMARC %s for header.from=%s (%s): %s", session.id,
-                              verdict.result, verdict.domain or "-",
-                              comment(verdict, decision) or outcome.problem, decision.action)
+            self.ctx.log.debug("session=%s DMARC %s for header.from=%s (%s): %s", session.id,
+                               verdict.result, verdict.domain or "-",
+                               comment(verdict, decision) or outcome.problem, decision.action)
         return self.apply(outcome.decision, outcome.deciding, message)
 
     def apply(self, decision: Decision, verdict: Verdict | None,

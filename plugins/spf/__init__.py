@@ -97,8 +97,8 @@ class SpfPlugin:
         envelope.stash[_EVALUATION] = evaluation
         add_result(envelope, method_result(evaluation))
         action = self.action(res.result)
-        self.ctx.log.info("session=%s SPF %s for <%s> from %s (%s): %s", session.id, res.result,
-                          res.identity, session.peer_host, res.explanation, action)
+        self.ctx.log.debug("session=%s SPF %s for <%s> from %s (%s): %s", session.id, res.result,
+                           res.identity, session.peer_host, res.explanation, action)
         if action == "accept":
             return None
         status = "7.24" if res.result in ("temperror", "permerror") else "7.23"

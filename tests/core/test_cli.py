@@ -8,12 +8,14 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from tampu.testing import make_config_dir, server_toml
 from tests.conftest import require_tool
+from tests.dnsserver import DNSServer
 from tests.helpers import RawClient, free_ports, run_tampu, serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,9 +129,8 @@ def test_sigterm_stops_gracefully(tmp_path):
         assert not (root / "data" / "tampu.pid").exists()
 
 
-def test_serve_default_configuration_accepts_mail_for_postmaster(tmp_path):
-    swaks = require_tool("swaks")
-    root = tmp_path / "conf"
+def _shipped_confdir(root: Path) -> int:
+    """The repository's conf.d as shipped, each listener on a free port; the smtp port."""
     shutil.copytree(REPO / "conf.d", root / "conf.d")
     used: list[int] = []
     for path in sorted((root / "conf.d").glob("*.toml")):
@@ -145,6 +146,13 @@ def test_serve_default_configuration_accepts_mail_for_postmaster(tmp_path):
         path.write_text("".join(lines))
     smtp_port = used[0]  # 00-server.toml: the smtp listener comes first
     assert f"127.0.0.1:{smtp_port}" in (root / "conf.d" / "00-server.toml").read_text()
+    return smtp_port
+
+
+def test_serve_default_configuration_accepts_mail_for_postmaster(tmp_path):
+    swaks = require_tool("swaks")
+    root = tmp_path / "conf"
+    smtp_port = _shipped_confdir(root)
     with serving(root, smtp_port) as (proc, log):
         done = subprocess.run(
             [swaks, "--server", "127.0.0.1", "--port", str(smtp_port), "--from", "",
@@ -159,6 +167,44 @@ def test_serve_default_configuration_accepts_mail_for_postmaster(tmp_path):
         assert "cryptography" not in Path(f"/proc/{proc.pid}/maps").read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
+
+
+def test_the_server_log_has_one_line_per_transaction_and_per_delivery_at_info(tmp_path):
+    """The shipped configuration at its default level: a message that SPF, DMARC and the
+    aliases all look at leaves one server-log line for its transaction and one per delivery
+    (their verdicts go into its headers, the mail log and the decision journal)."""
+    root = tmp_path / "conf"
+    smtp_port = _shipped_confdir(root)
+    (root / "domains" / "localhost").mkdir(parents=True)
+    (root / "domains" / "localhost" / "aliases").write_text("team: postmaster, abuse\n")
+    with DNSServer() as dns:
+        dns.spf("example.org", "ip4:127.0.0.1 -all")
+        dns.dmarc("example.org", "none")
+        (root / "conf.d" / "99-test.toml").write_text(f"[server]\n{dns.conf_line}\n")
+        with serving(root, smtp_port) as (proc, log), RawClient(smtp_port) as c:
+            assert c.reply()[0] == 220
+            assert c.cmd("EHLO client.test")[0] == 250
+            for _ in range(2):  # the first loads the aliases file (a line of its own, once)
+                start = len(log.read_text().splitlines())
+                assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250
+                assert c.cmd("RCPT TO:<team@localhost>")[0] == 250
+                assert c.cmd("DATA")[0] == 354
+                c.send_raw(b"From: a@example.org\r\nSubject: hi\r\n\r\nhello\r\n.\r\n")
+                code, lines = c.reply()
+                assert code == 250, lines
+                qid = lines[-1].rpartition(" ")[2]
+                deadline = time.monotonic() + 30
+                while log.read_text().count(f"qid={qid} ") < 3 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                time.sleep(0.3)  # anything logged late about the message is here by now
+            new = log.read_text().splitlines()[start:]
+        assert len(new) == 3, new
+        assert sum(" INFO tampu.smtp: " in ln and f"qid={qid} " in ln for ln in new) == 1, new
+        assert sum(" INFO tampu.delivery: " in ln and f"qid={qid} " in ln
+                   and "status=sent" in ln for ln in new) == 2, new
+    delivered = list((root / "data" / "mail" / "localhost" / "postmaster" / "new").iterdir())
+    head = delivered[0].read_text().split("\n\n")[0]
+    assert "received-spf: pass" in head.lower() and "dmarc=pass" in head  # the checks ran
 
 
 def test_config_show_gives_each_value_and_its_origin(tmp_path, monkeypatch):

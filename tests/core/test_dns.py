@@ -82,6 +82,27 @@ def test_nxdomain_nodata_and_no_negative_cache_without_soa():
         assert server.queries.count(("nope.example.test.", "A")) == 2
 
 
+def test_nxdomain_and_nodata_with_an_soa_are_cached_for_its_minimum():
+    """RFC 2308: a negative answer carrying the zone's SOA is cached for min(SOA TTL,
+    MINIMUM); the server's next answers for the name are not asked for within that."""
+    with DNSServer(ZONE, negative_ttl=30) as server:
+        res = Resolver([parse_server(server.address)], timeout=2)
+
+        async def main():
+            first = [await res.query("nope.example.test", "A"),
+                     await res.query("example.test", "AAAA")]
+            again = [await res.query("nope.example.test", "A"),
+                     await res.query("example.test", "AAAA")]
+            return first, again
+
+        first, again = run(main(), res)
+        assert first[0].nxdomain and not first[1].nxdomain and not first[1].records
+        assert [a.ttl for a in first] == [30, 30]
+        assert again[0] is first[0] and again[1] is first[1]
+        assert server.queries.count(("nope.example.test.", "A")) == 1
+        assert server.queries.count(("example.test.", "AAAA")) == 1
+
+
 def test_ttl_zero_is_not_cached():
     with DNSServer(ZONE, ttl=0) as server:
         res = Resolver([parse_server(server.address)], timeout=2)
