@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from typing import Any
 
@@ -116,8 +117,10 @@ class AliasesPlugin:
         if len(finals) == 1 and not finals[0].aliased:
             return None
         out = [self.to_recipient(final, recipient, item.mail_from) for final in finals]
-        self.ctx.log.debug("qid=%s <%s> expanded to %s", item.id, recipient,
-                           ", ".join(describe(r) for r in out) or "nothing")
+        log = self.ctx.log
+        if log.isEnabledFor(logging.DEBUG):  # nothing to pay at the default level
+            log.debug("qid=%s <%s> expanded to %s", item.id, recipient,
+                      ", ".join(describe(r) for r in out) or "nothing")
         return out
 
     def to_recipient(self, final: Final, original: str, mail_from: str) -> Recipient:

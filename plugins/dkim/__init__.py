@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 
 from pydantic import Field, field_validator
 
@@ -127,8 +128,10 @@ class DkimPlugin:
         except SigningError as exc:  # the message still goes out, unsigned
             self.ctx.log.warning("qid=%s not DKIM-signed: %s", item.id, exc)
             return []
-        self.ctx.log.debug("qid=%s DKIM-signed for %s with %s", item.id, domain,
-                           ", ".join(f"{k.selector} ({k.algorithm})" for k in keys))
+        log = self.ctx.log
+        if log.isEnabledFor(logging.DEBUG):  # nothing to pay at the default level
+            log.debug("qid=%s DKIM-signed for %s with %s", item.id, domain,
+                      ", ".join(f"{k.selector} ({k.algorithm})" for k in keys))
         return fields
 
     @hookimpl
@@ -153,7 +156,9 @@ class DkimPlugin:
             return None
         for res in results:
             add_result(envelope, res.method_result())
-        self.ctx.log.debug("session=%s DKIM %s", session.id, "; ".join(map(str, results)))
+        log = self.ctx.log
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session=%s DKIM %s", session.id, "; ".join(map(str, results)))
         return None
 
     # ------------------------------------------------------------------ lifecycle

@@ -10,6 +10,7 @@ accepts it with a mark header (``X-Tampu-DMARC: quarantine``) or only records th
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Literal
 
@@ -128,11 +129,14 @@ class DmarcPlugin:
             return None
         outcome = await self.evaluate(envelope, message)
         envelope.stash[DMARC_OUTCOME] = outcome
+        log = self.ctx.log
+        debug = log.isEnabledFor(logging.DEBUG)  # nothing to pay at the default level
         for verdict, decision in outcome.checked:
             add_result(envelope, method_result(verdict, decision))
-            self.ctx.log.debug("session=%s DMARC %s for header.from=%s (%s): %s", session.id,
-                               verdict.result, verdict.domain or "-",
-                               comment(verdict, decision) or outcome.problem, decision.action)
+            if debug:
+                log.debug("session=%s DMARC %s for header.from=%s (%s): %s", session.id,
+                          verdict.result, verdict.domain or "-",
+                          comment(verdict, decision) or outcome.problem, decision.action)
         return self.apply(outcome.decision, outcome.deciding, message)
 
     def apply(self, decision: Decision, verdict: Verdict | None,
