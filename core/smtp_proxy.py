@@ -13,8 +13,6 @@ import ipaddress
 import logging
 from typing import Protocol
 
-from aiosmtpd.proxy_protocol import AF, V2_CMD, get_proxy
-
 from tampu.envelope import ListenerInfo, Session
 
 log = logging.getLogger("tampu.smtp")
@@ -56,6 +54,10 @@ class _Reader:
 async def read_proxy_header(conn: ProxiedConnection) -> bool:
     """Read the PROXY header of a trusted proxy and adopt the client address it reports.
     False: the connection must be closed (untrusted source, no valid header)."""
+    # imported here: aiosmtpd's parser and its attrs and atpublic (~1 MiB) are only needed
+    # by the listeners that take PROXY headers
+    from aiosmtpd.proxy_protocol import AF, V2_CMD, get_proxy
+
     session = conn.session
     assert session is not None and conn.proxy_trusted is not None
     sid, peer = session.id, session.peer_host

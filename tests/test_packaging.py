@@ -77,6 +77,21 @@ def test_the_server_modules_do_not_pull_in_plugins():
     assert done.stdout.strip() == "[]"
 
 
+def test_the_server_modules_leave_the_libraries_of_rare_paths_unloaded():
+    """Memory: aiosmtpd (its PROXY parser, with attrs and atpublic), cryptography (DKIM keys,
+    DANE, the self-signed certificate) and httpx (MTA-STS) are imported when first used."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import tampu.server, tampu.cli, tampu.smtp, tampu.intake, "
+            "tampu.store_files, tampu.delivery, tampu.registry, tampu.workers; "
+            "print(sorted(m for m in ('aiosmtpd', 'attr', 'public', 'cryptography', 'httpx') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert done.stdout.strip() == "[]"
+
+
 def _imports(path: Path) -> set[str]:
     """Every ``tampu.X`` module a core module imports, TYPE_CHECKING blocks included."""
     import ast
