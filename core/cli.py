@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
     from tampu import workers
-    from tampu.runtime import ensure_certificates
+    from tampu.runtime import ensure_certificates, preload
     from tampu.server import Server, bind_listeners
 
     try:
@@ -100,6 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     extra = config.server.workers - 1
     try:
         ensure_certificates(config)  # once, before any worker forks
+        preload(config)  # the modules every process imports, shared by the forked workers
         if extra > 0:  # fail early, before forking: every process binds the same addresses
             for socks in bind_listeners(config, reuse_port=True, listen=False).values():
                 for sock in socks:
@@ -254,10 +256,35 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("serve", "check", "plugins", "reload", "init")
+"""The commands this module defines; the others come from tampu.commands and the plugins."""
+
+
+def command_index(argv: Sequence[str]) -> int | None:
+    """Where the subcommand is in ``argv``: its first argument that is neither an option nor
+    the value of ``--config-dir``; None when there is none."""
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--config-dir":
+            skip = True
+        elif not arg.startswith("-"):
+            return i
+    return None
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names, or None."""
+    i = command_index(argv)
+    return argv[i] if i is not None else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; for ``command`` in :data:`CORE_COMMANDS` only the core's own
+    commands, so that ``serve`` and the workers it forks never import the other commands'
+    modules nor every plugin for its CLI (about 1 MiB per process)."""
     from tampu import __version__
-    from tampu.commands import config_show, import_chasquid, sendmail, try_, why
-    from tampu.commands import queue as queue_commands
 
     parser = argparse.ArgumentParser(prog="tampu", description="tampu mail server")
     parser.add_argument("--version", action="version", version=f"tampu {__version__}")
@@ -277,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: /var/lib/tampu)")
     init.add_argument("--force", action="store_true", help="overwrite an existing conf.d")
     init.set_defaults(func=cmd_init)
+    if command in CORE_COMMANDS:
+        return parser
+    from tampu.commands import config_show, import_chasquid, sendmail, try_, why
+    from tampu.commands import queue as queue_commands
+
     queue_commands.register(sub)
     import_chasquid.register(sub)
     config_show.register(sub)
@@ -292,12 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tampu.commands import sendmail
+    given = sys.argv[1:] if argv is None else argv
+    command = command_of(given)
+    if command == "sendmail":  # sendmail's command line is not argparse's
+        from tampu.commands import sendmail
 
-    rest = sendmail.remainder(sys.argv[1:] if argv is None else argv)
-    if rest is not None:  # sendmail's command line is not argparse's
+        rest = sendmail.remainder(given)
+        assert rest is not None
         return sendmail.main(rest)
-    parser = build_parser()
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not hasattr(args, "config_dir"):
         args.config_dir = default_config_dir()

@@ -200,6 +200,20 @@ def build_registry(config: Config, context: ServerContext,
     return Registry(pm, loader.infos, loader.ordering, timeouts)
 
 
+def preload_plugins(config: Config) -> None:
+    """Import the modules of the plugins ``config`` names, enabled or not (as
+    :func:`build_registry` does, to check their settings), without instantiating anything
+    (``serve``, before its workers fork: see :func:`tampu.runtime.preload`). One that cannot
+    be loaded is left to :func:`build_registry`, which reports it."""
+    eps = available_entry_points()
+    for name in config.plugins:
+        if name in eps:
+            try:
+                eps[name].load()
+            except Exception:  # noqa: BLE001, S112 - reported by build_registry
+                continue
+
+
 def list_available(eps: dict[str, EntryPoint] | None = None) -> dict[str, PluginInfo]:
     eps = available_entry_points() if eps is None else eps
     out = {}

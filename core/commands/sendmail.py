@@ -347,14 +347,13 @@ def register(sub: Any) -> None:  # noqa: ANN401 - argparse's private subparsers 
 def remainder(argv: Sequence[str]) -> list[str] | None:
     """The arguments for :func:`main` when the command line is ``tampu [--config-dir D]
     sendmail ...``; None for every other command."""
-    before: list[str] = []
-    for i, arg in enumerate(argv):
-        if arg == "sendmail" and (not before or before[-1] != "--config-dir"):
-            extra = [f"--config-dir={before[j + 1]}" for j, a in enumerate(before[:-1])
-                     if a == "--config-dir"]
-            extra += [a for a in before if a.startswith("--config-dir=")]
-            return extra + list(argv[i + 1:])
-        if not arg.startswith("-") and (not before or before[-1] != "--config-dir"):
-            return None
-        before.append(arg)
-    return None
+    from tampu.cli import command_index
+
+    i = command_index(argv)
+    if i is None or argv[i] != "sendmail":
+        return None
+    before = list(argv[:i])
+    extra = [f"--config-dir={before[j + 1]}" for j, a in enumerate(before[:-1])
+             if a == "--config-dir"]
+    extra += [a for a in before if a.startswith("--config-dir=")]
+    return extra + list(argv[i + 1:])

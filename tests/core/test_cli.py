@@ -3,6 +3,7 @@ configuration)."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import re
 import shutil
@@ -205,6 +206,48 @@ def test_the_server_log_has_one_line_per_transaction_and_per_delivery_at_info(tm
     delivered = list((root / "data" / "mail" / "localhost" / "postmaster" / "new").iterdir())
     head = delivered[0].read_text().split("\n\n")[0]
     assert "received-spf: pass" in head.lower() and "dmarc=pass" in head  # the checks ran
+
+
+def test_serve_builds_only_the_core_commands_so_it_imports_no_other_command():
+    """Memory: the command line of ``serve`` (and of the workers it forks) imports neither
+    the other commands' modules nor every plugin for its CLI; ``--help`` still lists all."""
+    import sys
+
+    code = ("import sys; from tampu.cli import build_parser, command_of; "
+            "build_parser(command_of(sys.argv[1:])); "
+            "print(sorted(m for m in sys.modules if m.startswith(('tampu.commands.', "
+            "'tampu.chasquid', 'tampu.plugins.'))))")
+    lean = subprocess.run([sys.executable, "-c", code, "--config-dir", "serve", "serve"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    assert lean.stdout.strip() == "[]", lean.stdout
+    full = subprocess.run([sys.executable, "-c", code, "queue", "list"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    assert "tampu.commands.import_chasquid" in full.stdout
+    assert "tampu.plugins.queue_postgres" in full.stdout
+    listed = run_tampu("--help").stdout
+    assert "serve" in listed and "sendmail" in listed and "dkim" in listed
+
+
+def test_serve_imports_the_configured_plugins_and_the_store_before_the_workers_fork(tmp_path):
+    """What the lean command line no longer imports by chance, ``preload`` imports on
+    purpose before the fork, so that the workers share those pages with the main process:
+    every plugin conf.d names (enabled or not: the registry checks them all) and the store."""
+    import sys
+
+    root = tmp_path / "conf"
+    _shipped_confdir(root)
+    code = ("import sys; from tampu.config import load_config; from tampu.runtime import "
+            "preload; preload(load_config(sys.argv[1])); "
+            "print(sorted(m for m in sys.modules if m.startswith('tampu.plugins.') "
+            "and m.count('.') == 2)); print('tampu.store_files' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True,
+                          text=True, check=True, timeout=60)
+    plugins, store = done.stdout.splitlines()
+    named = re.findall(r"^\[plugins\.(\w+)\]", "".join(
+        p.read_text() for p in (root / "conf.d").glob("*.toml")), re.M)
+    assert {f"tampu.plugins.{n}" for n in named} <= set(ast.literal_eval(plugins)), named
+    assert "tampu.plugins.dovecot_auth" in plugins  # named, not enabled: loaded all the same
+    assert store == "True"
 
 
 def test_config_show_gives_each_value_and_its_origin(tmp_path, monkeypatch):
