@@ -110,7 +110,10 @@ def tampu_register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
     **Fires:** each time the ``tampu`` command builds its parser, for every available plugin
     (enabled or not: ``tampu user add`` works whatever the configuration), on the plugin's
-    **module**: implement it as a module-level function.
+    **module**: implement it as a module-level function. Not for the core's own commands
+    (``serve``, ``check``, ``plugins``, ``reload``, ``init``), whose command line is the
+    core's alone (so that ``serve`` imports no plugin it does not run); ``tampu --help`` and
+    every other command get the whole one.
 
     :param subparsers: argparse's subparsers of the ``tampu`` command. Give every subcommand
         ``tampu.cli.config_dir_option(parser)`` so that ``--config-dir`` works in the same
