@@ -301,7 +301,7 @@ class LoopbackDns:
     tests/dnsserver.py in a thread of this process (which then shares the benchmark's CPU).
 
     As a real authoritative server must (RFC 2308 3), a negative answer for a name in the
-    records' zones (each record's last two labels) carries the zone's SOA, with the same TTL
+    records' zones (``tampu.testing.dns.zone_of``) carries the zone's SOA, with the same TTL
     as its MINIMUM, so resolvers cache it as they would on the Internet: a sender without a
     DMARC record costs one ``_dmarc`` query per TTL, not one per message. (dnsmasq answers
     those zones authoritatively for that; it refuses names outside them.)"""
@@ -327,7 +327,9 @@ class LoopbackDns:
                 if "," in text or '"' in text:
                     raise ValueError(f"{text!r}: no commas or quotes for dnsmasq")
                 argv.append(f"--txt-record={name}," + ",".join(txt_strings(text)))
-            zones = sorted({".".join(name.rstrip(".").split(".")[-2:]) for name in txt})
+            from tampu.testing.dns import zone_of
+
+            zones = sorted({zone_of(name) for name in txt})
             argv += [f"--auth-server=ns.{zones[0]},{host}", f"--auth-ttl={ttl}",
                      f"--auth-soa=1,hostmaster.{zones[0]},3600,600,86400"]
             argv += [f"--auth-zone={zone}" for zone in zones]

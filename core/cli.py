@@ -256,10 +256,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-CORE_COMMANDS = ("serve", "check", "plugins", "reload", "init")
-"""The commands this module defines; the others come from tampu.commands and the plugins."""
-
-
 def command_index(argv: Sequence[str]) -> int | None:
     """Where the subcommand is in ``argv``: its first argument that is neither an option nor
     the value of ``--config-dir``; None when there is none."""
@@ -281,9 +277,10 @@ def command_of(argv: Sequence[str]) -> str | None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole command line; for ``command`` in :data:`CORE_COMMANDS` only the core's own
-    commands, so that ``serve`` and the workers it forks never import the other commands'
-    modules nor every plugin for its CLI (about 1 MiB per process)."""
+    """The whole command line; for ``command`` one of this module's own (serve, check,
+    plugins, reload, init) only those, so that ``serve`` and the workers it forks never
+    import the other commands' modules nor every plugin for its CLI (about 1 MiB per
+    process)."""
     from tampu import __version__
 
     parser = argparse.ArgumentParser(prog="tampu", description="tampu mail server")
@@ -304,7 +301,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                       "(default: /var/lib/tampu)")
     init.add_argument("--force", action="store_true", help="overwrite an existing conf.d")
     init.set_defaults(func=cmd_init)
-    if command in CORE_COMMANDS:
+    if command in sub.choices:  # one of the commands above: nothing more to build
         return parser
     from tampu.commands import config_show, import_chasquid, sendmail, try_, why
     from tampu.commands import queue as queue_commands

@@ -222,6 +222,12 @@ def make_dkim_key(domain: str, selector: str = "tampu", algorithm: Literal["rsa"
 
 # ---------------------------------------------------------------------------- the server
 
+def zone_of(name: str) -> str:
+    """The zone the test servers take ``name`` to be in: its last two labels
+    (``_dmarc.example.org`` -> ``example.org``), without the final dot."""
+    return ".".join(name.rstrip(".").split(".")[-2:])
+
+
 class DNSServer:
     def __init__(self, zone: Zone | None = None, host: str = "127.0.0.1",
                  timeout: set[str] | None = None, authenticated: bool = False,
@@ -236,8 +242,8 @@ class DNSServer:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         """None: NXDOMAIN and NODATA answers carry no SOA, so resolvers do not cache them
-        (RFC 2308 5). A number: they carry the SOA of the name's parent zone (the last two
-        labels) with that TTL and MINIMUM, as a real authoritative server's do (RFC 2308 3)."""
+        (RFC 2308 5). A number: they carry the SOA of the name's zone (:func:`zone_of`) with
+        that TTL and MINIMUM, as a real authoritative server's do (RFC 2308 3)."""
         self.servfail: set[str] = set()
         self.host = host
         self.queries: list[tuple[str, str]] = []
@@ -374,7 +380,7 @@ class DNSServer:
                 rrset = dns.rrset.from_text_list(q.name, self.ttl, "IN", rtype, values)
                 resp.answer.append(rrset)
         if not resp.answer and self.negative_ttl is not None:
-            apex = dns.name.Name(q.name.labels[-3:]) if len(q.name.labels) > 3 else q.name
+            apex = zone_of(q.name.to_text()) + "."
             resp.authority.append(dns.rrset.from_text(
                 apex, self.negative_ttl, "IN", "SOA",
                 f"ns.{apex} hostmaster.{apex} 1 3600 600 86400 {self.negative_ttl}"))
