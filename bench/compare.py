@@ -424,13 +424,17 @@ def report(systems: list[System], rounds: list[list[Run]], out: IO[str] | None) 
     tee(out, "")
 
 
-def memory_report(systems: list[System], out: IO[str] | None) -> None:
+def memory_report(systems: list[System], out: IO[str] | None) -> dict[str, float]:
+    """Prints each server process's memory; returns each system's largest VmRSS in MiB."""
     tee(out, "memory after the rounds (per process: VmRSS / Pss MiB)")
+    largest = {}
     for s in systems:
         mem = tree_memory(s.pid)
         parts = ", ".join(f"{m.name}[{m.pid}] {mib(m.rss_kib)} / {mib(m.pss_kib)}" for m in mem)
         tee(out, f"  {s.label:34} {parts}")
+        largest[s.name] = max((m.rss_kib / 1024 for m in mem), default=float("nan"))
     tee(out, "")
+    return largest
 
 
 def fsync_pass(systems: list[System], base: Path, args: argparse.Namespace,
@@ -458,7 +462,7 @@ def fsync_pass(systems: list[System], base: Path, args: argparse.Namespace,
 
 
 def targets(systems: list[System], rounds: list[list[Run]], fsyncs: dict[str, float],
-            out: IO[str] | None) -> None:
+            largest_rss: dict[str, float], out: IO[str] | None) -> None:
     """Issue 12's targets, each checked on this run's medians."""
     def med(name: str, what: str) -> float:
         runs = [r for rnd in rounds for r in rnd if r.system == name]
@@ -483,6 +487,8 @@ def targets(systems: list[System], rounds: list[list[Run]], fsyncs: dict[str, fl
          med("chasquid", "p50"), " ms"),
         ("fsyncs per message, workers = 2", fsyncs.get("tampu-w2", float("nan")), "<=", 1.0,
          ""),
+        ("VmRSS of the largest process after the rounds, workers = 2",
+         largest_rss.get("tampu-w2", float("nan")), "<=", 40.0, " MiB"),
     ]
     if "tampu-w2-ttl0" in names:
         checks.append(("throughput, SPF TTL 0", med("tampu-w2-ttl0", "ratio"), ">=", 1.7, "x"))
@@ -593,11 +599,11 @@ def main() -> int:
             rounds.append(runs)
         if rounds:
             report(systems, rounds, out)
-        memory_report(systems, out)
+        largest_rss = memory_report(systems, out)
         fsyncs = (fsync_pass(systems, base, args, out)
                   if args.fsync_messages and time.monotonic() < end else {})
         if rounds:
-            targets(systems, rounds, fsyncs, out)
+            targets(systems, rounds, fsyncs, largest_rss, out)
         tee(out, f"# load average at the end: "
                  f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
         for s in systems:

@@ -25,7 +25,6 @@ import idna
 from tampu.reply import Reply
 
 MAX_LOCAL_PART: Final = 64
-MAX_DOMAIN: Final = 255
 MAX_PATH: Final = 256
 """Octets, brackets included (RFC 5321 4.5.3.1)."""
 

@@ -44,8 +44,6 @@ class ClaimLoop:
         self.batch = store.claim_batch
         self.max_in_flight = store.max_in_flight
         self.poll = store.poll_interval
-        self.claimed = 0
-        """Items claimed since start (tests and the benchmark read it)."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -112,7 +110,6 @@ class ClaimLoop:
         limit = min(self.batch, free)
         ids = await self.store.claim(limit)
         for qid in ids:
-            self.claimed += 1
             if qid in self.runner.tasks:  # a task of ours still finishing with it
                 self._release_when_done(qid)
                 continue

@@ -26,7 +26,7 @@ import secrets
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar, cast
 
 import dns.exception
@@ -158,14 +158,6 @@ class _Udp(asyncio.DatagramProtocol):
         self.waiting.clear()
 
 
-@dataclass
-class _Stats:
-    queries: int = 0
-    cache_hits: int = 0
-    failures: int = 0
-    by_type: collections.Counter[str] = field(default_factory=collections.Counter)
-
-
 class Resolver:
     """An asynchronous stub resolver with a TTL cache, shared by everything in one process."""
 
@@ -175,7 +167,6 @@ class Resolver:
         self.timeout = timeout
         self.max_ttl = max_ttl
         self.cache_size = cache_size
-        self.stats = _Stats()
         self._cache: collections.OrderedDict[tuple[str, str], tuple[float, Answer]] = \
             collections.OrderedDict()
         self._inflight: dict[tuple[str, str], asyncio.Future[Answer]] = {}
@@ -205,7 +196,6 @@ class Resolver:
         cached = self._cache.get(key)
         if cached is not None:
             if cached[0] > now:
-                self.stats.cache_hits += 1
                 return cached[1]
             del self._cache[key]
         pending = self._inflight.get(key)
@@ -305,8 +295,6 @@ class Resolver:
     # ------------------------------------------------------------------ transport
 
     async def _exchange(self, name: str, rdtype: str) -> Response:
-        self.stats.queries += 1
-        self.stats.by_type[rdtype] += 1
         code = _type_code(rdtype)
         query = make_query(name, code, 0)  # a name dnspython refuses fails here, at once
         deadline = time.monotonic() + self.timeout
@@ -341,7 +329,6 @@ class Resolver:
                 last = exc if isinstance(exc, DnsTempError) else DnsTempError(
                     f"DNS error looking up {name} {rdtype}: {exc}")
                 await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-        self.stats.failures += 1
         raise last or DnsTempError(f"DNS timeout looking up {name} {rdtype}")
 
     async def _socket(self, server: tuple[str, int]) -> _Udp:

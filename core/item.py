@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -51,10 +51,6 @@ class DeliveryResult:
     def permanent(cls, text: str, **kw: Any) -> DeliveryResult:
         return cls("permanent", text, **kw)
 
-    @property
-    def is_final(self) -> bool:
-        return self.status != "temporary"
-
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -73,10 +69,6 @@ class Route:
     """A local address forwarded to a remote one by the configuration (aliases)."""
     mail_from: str | None = None
     """The envelope sender for this recipient (sender rewriting on forwards)."""
-
-    @property
-    def local_only(self) -> bool:
-        return self.pipe is not None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -137,9 +129,6 @@ class Recipient:
     def key(self) -> str:
         """What tells two final recipients apart (address and route)."""
         return f"{self.address.lower()}\0{sorted(self.route.to_json().items())}"
-
-    def with_route(self, route: Route) -> Recipient:
-        return replace(self, route=route)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

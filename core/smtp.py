@@ -30,7 +30,6 @@ from tampu.store import ON_DURABLE
 
 log = logging.getLogger("tampu.smtp")
 
-BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 NO_MEMORY = Reply(452, "4.3.1", "Insufficient system storage for the message now, try again "
                                 "later")
 

@@ -21,7 +21,7 @@ import hmac
 import logging
 import secrets
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -354,5 +354,3 @@ class UserDirectory:
                     out.append(str(exc))
         return out
 
-
-UserLookup = Callable[[str], bool]

@@ -44,7 +44,6 @@ if TYPE_CHECKING:  # cryptography (~8 MiB) is imported by the first certificate 
 DANE_TA: Final = 2
 DANE_EE: Final = 3
 MAX_CHAIN: Final = 10
-USAGE_NAMES: Final = {0: "PKIX-TA", 1: "PKIX-EE", 2: "DANE-TA", 3: "DANE-EE"}
 
 
 class DaneLookupError(Exception):

@@ -121,9 +121,6 @@ class ConnectionPool:
         self._open = 0
         self._waiters: deque[_Waiter] = deque()
         self._closing: set[asyncio.Task[None]] = set()
-        self.opened = 0
-        """Connections opened so far (the rest of the transactions reused one)."""
-        self.reused = 0
 
     # ------------------------------------------------------------------ state
 
@@ -200,7 +197,6 @@ class ConnectionPool:
                 if idle is not None:
                     self._take_idle(d, idle)
                     d.busy += 1
-                    self.reused += 1
                     self._waiters.remove(waiter)
                     waiter.future.set_result(idle.session)
                     continue
@@ -209,7 +205,6 @@ class ConnectionPool:
             d = self._dests.setdefault(waiter.dest, _Dest())
             d.busy += 1
             self._open += 1
-            self.opened += 1
             self._waiters.remove(waiter)
             waiter.future.set_result(None)
 
