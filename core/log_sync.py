@@ -8,6 +8,14 @@ the GIL back when the call returns, and a busy loop gives it up only every switc
 process does the syncs: the loop sends it duplicates of the segments' descriptors over a
 socket pair (``SCM_RIGHTS``) and hears back on the same socket, as any other I/O event.
 
+The same request carries the ``250`` of each SMTP session that waits for those batches and
+has nothing else to send (:class:`tampu.store.Durable`: its bytes and a duplicate of the
+client's socket). The helper writes them the moment every sync of the request returned,
+and none when one failed; the loop, busy with other sessions, hears of it a turn later,
+and sends whatever the helper could not (a full socket buffer). A helper that dies in
+between leaves it unknown whether a ``250`` went: those sessions are closed (the client
+sends again; a message twice is allowed, a lost one is not).
+
 :class:`GroupSync` keeps one sync in flight at a time; batches written meanwhile wait for
 the next one, which covers all of them (the second half of the group commit). Each batch is
 known by a sequence number (:meth:`GroupSync.written`); :meth:`GroupSync.wait` returns once
@@ -28,14 +36,22 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Callable
 from typing import Any, Final
+
+from tampu.store import Durable
 
 log = logging.getLogger("tampu.queue")
 
-_REPLY: Final = struct.Struct("<i")
+_REQUEST: Final = struct.Struct("<HH")
+"""After b"S": how many descriptors to sync, how many replies follow (their lengths as
+"<H" each, then their bytes; their sockets' descriptors after those to sync)."""
+_REPLY: Final = struct.Struct("<iH")
+"""The errno of the first failed sync (0: all durable), how many reply counts follow ("<i"
+each: bytes the helper wrote of each reply)."""
 MAX_FDS: Final = 64
-"""Descriptors in one request (more segments than this wait for the next sync)."""
+"""Descriptors in one request (more segments than this wait for the next sync; more
+replies are sent by the loop)."""
+MAX_REQUEST: Final = 65536
 HELPER: Final = f"""# tampu queue log sync helper (tampu.log_sync)
 import os, signal, socket, struct, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -43,24 +59,40 @@ signal.signal(signal.SIGTERM, signal.SIG_IGN)
 s = socket.socket(fileno=int(sys.argv[1]))
 while True:
     try:
-        msg, fds, _flags, _addr = socket.recv_fds(s, 16, {MAX_FDS})
+        msg, fds, _flags, _addr = socket.recv_fds(s, {MAX_REQUEST}, {MAX_FDS})
     except (OSError, ValueError):
         break
     if not msg:
         break
+    nsync, nreply = struct.unpack_from("<HH", msg, 1)
+    lengths = struct.unpack_from(f"<{{nreply}}H", msg, 5)
+    at = 5 + 2 * nreply
     err = 0
-    for fd in fds:
+    for fd in fds[:nsync]:
         if not err:
             try:
                 os.fdatasync(fd)
             except OSError as exc:
                 err = exc.errno or 5
         os.close(fd)
-    s.send(struct.pack("<i", err))
+    sent = []
+    for fd, n in zip(fds[nsync:], lengths):
+        k = 0
+        if not err and len(fds) == nsync + nreply:
+            try:
+                k = os.write(fd, msg[at:at + n])
+            except OSError:
+                k = 0
+        at += n
+        sent.append(k)
+    for fd in fds[nsync:]:
+        os.close(fd)
+    s.send(struct.pack(f"<iH{{len(sent)}}i", err, len(sent), *sent))
 """
 """The helper's whole program (``python -I -S -c``: no site, a few MiB). It ignores SIGINT
 and SIGTERM (a terminal's or a service manager's signal to the group must not fail the syncs
-of a server that is shutting down) and ends when its socket closes: when the server exits."""
+of a server that is shutting down) and ends when its socket closes: when the server exits.
+The client sockets it writes to are non-blocking: a full one takes part of a reply, or none."""
 
 
 class GroupSync:
@@ -78,8 +110,10 @@ class GroupSync:
         self._sent: list[tuple[int, int]] = []
         """The batches of the request in flight (their descriptors stay open until the
         reply: when the helper dies first, they are synced here)."""
+        self._early: list[Durable] = []
+        """The replies the request in flight asks the helper to write."""
         self._waiters: dict[int, asyncio.Future[None]] = {}
-        self._then: dict[int, list[Callable[[], None]]] = {}
+        self._then: dict[int, list[Durable]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -90,11 +124,11 @@ class GroupSync:
 
     # ------------------------------------------------------------ the writing side
 
-    def written(self, fd: int, then: list[Callable[[], None]] | None = None) -> int:
+    def written(self, fd: int, then: list[Durable] | None = None) -> int:
         """A batch was written to ``fd`` (any thread): its sequence number for :meth:`wait`.
         ``then``: called on the event loop the moment the batch is durable (from the
-        helper's reply: a turn of the loop before :meth:`wait` returns); never when its
-        sync fails."""
+        helper's reply: a turn of the loop before :meth:`wait` returns), each with its
+        :attr:`~tampu.store.Durable.sent`; never when its sync fails."""
         dup = os.dup(fd)
         with self._lock:
             self._seq += 1
@@ -173,30 +207,43 @@ class GroupSync:
     def _send(self) -> None:
         with self._lock:
             batch, self._unsynced = self._unsynced[:MAX_FDS], self._unsynced[MAX_FDS:]
+            early = [d for seq, _fd in batch for d in self._then.get(seq, ())
+                     if d.reply_fd >= 0 and 0 < len(d.reply) <= 1024]
         if not batch:
             return
+        early = early[:MAX_FDS - len(batch)]
+        request = [b"S", _REQUEST.pack(len(batch), len(early)),
+                   struct.pack(f"<{len(early)}H", *(len(d.reply) for d in early)),
+                   *(d.reply for d in early)]
         self._sent = batch  # kept open until the reply: a helper may die before it
         try:
             assert self._sock is not None
-            socket.send_fds(self._sock, [b"S"], [fd for _seq, fd in batch])
+            socket.send_fds(self._sock, [b"".join(request)],
+                            [fd for _seq, fd in batch] + [d.reply_fd for d in early])
         except OSError as exc:
             self._helper_failed(f"the sync helper is gone ({exc.strerror or exc})")
             return
+        self._early = early
         self.syncs += len(batch)
         self._in_flight = batch[-1][0]
 
     def _replied(self) -> None:
         assert self._sock is not None
         try:
-            data = self._sock.recv(_REPLY.size)
+            data = self._sock.recv(_REPLY.size + 4 * MAX_FDS)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        if len(data) != _REPLY.size:
+        if len(data) < _REPLY.size:
             self._helper_failed("the sync helper ended")
             return
-        (err,) = _REPLY.unpack(data)
+        err, count = _REPLY.unpack_from(data)
+        early, self._early = self._early, []
+        if count == len(early) and len(data) == _REPLY.size + 4 * count:
+            for durable, sent in zip(early, struct.unpack_from(f"<{count}i", data,
+                                                               _REPLY.size), strict=True):
+                durable.sent = sent
         done, self._in_flight = self._in_flight, 0
         sent, self._sent = self._sent, []
         for _seq, fd in sent:
@@ -224,7 +271,11 @@ class GroupSync:
                 future.set_exception(error)
 
     def _helper_failed(self, why: str) -> None:
-        """The helper is gone: sync here what it had and what waits (then give up on it)."""
+        """The helper is gone: sync here what it had and what waits (then give up on it).
+        Whether it wrote the replies it was given is unknown (``sent`` -1)."""
+        for durable in self._early:
+            durable.sent = -1
+        self._early = []
         self._drop()
         self._give_up(why)
         upto = max(self._waiters, default=0)
@@ -262,7 +313,7 @@ class GroupSync:
         for callbacks in thens:
             for callback in callbacks:
                 try:
-                    callback()
+                    callback(callback.item_id)
                 except Exception:
                     log.exception("queue log: a callback after the sync failed")
 

@@ -60,6 +60,7 @@ from tampu.log_format import (
     write_all,
 )
 from tampu.log_sync import GroupSync
+from tampu.store import Durable
 
 log = logging.getLogger("tampu.queue")
 
@@ -117,7 +118,7 @@ class QueueLog:
         self._queue_dev: int | None = None
         self._buffer: list[bytes] = []
         self._batch: list[str] = []
-        self._then: list[Callable[[], None]] = []
+        self._then: list[Durable] = []
         self._sync = False
         self._spare: tuple[Path, int] | None = None
         """The next segment's file, written with zeros and synced: (path, fd)."""
@@ -169,7 +170,7 @@ class QueueLog:
         return seg
 
     def add_put(self, item_id: str, chunks: list[bytes],
-                then: Callable[[], None] | None = None) -> None:
+                then: Durable | None = None) -> None:
         """Log a new item (its item file's bytes); durable at the next :meth:`commit` or its
         sync (``then`` is called at that moment: :meth:`GroupSync.written`)."""
         seg = self._open_segment()

@@ -10,6 +10,7 @@ and the answers to HELO/EHLO.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -26,7 +27,7 @@ from tampu.smtp_connection import SmtpConnection
 from tampu.smtp_memory import TRIM_AFTER, give_memory_back
 from tampu.smtp_params import check_mail_params, check_rcpt_params, extensions, help_commands
 from tampu.smtp_wire import Closed
-from tampu.store import ON_DURABLE
+from tampu.store import ON_DURABLE, Durable
 
 log = logging.getLogger("tampu.smtp")
 
@@ -290,15 +291,23 @@ class SmtpSession(SmtpConnection):
             message.data, hostname)
         del message  # the bytes as received: only the queued copy stays in memory
         queued = Reply(250, "2.0.0", f"Queued as {queue_id}")
+        reply_bytes = self.encode(queued)
 
-        def durable(item_id: str) -> None:  # the store's ON_DURABLE: the 250 goes now
-            if item_id == queue_id and not self.replied_early:
-                self.replied_early = True
-                self.reply(queued)
+        def durable(sent: int) -> None:  # the store's ON_DURABLE: the 250 goes now
+            if self.replied_early:
+                return
+            self.replied_early = True
+            if sent < 0:  # the syncer died: whether the client has its 250 is unknown
+                log.warning("session %s: qid=%s is queued; closing the connection, since "
+                            "its 250 may or may not have been sent", session.id, queue_id)
+                self.abort()
+            elif sent < len(reply_bytes):
+                self.write(reply_bytes[sent:])
                 self.flush()
 
         self.replied_early = False
-        token = ON_DURABLE.set(durable)
+        notice = Durable(queue_id, durable, reply_bytes, self.socket_for_syncer())
+        token = ON_DURABLE.set(notice)
         try:
             await self.intake.submit(Submission(
                 mail_from=env.mail_from, recipients=env.rcpt_to, data=data,
@@ -319,6 +328,9 @@ class SmtpSession(SmtpConnection):
             return R.QUEUE_WRITE_FAILED, None, None
         finally:
             ON_DURABLE.reset(token)
+            fd, notice.reply_fd = notice.reply_fd, -1  # a late sync must not write on it
+            if fd >= 0:
+                os.close(fd)
         return queued, queue_id, None
 
     def _log_transaction(self, session: Session, env: Envelope, reply: Reply,

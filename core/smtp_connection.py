@@ -12,6 +12,7 @@ credentials and offers neither STARTTLS nor AUTH.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import ssl
 import time
@@ -204,10 +205,30 @@ class SmtpConnection(Wire):
     def reply(self, reply: Reply) -> None:
         if reply.code >= 500:
             self.errors += 1
+        self.write(self.encode(reply))
+
+    @staticmethod
+    def encode(reply: Reply) -> bytes:
+        """The reply's lines as sent."""
         text = str(reply)
         if not reply.status:  # a plugin's reply without an enhanced code gets one (RFC 2034)
             text = "\r\n".join(with_enhanced_code(line) for line in text.split("\r\n"))
-        self.write((text + "\r\n").encode("ascii", "replace"))
+        return (text + "\r\n").encode("ascii", "replace")
+
+    def socket_for_syncer(self) -> int:
+        """A duplicate of the client's socket on which the queue's syncer may write the next
+        reply itself (:class:`tampu.store.Durable`), or -1: TLS, or output pending."""
+        transport = self.transport
+        if (self._out or transport is None or transport.is_closing()
+                or transport.get_write_buffer_size()
+                or transport.get_extra_info("ssl_object") is not None
+                or (self.session is not None and self.session.tls is not None)):
+            return -1
+        sock = transport.get_extra_info("socket")
+        try:
+            return os.dup(sock.fileno()) if sock is not None else -1
+        except OSError:
+            return -1
 
     async def _verdict(self, stage: Stage, reply: Reply, plugin: str | None, address: str,
                        start: float) -> None:

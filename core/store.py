@@ -25,6 +25,7 @@ import secrets
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -32,13 +33,36 @@ from tampu.item import QueueItem
 
 _ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
 
-ON_DURABLE: ContextVar[Callable[[str], None] | None] = ContextVar("on_durable", default=None)
+@dataclass(eq=False)
+class Durable:
+    """What :data:`ON_DURABLE` holds: the SMTP session's ``250`` for one new item."""
+
+    item_id: str
+    send: Callable[[int], None]
+    """Called on the event loop once the item is durable, with how many bytes of ``reply``
+    the store's syncer wrote to the client itself (0: none, the session sends it all; -1:
+    unknown, the syncer died after the sync: the session ends the connection). Later calls
+    are ignored."""
+    reply: bytes = b""
+    reply_fd: int = -1
+    """A duplicate of the client's socket (the session closes it after the put), or -1
+    (other output pending, or TLS). A syncer may write ``reply`` to it the moment its sync
+    returns, before the event loop hears of it, and set :attr:`sent`; it must write
+    nothing when the sync failed."""
+    sent: int = 0
+
+    def __call__(self, item_id: str, sent: int | None = None) -> None:
+        if item_id == self.item_id:
+            self.send(self.sent if sent is None else sent)
+
+
+ON_DURABLE: ContextVar[Durable | None] = ContextVar("on_durable", default=None)
 """Set by the SMTP session around its submit: a store may call it, on the event loop and
 with the item's ID, the moment a new item is durable, before its ``put`` returns (the
-filesystem store calls it from the completion of the group commit's sync, so the ``250``
-skips a turn of the busy loop). A store that never calls it is correct too: the ``250`` is
-then sent when ``put`` returns. Tasks started meanwhile inherit the variable: the callback
-ignores every ID but its own, and a second call."""
+filesystem store calls it from the completion of the group commit's sync, whose helper
+writes the ``250`` itself: it skips the busy loop's turn). A store that never calls it is
+correct too: the ``250`` is then sent when ``put`` returns. Tasks started meanwhile inherit
+the variable: it ignores every ID but its own, and a second call."""
 
 
 class QueueStore(Protocol):

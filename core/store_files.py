@@ -21,8 +21,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,7 +39,7 @@ from tampu.item import QueueItem
 from tampu.log_format import SegmentName
 from tampu.queue_files import CORRUPT_DIR, DONE_INFIX, ITEM_SUFFIX, LOG_DIR, STATE_SUFFIX
 from tampu.queue_log import QueueLog
-from tampu.store import ON_DURABLE, new_queue_id, valid_id
+from tampu.store import ON_DURABLE, Durable, new_queue_id, valid_id
 
 log = logging.getLogger("tampu.queue")
 
@@ -192,12 +190,12 @@ class FilesystemStore:
         self._estimate += 1
 
     def _put_logged(self, item_id: str, header: bytes, message: bytes,
-                    told: Callable[[str], None] | None) -> int:
+                    told: Durable | None) -> int:
         """In a queue I/O batch: the log record (the item file waits: :meth:`_file`); the
         batch's sync number (set by :meth:`_commit`). ``told``: :data:`ON_DURABLE`."""
         assert self._log is not None
         chunks = [header, b"\n", message]
-        self._log.add_put(item_id, chunks, told and partial(told, item_id))
+        self._log.add_put(item_id, chunks, told if told and told.item_id == item_id else None)
         with self._filing:
             self._unfiled[item_id] = (chunks, time.time())
         return 0

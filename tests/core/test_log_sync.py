@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tampu.log_sync import GroupSync
+from tampu.store import Durable
 
 
 def _helper_pid(group: GroupSync) -> int:
@@ -178,18 +180,98 @@ def test_callbacks_run_at_the_sync_before_wait_returns_and_never_on_failure(
     """The SMTP session's 250 goes from these callbacks (tampu.store.ON_DURABLE)."""
     calls: list[str] = []
 
+    def notice(name: str) -> Durable:
+        return Durable(name, lambda sent: calls.append(f"{name}{sent}"))
+
     async def main() -> None:
         await group.wait(group.written(fd))  # the helper runs
-        seq = group.written(fd, [lambda: calls.append("a"), lambda: calls.append("b")])
+        seq = group.written(fd, [notice("a"), notice("b")])
         waiting = asyncio.ensure_future(group.wait(seq))
         while not calls:
             assert not waiting.done()  # the callbacks come first
             await asyncio.sleep(0)
-        assert calls == ["a", "b"]
+        assert calls == ["a0", "b0"]  # no socket given: the session sends its reply
         await waiting
-        bad = group.written(pipe_end, [lambda: calls.append("bad")])
+        bad = group.written(pipe_end, [notice("bad")])
         with pytest.raises(OSError):
             await group.wait(bad)
-        assert calls == ["a", "b"] and group._then == {}
+        assert calls == ["a0", "b0"] and group._then == {}
 
     asyncio.run(main())
+
+
+def test_the_helper_writes_the_replies_after_the_sync_and_none_when_it_fails(
+        fd: int, pipe_end: int, group: GroupSync) -> None:
+    """The 250 goes from the helper the moment the sync returns; the loop sends what the
+    helper could not write (a full socket), and nothing is written when the sync failed."""
+    calls: list[tuple[str, int]] = []
+    pairs = [socket.socketpair() for _ in range(3)]
+    for ours, _client in pairs:
+        ours.setblocking(False)
+    full = pairs[2][0]
+    while True:  # the third client reads nothing: its socket takes no more bytes
+        try:
+            full.send(b"x" * 65536)
+        except BlockingIOError:
+            break
+
+    def notice(name: str, sock: socket.socket) -> Durable:
+        return Durable(name, lambda sent: calls.append((name, sent)),
+                       f"250 2.0.0 Queued as {name}\r\n".encode(), os.dup(sock.fileno()))
+
+    async def main() -> None:
+        await group.wait(group.written(fd))  # the helper runs
+        notices = [notice(f"id{i}", ours) for i, (ours, _c) in enumerate(pairs)]
+        seq = group.written(fd, notices)
+        await group.wait(seq)
+        for n in notices:
+            os.close(n.reply_fd)  # the session's duplicate
+        assert calls == [("id0", 25), ("id1", 25), ("id2", 0)]
+        assert pairs[0][1].recv(100) == b"250 2.0.0 Queued as id0\r\n"
+        assert pairs[1][1].recv(100) == b"250 2.0.0 Queued as id1\r\n"
+        calls.clear()
+        ours, client = pairs[0]
+        failing = notice("bad", ours)
+        bad = group.written(pipe_end, [failing])
+        with pytest.raises(OSError):
+            await group.wait(bad)
+        os.close(failing.reply_fd)
+        assert calls == []
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            client.recv(100)  # no 250 for a batch whose sync failed
+
+    try:
+        asyncio.run(main())
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+
+
+def test_a_helper_dead_before_its_answer_leaves_its_replies_unknown(
+        fd: int, group: GroupSync) -> None:
+    """Stopped with a request (and a reply to write) in hand, then killed: whether it wrote
+    the 250 is unknown, so the session hears -1 (it closes the connection); the batch is
+    synced on the loop and is durable."""
+    calls: list[int] = []
+    ours, client = socket.socketpair()
+
+    async def main() -> None:
+        await group.wait(group.written(fd))
+        pid = _helper_pid(group)
+        os.kill(pid, signal.SIGSTOP)
+        notice = Durable("id", calls.append, b"250 2.0.0 Queued as id\r\n",
+                         os.dup(ours.fileno()))
+        seq = group.written(fd, [notice])
+        assert group._early == [notice]  # in the request the stopped helper holds
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.wait_for(group.wait(seq), 10)
+        os.close(notice.reply_fd)
+        assert calls == [-1] and group._synced >= seq
+
+    try:
+        asyncio.run(main())
+    finally:
+        ours.close()
+        client.close()

@@ -234,3 +234,50 @@ def test_commands_pipelined_after_the_data_are_answered_after_its_250(tampu_serv
             assert c.reply() == (250, ["2.0.0 OK"])  # RSET
             assert c.reply() == (250, ["2.0.0 OK"])  # NOOP
     assert len(srv.queue_items()) <= 3
+
+
+def test_the_250_written_by_the_sync_helper_comes_once_and_in_order(tampu_server):
+    """The queue's sync helper writes each session's 250 itself the moment the sync returns
+    (tampu.log_sync): with many sessions in one group commit and the next commands
+    pipelined behind the message, every session gets its replies exactly once and in
+    order, and every message is in the queue."""
+    import threading
+
+    srv = tampu_server(users={"user@example.test": "secret"})
+    results: list[list[tuple[int, list[str]]]] = []
+    lock = threading.Lock()
+
+    def session() -> None:
+        with RawClient(srv.port("smtp")) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            got = []
+            for _ in range(3):
+                c.send_raw(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<user@example.test>\r\n"
+                           b"DATA\r\n")
+                got += [c.reply(), c.reply(), c.reply()]
+                c.send_raw(stuffed(BODY) + b".\r\nNOOP\r\n")
+                got += [c.reply(), c.reply()]
+            c.send_raw(b"QUIT\r\n")
+            got.append(c.reply())
+            assert c.closed_by_server()
+            with lock:
+                results.append(got)
+
+    threads = [threading.Thread(target=session) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 12
+    ids = set()
+    for got in results:
+        codes = [code for code, _lines in got]
+        assert codes == [250, 250, 354, 250, 250] * 3 + [221], got
+        for i in (3, 8, 13):
+            assert got[i][1][0].startswith("2.0.0 Queued as "), got[i]
+            ids.add(got[i][1][0].rpartition(" ")[2])
+        assert [got[i][1][0] for i in (4, 9, 14)] == ["2.0.0 OK"] * 3  # NOOP's own reply
+    assert len(ids) == 36
+    for qid in ids:
+        read_queue_item(srv, qid)  # each is in the queue
