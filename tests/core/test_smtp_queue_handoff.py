@@ -281,3 +281,41 @@ def test_the_250_written_by_the_sync_helper_comes_once_and_in_order(tampu_server
     assert len(ids) == 36
     for qid in ids:
         read_queue_item(srv, qid)  # each is in the queue
+
+
+def test_a_sync_helper_that_dies_holding_a_250_closes_the_session_and_loses_nothing(
+        tampu_server):
+    """The helper is stopped with a session's 250 in its request, then killed: whether the
+    client got the 250 is unknown, so the session is closed without a reply; the message was
+    synced by the process itself and is delivered (the client would send it again: a
+    message twice is allowed, a lost one is not)."""
+    import contextlib
+    import os
+    import signal
+
+    srv = tampu_server(capture=True, users={"first@example.test": "pw",
+                                            "second@example.test": "pw"})
+    with RawClient(srv.port("smtp")) as c:  # the first put starts the helper
+        c.reply()
+        c.cmd("EHLO client.test")
+        send_raw(c, "a@example.org", ["first@example.test"], BODY)
+    group = srv.store._log.group
+    assert group._proc is not None
+    pid = group._proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with RawClient(srv.port("smtp")) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250
+            assert c.cmd("RCPT TO:<second@example.test>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            c.send_raw(stuffed(BODY) + b".\r\n")
+            wait_for(lambda: group._early, what="the 250 in the stopped helper's request")
+            os.kill(pid, signal.SIGKILL)
+            assert c.closed_by_server()
+            assert c.buf == b""  # the stopped helper wrote nothing, nor did the process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert srv.capture.wait_delivered("second@example.test") is not None
