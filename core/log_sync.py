@@ -51,6 +51,8 @@ each: bytes the helper wrote of each reply)."""
 MAX_FDS: Final = 64
 """Descriptors in one request (more segments than this wait for the next sync; more
 replies are sent by the loop)."""
+MAX_REPLY: Final = 1024
+"""Longest reply the helper writes (MAX_FDS of them fit in one request)."""
 MAX_REQUEST: Final = 65536
 HELPER: Final = f"""# tampu queue log sync helper (tampu.log_sync)
 import os, signal, socket, struct, sys
@@ -67,6 +69,7 @@ while True:
     nsync, nreply = struct.unpack_from("<HH", msg, 1)
     lengths = struct.unpack_from(f"<{{nreply}}H", msg, 5)
     at = 5 + 2 * nreply
+    whole = len(fds) == nsync + nreply
     err = 0
     for fd in fds[:nsync]:
         if not err:
@@ -78,7 +81,7 @@ while True:
     sent = []
     for fd, n in zip(fds[nsync:], lengths):
         k = 0
-        if not err and len(fds) == nsync + nreply:
+        if not err and whole:
             try:
                 k = os.write(fd, msg[at:at + n])
             except OSError:
@@ -207,11 +210,16 @@ class GroupSync:
     def _send(self) -> None:
         with self._lock:
             batch, self._unsynced = self._unsynced[:MAX_FDS], self._unsynced[MAX_FDS:]
-            early = [d for seq, _fd in batch for d in self._then.get(seq, ())
-                     if d.reply_fd >= 0 and 0 < len(d.reply) <= 1024]
+            waiting = [d for seq, _fd in batch for d in self._then.get(seq, ())]
         if not batch:
             return
-        early = early[:MAX_FDS - len(batch)]
+        early: list[Durable] = []
+        sockets: list[int] = []
+        for d in waiting:  # on the loop: each descriptor stays valid until send_fds
+            fd = d.socket() if d.socket is not None and len(d.reply) <= MAX_REPLY else -1
+            if fd >= 0 and len(batch) + len(early) < MAX_FDS:
+                early.append(d)
+                sockets.append(fd)
         request = [b"S", _REQUEST.pack(len(batch), len(early)),
                    struct.pack(f"<{len(early)}H", *(len(d.reply) for d in early)),
                    *(d.reply for d in early)]
@@ -219,7 +227,7 @@ class GroupSync:
         try:
             assert self._sock is not None
             socket.send_fds(self._sock, [b"".join(request)],
-                            [fd for _seq, fd in batch] + [d.reply_fd for d in early])
+                            [fd for _seq, fd in batch] + sockets)
         except OSError as exc:
             self._helper_failed(f"the sync helper is gone ({exc.strerror or exc})")
             return
@@ -313,7 +321,7 @@ class GroupSync:
         for callbacks in thens:
             for callback in callbacks:
                 try:
-                    callback(callback.item_id)
+                    callback.send(callback.sent)
                 except Exception:
                     log.exception("queue log: a callback after the sync failed")
 

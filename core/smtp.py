@@ -10,7 +10,6 @@ and the answers to HELO/EHLO.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -306,7 +305,7 @@ class SmtpSession(SmtpConnection):
                 self.flush()
 
         self.replied_early = False
-        notice = Durable(queue_id, durable, reply_bytes, self.socket_for_syncer())
+        notice = Durable(queue_id, durable, reply_bytes, self.socket_for_syncer)
         token = ON_DURABLE.set(notice)
         try:
             await self.intake.submit(Submission(
@@ -328,9 +327,7 @@ class SmtpSession(SmtpConnection):
             return R.QUEUE_WRITE_FAILED, None, None
         finally:
             ON_DURABLE.reset(token)
-            fd, notice.reply_fd = notice.reply_fd, -1  # a late sync must not write on it
-            if fd >= 0:
-                os.close(fd)
+            notice.socket = None  # a later sync must not write on this session
         return queued, queue_id, None
 
     def _log_transaction(self, session: Session, env: Envelope, reply: Reply,

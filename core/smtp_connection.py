@@ -12,7 +12,6 @@ credentials and offers neither STARTTLS nor AUTH.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import ssl
 import time
@@ -216,19 +215,16 @@ class SmtpConnection(Wire):
         return (text + "\r\n").encode("ascii", "replace")
 
     def socket_for_syncer(self) -> int:
-        """A duplicate of the client's socket on which the queue's syncer may write the next
-        reply itself (:class:`tampu.store.Durable`), or -1: TLS, or output pending."""
+        """The client socket's descriptor, on which the queue's syncer may write the next
+        reply itself now (:attr:`tampu.store.Durable.socket`), or -1: TLS (STARTTLS or
+        implicit: the transport is then an SSL one), output pending, or closing."""
         transport = self.transport
         if (self._out or transport is None or transport.is_closing()
                 or transport.get_write_buffer_size()
-                or transport.get_extra_info("ssl_object") is not None
-                or (self.session is not None and self.session.tls is not None)):
+                or transport.get_extra_info("ssl_object") is not None):
             return -1
         sock = transport.get_extra_info("socket")
-        try:
-            return os.dup(sock.fileno()) if sock is not None else -1
-        except OSError:
-            return -1
+        return sock.fileno() if sock is not None else -1
 
     async def _verdict(self, stage: Stage, reply: Reply, plugin: str | None, address: str,
                        start: float) -> None:

@@ -44,16 +44,17 @@ class Durable:
     unknown, the syncer died after the sync: the session ends the connection). Later calls
     are ignored."""
     reply: bytes = b""
-    reply_fd: int = -1
-    """A duplicate of the client's socket (the session closes it after the put), or -1
-    (other output pending, or TLS). A syncer may write ``reply`` to it the moment its sync
-    returns, before the event loop hears of it, and set :attr:`sent`; it must write
-    nothing when the sync failed."""
+    socket: Callable[[], int] | None = None
+    """Asked on the event loop right before a sync is requested: the client socket's
+    descriptor when a syncer may write ``reply`` on it itself (valid until the loop runs
+    on: pass it on at once, e.g. with ``SCM_RIGHTS``), else -1 (other output pending, TLS).
+    None once the session no longer waits. The syncer writes the moment its sync returns,
+    never when it failed, and sets :attr:`sent`."""
     sent: int = 0
 
-    def __call__(self, item_id: str, sent: int | None = None) -> None:
+    def __call__(self, item_id: str) -> None:
         if item_id == self.item_id:
-            self.send(self.sent if sent is None else sent)
+            self.send(self.sent)
 
 
 ON_DURABLE: ContextVar[Durable | None] = ContextVar("on_durable", default=None)
